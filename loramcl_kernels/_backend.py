@@ -1,0 +1,83 @@
+"""Backend selection shared by every op.
+
+Backends:
+  reference  pure PyTorch with fp32 accumulation; any device; the oracle and the CPU path.
+  triton     Triton kernels; CUDA devices, or CPU tensors when TRITON_INTERPRET=1 (tests).
+  cuda       CUDA C++ kernels from csrc/ built as a torch extension (not built in this release).
+
+Selection order: the op's `backend=` argument, else the environment variable LORAMCL_BACKEND,
+else "auto". "auto" picks the fastest backend that can run on the tensors' device and falls back
+silently; an explicitly requested backend that cannot run raises a RuntimeError saying why.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "cuda", "reference")
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the install
+        return f"triton does not import: {type(exc).__name__}: {exc}"
+    return None
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """None when Triton kernels can run on `device`, else a sentence saying why not."""
+    err = _triton_import_error()
+    if err is not None:
+        return err
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if triton_interpreting():
+            return None
+        return "Triton runs CPU tensors only under the interpreter: set TRITON_INTERPRET=1 before importing"
+    return f"Triton kernels do not run on device type '{device.type}'"
+
+
+def cuda_unavailable_reason(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"the CUDA C++ backend needs CUDA tensors, got device '{device}'"
+    return "the CUDA C++ extension (csrc/) is not built in this release of loramcl_kernels"
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        return triton_unavailable_reason(device)
+    if backend == "cuda":
+        return cuda_unavailable_reason(device)
+    raise ValueError(f"unknown backend '{backend}'; expected one of {BACKENDS}")
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The concrete backend ('triton', 'cuda' or 'reference') an op runs with on `device`."""
+    if backend is None:
+        backend = os.environ.get("LORAMCL_BACKEND", "auto") or "auto"
+    backend = backend.lower()
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got '{backend}'")
+    if backend == "auto":
+        # On CPU the interpreter is far slower than PyTorch: auto keeps CPU users on the reference.
+        if device.type == "cuda":
+            for candidate in ("cuda", "triton"):
+                if unavailable_reason(candidate, device) is None:
+                    return candidate
+        return "reference"
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"backend '{backend}' was requested but cannot run: {reason}")
+    return backend

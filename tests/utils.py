@@ -1,0 +1,27 @@
+"""Helpers shared by the tests: device markers and the error-budget comparison.
+
+The quality bar: a kernel's error against an fp64 oracle may be at most 2x the error of plain
+PyTorch computing the same thing in the same dtype, plus a small absolute tolerance.
+"""
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+# Triton kernels: on GPU natively, on CPU through the interpreter (set in conftest.py).
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def max_abs_err(value: torch.Tensor, oracle: torch.Tensor) -> float:
+    return (value.double() - oracle.double()).abs().max().item()
+
+
+def assert_within_budget(value, oracle, plain, *, factor=2.0, atol=1e-5, name="value"):
+    """|value - oracle| <= factor * |plain - oracle| + atol, measured as max abs errors.
+
+    `oracle` is the fp64 result; `plain` is plain PyTorch in the dtype under test.
+    """
+    assert torch.isfinite(value).all(), f"{name}: non-finite values"
+    err = max_abs_err(value, oracle)
+    budget = factor * max_abs_err(plain, oracle) + atol
+    assert err <= budget, f"{name}: error {err:.3e} exceeds budget {budget:.3e}"

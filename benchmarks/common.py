@@ -1,0 +1,74 @@
+"""Helpers shared by the benchmark scripts: timing, peak memory, the card's name, JSON output.
+
+On a GPU, times are medians of CUDA-event timings (triton.testing.do_bench). Without a GPU the
+scripts run a small, labelled CPU smoke run of the same tables with wall-clock medians.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def device_name() -> str:
+    if HAS_CUDA:
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}), smoke run, no GPU"
+
+
+def time_ms(fn, *, warmup_ms: float = 25, rep_ms: float = 100, cpu_reps: int = 3) -> float:
+    """Median milliseconds per call of fn()."""
+    if HAS_CUDA:
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(cpu_reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def peak_extra_gib(fn) -> float:
+    """Peak memory fn() allocates above what was allocated before it (GPU only; NaN on CPU)."""
+    if not HAS_CUDA:
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**30
+
+
+def write_json(rows: list[dict], path: str, meta: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+def run_meta() -> dict:
+    meta = {"device": device_name(), "torch": torch.__version__, "cuda": HAS_CUDA}
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except Exception:  # pragma: no cover
+        pass
+    return meta
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    print(f"\n## {title}")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in row) + " |")

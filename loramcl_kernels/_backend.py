@@ -11,7 +11,6 @@ silently; an explicitly requested backend that cannot run raises a RuntimeError 
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -23,8 +22,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_import_error() -> str | None:
+def _import_triton_error() -> str | None:
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
@@ -33,9 +31,12 @@ def _triton_import_error() -> str | None:
     return None
 
 
+_TRITON_IMPORT_ERROR = _import_triton_error()
+
+
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """None when Triton kernels can run on `device`, else a sentence saying why not."""
-    err = _triton_import_error()
+    err = _TRITON_IMPORT_ERROR
     if err is not None:
         return err
     if device.type == "cuda":

@@ -97,7 +97,7 @@ def _lora_weight_grads(grad_shrink, shrink, x, grad_y, row_ids, lora_A, scaling,
     grad_A = (grad_shrink_bd.t() @ x.to(dtype)).view(num_hyp, r, d_in)
     grad_Bt = (shrink_bd.t() @ grad_y.to(dtype)).view(num_hyp, r, -1)  # (K, r, d_out)
     grad_B = grad_Bt.transpose(1, 2) * scaling.to(dtype)[:, None, None]
-    return grad_A.to(lora_A.dtype), grad_B.to(lora_A.dtype)
+    return grad_A.to(lora_A.dtype), grad_B.to(lora_A.dtype).contiguous()
 
 
 def multi_lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling, row_ids):
@@ -154,7 +154,7 @@ def _shared_lora_grads(grad_y4, x, lora_A, lora_B, scaling, shrink_all, dtype):
     grad_A = (grad_shrink_all.t() @ x.to(dtype)).view(num_hyp, r, d_in)
     shrink_k = shrink_all.view(-1, num_hyp, r).transpose(0, 1).to(dtype)  # (K, G*L, r)
     grad_B = torch.bmm(dy_k.transpose(1, 2), shrink_k) * scaling.to(dtype)[:, None, None]
-    return grad_shrink_all, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype)
+    return grad_shrink_all, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype).contiguous()
 
 
 def multi_lora_linear_shared_ref_backward(grad_y, x, weight, lora_A, lora_B, scaling, shrink_all, num_groups):
@@ -561,6 +561,11 @@ def multi_lora_linear_shared_triton_backward(grad_y, x, weight, lora_A, lora_B, 
 # ---------------------------------------------------------------------------------------------
 
 
+def _grad_outputs_like(x: Tensor, lora_A: Tensor, lora_B: Tensor):
+    """Fake backward outputs: contiguous dx, dA, dB (the real kernels return contiguous tensors)."""
+    return x.new_empty(x.shape), lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
+
+
 def _shrink_dtype(x: Tensor) -> torch.dtype:
     return _acc_dtype(x.dtype)
 
@@ -590,7 +595,7 @@ def _multi_lora_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Optional[T
 
 @_multi_lora_linear_backward_op.register_fake
 def _(grad_y, x, weight, lora_A, lora_B, scaling, row_ids, shrink, backend):
-    return torch.empty_like(x), torch.empty_like(lora_A), torch.empty_like(lora_B)
+    return _grad_outputs_like(x, lora_A, lora_B)
 
 
 def _weight_grads(ctx, grad_y2, x2):
@@ -647,7 +652,7 @@ def _multi_lora_linear_shared_backward_op(grad_y: Tensor, x: Tensor, weight: Opt
 
 @_multi_lora_linear_shared_backward_op.register_fake
 def _(grad_y, x, weight, lora_A, lora_B, scaling, shrink_all, num_groups, backend):
-    return torch.empty_like(x), torch.empty_like(lora_A), torch.empty_like(lora_B)
+    return _grad_outputs_like(x, lora_A, lora_B)
 
 
 def _shared_setup_context(ctx, inputs, output):

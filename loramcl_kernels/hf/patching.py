@@ -1,0 +1,204 @@
+"""Patching HuggingFace (or any torch) models with MultiLoRALinear, and undoing it.
+
+patch_model replaces every module whose name matches `target_modules` (PEFT's rules: a string is
+a regular expression matched against the full module name, a list matches a name equal to an
+entry or ending in "." + entry) by a MultiLoRALinear around it, freezes every other parameter,
+and records what it did in `model.loramcl_config`. unpatch_model puts the original modules (or
+hypothesis k merged into them) back and restores the requires_grad flags it changed.
+
+The modules' routing attributes (active_hypothesis, layout, inner, hypothesis_ids) are set for
+the whole model with `set_lora_attributes` or, restored on exit, with the `lora_attributes`
+context manager; `active_hypothesis(model, k)` is the single-adapter mode of every module.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch.nn as nn
+
+from loramcl_kernels.modules import LAYOUTS, MultiLoRALinear, _check_positive_int, supported_base_layer
+
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+ROUTING_ATTRIBUTES = ("active_hypothesis", "layout", "inner", "hypothesis_ids", "shared_input")
+
+
+@dataclass
+class MultiLoRAConfig:
+    """What patch_model did to a model (stored as `model.loramcl_config`)."""
+
+    num_hypotheses: int
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    use_rslora: bool
+    layout: str
+    target_modules: str | tuple[str, ...]
+    module_names: list[str] = field(default_factory=list)
+    # requires_grad of every parameter before patching, restored by unpatch_model.
+    requires_grad: dict[str, bool] = field(default_factory=dict, repr=False)
+
+
+def _name_matches(name: str, target_modules) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def multi_lora_modules(model: nn.Module) -> list[tuple[str, MultiLoRALinear]]:
+    """(name, module) for every MultiLoRALinear in `model`."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)]
+
+
+def get_config(model: nn.Module) -> MultiLoRAConfig:
+    config = getattr(model, "loramcl_config", None)
+    if not isinstance(config, MultiLoRAConfig):
+        raise ValueError("the model is not patched: call loramcl_kernels.patch_model(model, ...) first")
+    return config
+
+
+def patch_model(
+    model: nn.Module,
+    num_hypotheses: int,
+    r: int,
+    lora_alpha: float | None = None,
+    target_modules: str | Sequence[str] = DEFAULT_TARGET_MODULES,
+    lora_dropout: float = 0.0,
+    layout: str = "batch_major",
+    *,
+    use_rslora: bool = False,
+    backend: str | None = None,
+    init_lora_weights: bool = True,
+) -> nn.Module:
+    """Put K LoRA adapters on every module of `model` matching `target_modules`; returns `model`.
+
+    Matching modules must be nn.Linear or transformers' Conv1D. lora_alpha defaults to r
+    (scaling 1). Every parameter of the model except the new lora_A / lora_B is frozen.
+    """
+    num_hypotheses = _check_positive_int("num_hypotheses", num_hypotheses)
+    r = _check_positive_int("r", r)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not 0.0 <= float(lora_dropout) < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    if isinstance(target_modules, str):
+        re.compile(target_modules)
+    else:
+        target_modules = tuple(target_modules)
+        if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
+            raise ValueError(f"target_modules must be a regex or a non-empty list of names, got {target_modules!r}")
+    if isinstance(getattr(model, "loramcl_config", None), MultiLoRAConfig) or multi_lora_modules(model):
+        raise ValueError("the model is already patched with MultiLoRALinear modules: unpatch_model(model) first")
+
+    matches = [(n, m) for n, m in model.named_modules() if n and _name_matches(n, target_modules)]
+    if not matches:
+        some = [n for n, m in model.named_modules() if supported_base_layer(m)][:8]
+        raise ValueError(
+            f"no module of {type(model).__name__} matches target_modules={target_modules!r}; "
+            f"linear modules it has include {some}"
+        )
+    unsupported = [f"{n} ({type(m).__name__})" for n, m in matches if not supported_base_layer(m)]
+    if unsupported:
+        raise TypeError(
+            "target_modules match modules that are not nn.Linear or transformers Conv1D: "
+            + ", ".join(unsupported[:8])
+        )
+
+    lora_alpha = float(r if lora_alpha is None else lora_alpha)
+    config = MultiLoRAConfig(
+        num_hypotheses=num_hypotheses,
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=float(lora_dropout),
+        use_rslora=bool(use_rslora),
+        layout=layout,
+        target_modules=target_modules,
+        requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
+    )
+    model.requires_grad_(False)
+    for name, base in matches:
+        module = MultiLoRALinear(
+            base,
+            num_hypotheses,
+            r,
+            lora_alpha,
+            lora_dropout,
+            use_rslora=use_rslora,
+            layout=layout,
+            backend=backend,
+            init_lora_weights=init_lora_weights,
+        )
+        _set_submodule(model, name, module)
+        config.module_names.append(name)
+    model.loramcl_config = config
+    return model
+
+
+def unpatch_model(model: nn.Module, merge_hypothesis: int | None = None) -> nn.Module:
+    """Undo patch_model: the original modules come back (with hypothesis k merged into each when
+    merge_hypothesis=k, as plain nn.Linear modules), requires_grad flags are restored."""
+    modules = multi_lora_modules(model)
+    if not modules:
+        raise ValueError("the model has no MultiLoRALinear modules to unpatch")
+    for name, module in modules:
+        replacement = module.base_layer if merge_hypothesis is None else module.merge(merge_hypothesis)
+        _set_submodule(model, name, replacement)
+    config = getattr(model, "loramcl_config", None)
+    if isinstance(config, MultiLoRAConfig):
+        for n, p in model.named_parameters():
+            if n in config.requires_grad:
+                p.requires_grad_(config.requires_grad[n])
+        del model.loramcl_config
+    return model
+
+
+def set_lora_attributes(model: nn.Module, **attributes) -> dict:
+    """Set routing attributes (ROUTING_ATTRIBUTES) on every MultiLoRALinear; returns the old values
+    keyed by module name, for restore_lora_attributes."""
+    unknown = set(attributes) - set(ROUTING_ATTRIBUTES)
+    if unknown:
+        raise ValueError(f"unknown MultiLoRALinear attributes {sorted(unknown)}; expected {ROUTING_ATTRIBUTES}")
+    modules = multi_lora_modules(model)
+    if not modules:
+        raise ValueError("the model has no MultiLoRALinear modules: call loramcl_kernels.patch_model first")
+    if attributes.get("active_hypothesis") is not None:
+        modules[0][1]._check_hypothesis(attributes["active_hypothesis"])
+    if "layout" in attributes and attributes["layout"] not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {attributes['layout']!r}")
+    if "inner" in attributes:
+        _check_positive_int("inner", attributes["inner"])
+    saved = {}
+    for name, module in modules:
+        saved[name] = {a: getattr(module, a) for a in attributes}
+        for a, v in attributes.items():
+            setattr(module, a, v)
+    return saved
+
+
+def restore_lora_attributes(model: nn.Module, saved: dict) -> None:
+    for name, module in multi_lora_modules(model):
+        for a, v in saved.get(name, {}).items():
+            setattr(module, a, v)
+
+
+@contextlib.contextmanager
+def lora_attributes(model: nn.Module, **attributes) -> Iterator[nn.Module]:
+    """Context manager: routing attributes set on every MultiLoRALinear, restored on exit."""
+    saved = set_lora_attributes(model, **attributes)
+    try:
+        yield model
+    finally:
+        restore_lora_attributes(model, saved)
+
+
+def active_hypothesis(model: nn.Module, k: int | None):
+    """Context manager: every row through adapter k (single-adapter mode), or all K for None."""
+    return lora_attributes(model, active_hypothesis=k)

@@ -1,0 +1,216 @@
+"""MultiLoRALinear: a frozen linear layer carrying K LoRA hypotheses, run by one fused op.
+
+Math (DESIGN section 2.1), for batch row n served by hypothesis h(n):
+
+    y[n] = x[n] W^T + bias + s * (dropout(x[n]) A_h^T) B_h^T
+
+Parameters and buffers:
+    base_layer  the wrapped layer, frozen: nn.Linear (weight (d_out, d_in)) or transformers' GPT-2
+                style Conv1D (weight (d_in, d_out), passed to the op transposed, no copy).
+    lora_A      (K, r, d_in), each A_k Kaiming-uniform with a = sqrt(5) over fan_in = d_in, the same
+                distribution as PEFT's and the official grouped-conv layer's init.
+    lora_B      (K, d_out, r), zeros, so a fresh module computes exactly the base layer.
+    scaling     lora_alpha / r (lora_alpha / sqrt(r) with use_rslora), a Python float.
+
+Scaling convention: this module applies alpha/r in every mode. The official LoRA-MCL layer applies
+NO alpha/r in its multi-hypothesis path and alpha/r only in its single-adapter path (its shipped
+configs use alpha == r, where the two agree); `loramcl_kernels.interop.official` reproduces the
+official convention exactly when it runs official layers on our op.
+
+Which hypothesis serves a row (attributes, changeable between calls):
+    active_hypothesis  None: all K by layout; k: every row through adapter k (single-adapter mode,
+                       like PEFT with one adapter active, scaling alpha/r).
+    hypothesis_ids     None, or an int tensor (N,) with values in [-1, K); -1 = base layer only.
+    layout             "batch_major" (official: row n -> (n // inner) % K) or "hypothesis_major"
+                       (row n -> n // (N / K)).
+    inner              consecutive rows sharing one hypothesis in batch_major (beams in generate).
+    shared_input       x holds N rows every hypothesis sees; the output has N*K rows in the layout.
+
+Dropout: masks are drawn per row, and different rows belong to different hypotheses, so one
+ordinary dropout gives every hypothesis its own masks; in shared-input mode the input is repeated
+first so that each hypothesis still draws its own. With dropout active the base GEMM runs once
+in PyTorch and the op adds the LoRA delta of the dropped-out input; otherwise a single fused call.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LAYOUTS = ("batch_major", "hypothesis_major")
+
+
+def _multi_lora_linear(*args, **kwargs):
+    # Imported at call time so that this module imports even where the op's kernels cannot load.
+    from loramcl_kernels.ops.multi_lora_linear import multi_lora_linear
+
+    return multi_lora_linear(*args, **kwargs)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' Conv1D (GPT-2 style: weight (d_in, d_out), y = x W + b)."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") and hasattr(module, "nf")
+
+
+def supported_base_layer(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def repeat_rows(t: torch.Tensor, num_hypotheses: int, layout: str) -> torch.Tensor:
+    """(N, ...) -> (N*K, ...): row n repeated for every hypothesis, in the layout's row order."""
+    if layout == "batch_major":
+        return t.repeat_interleave(num_hypotheses, dim=0)
+    return t.repeat(num_hypotheses, *([1] * (t.dim() - 1)))
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+class MultiLoRALinear(nn.Module):
+    """K LoRA adapters on one frozen linear layer; see the module docstring for the math."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        num_hypotheses: int,
+        r: int,
+        lora_alpha: float | None = None,
+        lora_dropout: float = 0.0,
+        *,
+        use_rslora: bool = False,
+        layout: str = "batch_major",
+        inner: int = 1,
+        backend: str | None = None,
+        init_lora_weights: bool = True,
+    ):
+        super().__init__()
+        if not supported_base_layer(base_layer):
+            raise TypeError(
+                "MultiLoRALinear wraps nn.Linear or transformers' Conv1D, "
+                f"got {type(base_layer).__module__}.{type(base_layer).__name__}"
+            )
+        num_hypotheses = _check_positive_int("num_hypotheses", num_hypotheses)
+        r = _check_positive_int("r", r)
+        if lora_alpha is None:
+            lora_alpha = r
+        if not 0.0 <= float(lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        weight = base_layer.weight
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = weight.shape
+        else:
+            self.out_features, self.in_features = weight.shape
+        self.num_hypotheses = num_hypotheses
+        self.r = r
+        self.lora_alpha = float(lora_alpha)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = self.lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_dropout_p = float(lora_dropout)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.layout = layout
+        self.inner = inner
+        self.hypothesis_ids: torch.Tensor | None = None
+        self.active_hypothesis: int | None = None
+        self.shared_input = False
+        self.backend = backend
+        factory = dict(device=weight.device, dtype=weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(num_hypotheses, r, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(num_hypotheses, self.out_features, r, **factory))
+        self.reset_lora_parameters(init_lora_weights)
+
+    # -- parameters -------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights: bool = True) -> None:
+        """A_k Kaiming-uniform (a = sqrt(5), fan_in = d_in: bound 1/sqrt(d_in)), B_k zeros."""
+        K, r, d_in = self.lora_A.shape
+        nn.init.kaiming_uniform_(self.lora_A.view(K * r, d_in), a=math.sqrt(5))
+        if init_lora_weights:
+            nn.init.zeros_(self.lora_B)
+        else:  # a random B, for tests that need a non-zero delta
+            nn.init.kaiming_uniform_(self.lora_B.view(K * self.out_features, r), a=math.sqrt(5))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight as (d_out, d_in), a view for Conv1D bases."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def delta_weight(self, k: int) -> torch.Tensor:
+        """s * B_k A_k as (d_out, d_in), computed in fp32 and cast to the base dtype."""
+        self._check_hypothesis(k)
+        delta = self.lora_B[k].float() @ self.lora_A[k].float() * self.scaling
+        return delta.to(self.base_layer.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self, k: int) -> nn.Linear:
+        """A plain nn.Linear computing hypothesis k: weight W + s B_k A_k, the base bias."""
+        w = self.weight
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        out.weight.copy_(w.float() + self.delta_weight(k).float())
+        if self.bias is not None:
+            out.bias.copy_(self.bias)
+        out.requires_grad_(False)
+        return out
+
+    def _check_hypothesis(self, k) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.num_hypotheses:
+            raise ValueError(f"hypothesis must be an int in [0, {self.num_hypotheses}), got {k!r}")
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        dropout = self.training and self.lora_dropout_p > 0
+        k = self.active_hypothesis
+        if k is not None:
+            # Single-adapter mode: every row through adapter k.
+            lora_A, lora_B = self.lora_A[k : k + 1], self.lora_B[k : k + 1]
+            kw = dict(num_hypotheses=1, layout="batch_major", inner=1, backend=self.backend)
+            if not dropout:
+                return _multi_lora_linear(x, weight, bias, lora_A, lora_B, self.scaling, **kw)
+            return F.linear(x, weight, bias) + _multi_lora_linear(
+                self.lora_dropout(x), None, None, lora_A, lora_B, self.scaling, **kw
+            )
+        kw = dict(
+            num_hypotheses=self.num_hypotheses,
+            layout=self.layout,
+            inner=self.inner,
+            hypothesis_ids=self.hypothesis_ids,
+            backend=self.backend,
+        )
+        if not dropout:
+            return _multi_lora_linear(
+                x, weight, bias, self.lora_A, self.lora_B, self.scaling, shared_input=self.shared_input, **kw
+            )
+        base = F.linear(x, weight, bias)
+        if self.shared_input:
+            # Each hypothesis draws its own dropout mask: repeat first, then drop.
+            x = repeat_rows(x, self.num_hypotheses, self.layout)
+            base = repeat_rows(base, self.num_hypotheses, self.layout)
+        delta = _multi_lora_linear(self.lora_dropout(x), None, None, self.lora_A, self.lora_B, self.scaling, **kw)
+        return base + delta
+
+    def extra_repr(self) -> str:
+        kind = "Conv1D" if self.fan_in_fan_out else "Linear"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, base={kind}, "
+            f"num_hypotheses={self.num_hypotheses}, r={self.r}, lora_alpha={self.lora_alpha:g}, "
+            f"scaling={self.scaling:g}{', rslora' if self.use_rslora else ''}, "
+            f"dropout={self.lora_dropout_p:g}, layout={self.layout}, inner={self.inner}, "
+            f"backend={self.backend or 'auto'}"
+        )

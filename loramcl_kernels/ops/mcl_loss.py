@@ -1,0 +1,907 @@
+"""Fused MCL loss: per-hypothesis NLL from hidden states, argmin winner, WTA weighting.
+
+Math (DESIGN.md sections 1 and 2.2)
+-----------------------------------
+hidden (R, T, H), R = B*K rows in the model's layout:
+  batch_major       row r = b*K + k   (the official layout: the batch is repeated K times)
+  hypothesis_major  row r = k*B + b
+lm_head weight (V, H), optional bias (V,); labels (B, T) shared by the K hypotheses, or (R, T) in
+the layout of `hidden`. With shift_labels, hidden position t predicts labels[:, t+1] and the last
+position predicts nothing (as in Hugging Face causal LMs).
+
+  z[r,t,:]  = hidden[r,t] W^T + bias                          (fp32 accumulation)
+  nll[r,t]  = logsumexp_v z[r,t,v] - z[r,t,target]            for supervised (r, t) only
+  L[k,b]    = sum_t nll[row(k,b), t]  (/ number of supervised t when sequence_reduction="mean";
+              a sequence without supervised tokens has L = 0 and contributes 0)
+  winner[b] = argmin_k L[k,b], ties to the lowest k
+  w[k,b]    = wta: 1 on the winner | relaxed(eps): winner 1-eps, others eps/(K-1) (K=1: 1)
+              | annealed(tau): softmax_k(-L[:,b]/tau), computed stably; w is detached
+  loss      = mean_b sum_k w[k,b] L[k,b]
+
+Gradient: d loss / d z[r,t,:] = c[r] * (softmax(z[r,t,:]) - onehot(target)), with
+c[r] = grad * w[k,b] / B (/ count[r] for "mean"); d hidden = that @ W, d W = that^T @ hidden,
+d bias = column sums. Rows with w = 0 (the losers of hard WTA) contribute nothing and are skipped.
+
+Design of the 'triton' backend
+------------------------------
+1. Compaction. The supervised mask of the (R*T) positions is built on the device; a stable
+   argsort of ~mask puts the supervised positions first, in row-major order, with a fixed-size
+   result (no torch.nonzero). Unsupervised positions then cost nothing: with captioning shapes
+   (32 of 780 positions supervised) the GEMMs see 4 % of the rows.
+2. Pass 1 (all K hypotheses): for row chunks x vocab chunks, one cuBLAS GEMM writes fp32 logits
+   (bf16/fp16 operands, fp32 accumulation and output) into one reused buffer of
+   LOGITS_CHUNK_ELEMENTS elements (64 MiB by default: memory O(chunk x V_chunk), never rows x V);
+   a Triton row kernel folds each chunk into a running fp32 (max, sum-exp) pair and picks up the
+   target logit; after the last vocab chunk it writes lse and nll at the position's slot of
+   (R*T,) arrays. Vocab chunks are the inner loop, so W is streamed once per row chunk. The
+   combination order is fixed: deterministic, no atomics.
+3. A small Triton kernel, one program per sequence, sums nll over t for each k (fixed order),
+   divides by the count, takes the argmin (ties -> lowest k) and writes the weights. The loss is
+   a torch reduction of w * L. No host sync.
+4. Pass 2 (backward): only positions whose row weight is non-zero (hard WTA: the winners, 1/K of
+   the rows) are compacted the same way; logits are recomputed per chunk with cuBLAS, a Triton row
+   kernel turns them into c * (exp(z - lse) - onehot) (in the operand dtype for the next GEMM, and
+   in fp32 when lm_head grads are needed), then cuBLAS gives d hidden (accumulated in fp32 over
+   vocab chunks) and, when lm_head requires grad, d W (fp32 GEMM into an fp32 accumulator) and
+   d bias (fp32 column sums). d hidden rows are scattered into a zero (R*T, H) tensor (unique rows,
+   deterministic).
+
+Host syncs. cuBLAS needs the number of compacted rows on the host, so each pass reads one count:
+the forward reads (number of supervised positions, number of out-of-range labels) in one
+.tolist(), which also serves the label check; the backward reads the number of rows it processes.
+That is one sync per pass, outside every kernel, inside the custom op's body: the op is opaque to
+torch.compile, so torch.compile(fullgraph=True) traces through it (CUDA-graph capture of the op
+is not possible for that reason). Everything else (per-sequence reduction, argmin, weights, row
+coefficients) stays on the device.
+
+The 'reference' backend computes the same thing in plain PyTorch (fp32, or fp64 for fp64 inputs):
+it is the CPU path and the oracle for the Triton kernels. `mcl_loss_from_logits` takes logits the
+caller already has and is a plain differentiable PyTorch composition.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from loramcl_kernels._backend import resolve_backend, triton_interpreting
+
+LAYOUTS = ("batch_major", "hypothesis_major")
+MODES = ("wta", "relaxed", "annealed")
+SEQUENCE_REDUCTIONS = ("mean", "sum")
+
+# Pass 1 / pass 2 buffer: (row chunk) x (vocab chunk) fp32 logits, reused for every chunk.
+# 2^24 fp32 elements = 64 MiB (pass 2 adds a half-size operand-dtype copy). Module-level so that
+# tests can shrink it to exercise many chunks.
+LOGITS_CHUNK_ELEMENTS = 1 << 24
+# Most rows one GEMM sees; with LOGITS_CHUNK_ELEMENTS this keeps vocab chunks >= 4096 wide.
+MAX_ROW_CHUNK = 4096
+
+
+@dataclasses.dataclass
+class MCLKernelStats:
+    """Rows processed by the last pass 1 / pass 2 (host ints the launchers know anyway)."""
+
+    pass1_rows: int = 0
+    pass2_rows: int = 0
+
+
+# Filled by both backends on every call; reading it costs nothing and needs no sync.
+KERNEL_STATS = MCLKernelStats()
+
+
+class MCLLossOutput(NamedTuple):
+    loss: torch.Tensor  # () scalar, fp32 (fp64 for fp64 inputs), differentiable
+    nll: torch.Tensor  # (K, B) per-hypothesis per-sequence NLL, detached
+    winners: torch.Tensor  # (B,) int64, argmin_k nll[k, b], ties -> lowest k
+    weights: torch.Tensor  # (K, B) the detached weights w[k, b]
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout helpers and the shared targets / weights logic
+# ----------------------------------------------------------------------------------------------
+
+
+def _sequence_of_row(R: int, K: int, layout: str, device) -> torch.Tensor:
+    rows = torch.arange(R, device=device)
+    return rows // K if layout == "batch_major" else rows % (R // K)
+
+
+def _rows_to_kb(per_row: torch.Tensor, K: int, layout: str) -> torch.Tensor:
+    """(R,) values in the row layout -> (K, B)."""
+    R = per_row.shape[0]
+    if layout == "batch_major":
+        return per_row.view(R // K, K).t()
+    return per_row.view(K, R // K)
+
+
+def _kb_to_rows(per_kb: torch.Tensor, layout: str) -> torch.Tensor:
+    """(K, B) -> (R,) values in the row layout."""
+    if layout == "batch_major":
+        return per_kb.t().reshape(-1)
+    return per_kb.reshape(-1)
+
+
+def _targets_per_row(labels, R, K, layout, shift_labels, ignore_index) -> torch.Tensor:
+    """(R, T) int64: the label each hidden position predicts, ignore_index where none."""
+    lab = labels.to(torch.int64)
+    if shift_labels:
+        pad = lab.new_full((lab.shape[0], 1), ignore_index)
+        lab = torch.cat([lab[:, 1:], pad], dim=1)
+    if lab.shape[0] != R:  # shared (B, T) labels: row r reads sequence b(r)
+        lab = lab.index_select(0, _sequence_of_row(R, K, layout, lab.device))
+    return lab
+
+
+def _count_bad_labels(labels, ignore_index, V) -> torch.Tensor:
+    return ((labels != ignore_index) & ((labels < 0) | (labels >= V))).sum()
+
+
+def _raise_bad_labels(n_bad: int, V: int, ignore_index: int) -> None:
+    if n_bad:
+        raise ValueError(
+            f"labels: {n_bad} value(s) outside [0, {V}) that are not ignore_index={ignore_index}"
+        )
+
+
+def _sequence_weights(nll, mode, epsilon, temperature):
+    """nll (K, B) -> winners (B,) int64 (first minimum), weights (K, B), detached."""
+    nll = nll.detach()
+    K = nll.shape[0]
+    winners = torch.argmin(nll, dim=0)  # documented: first minimal index on ties
+    onehot = F.one_hot(winners, K).t().to(nll.dtype)
+    if mode == "wta" or (mode == "relaxed" and K == 1):
+        weights = onehot
+    elif mode == "relaxed":
+        weights = onehot * (1.0 - epsilon) + (1.0 - onehot) * (epsilon / (K - 1))
+    else:
+        weights = torch.softmax(-nll / temperature, dim=0)
+    return winners, weights
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_coefficients(grad_loss, weights, row_count, layout, sequence_reduction, dtype):
+    """c[r] = grad * w[k(r), b(r)] / B (/ count[r] for mean): d loss / d nll[r, t]."""
+    B = weights.shape[1]
+    c = _kb_to_rows(weights.to(dtype), layout) * (grad_loss.to(dtype) / B)
+    if sequence_reduction == "mean":
+        c = c / row_count.clamp(min=1).to(dtype)
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure-PyTorch reference (fp32, or fp64 for fp64 inputs)
+# ----------------------------------------------------------------------------------------------
+
+
+def _reference_rows_per_chunk(V: int) -> int:
+    return max(1, (1 << 26) // max(V, 1))
+
+
+def _mcl_loss_forward_reference(
+    hidden, weight, bias, labels, K, layout, mode, epsilon, temperature, sequence_reduction,
+    ignore_index, shift_labels,
+):
+    R, T, H = hidden.shape
+    V = weight.shape[0]
+    cdt = _stat_dtype(hidden.dtype)
+    targets = _targets_per_row(labels, R, K, layout, shift_labels, ignore_index).reshape(-1)
+    supervised = targets != ignore_index
+    n_bad = _count_bad_labels(labels, ignore_index, V)
+    _raise_bad_labels(int(n_bad), V, ignore_index)
+    positions = supervised.nonzero().squeeze(1)  # reference: syncs freely
+    KERNEL_STATS.pass1_rows = positions.numel()
+
+    w = weight.to(cdt)
+    b = bias.to(cdt) if bias is not None else None
+    h2 = hidden.reshape(R * T, H)
+    lse_sup = torch.empty(positions.numel(), dtype=cdt, device=hidden.device)
+    tgt_logit = torch.empty_like(lse_sup)
+    step = _reference_rows_per_chunk(V)
+    for i0 in range(0, positions.numel(), step):
+        pos = positions[i0 : i0 + step]
+        z = h2.index_select(0, pos).to(cdt) @ w.t()
+        if b is not None:
+            z = z + b
+        lse_sup[i0 : i0 + step] = torch.logsumexp(z, dim=1)
+        tgt_logit[i0 : i0 + step] = z.gather(1, targets[pos].unsqueeze(1)).squeeze(1)
+
+    position_lse = torch.zeros(R * T, dtype=cdt, device=hidden.device)
+    position_lse.index_copy_(0, positions, lse_sup)
+    nll_pos = torch.zeros(R * T, dtype=cdt, device=hidden.device)
+    nll_pos.index_copy_(0, positions, lse_sup - tgt_logit)
+    row_count = supervised.view(R, T).sum(1).to(torch.int32)
+    per_row = nll_pos.view(R, T).sum(1)
+    if sequence_reduction == "mean":
+        per_row = per_row / row_count.clamp(min=1).to(cdt)
+    nll = _rows_to_kb(per_row, K, layout).contiguous()
+    winners, weights = _sequence_weights(nll, mode, epsilon, temperature)
+    loss = (weights * nll).sum(0).mean()
+    return loss, nll, winners, weights.contiguous(), position_lse, row_count
+
+
+def _mcl_loss_backward_reference(
+    grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, K, layout,
+    sequence_reduction, ignore_index, shift_labels, need_weight_grad, need_bias_grad,
+):
+    R, T, H = hidden.shape
+    V = weight.shape[0]
+    cdt = _stat_dtype(hidden.dtype)
+    targets = _targets_per_row(labels, R, K, layout, shift_labels, ignore_index).reshape(-1)
+    row_weight = _kb_to_rows(weights, layout)
+    active = (targets != ignore_index) & (row_weight != 0).repeat_interleave(T)
+    positions = active.nonzero().squeeze(1)
+    KERNEL_STATS.pass2_rows = positions.numel()
+    coef = _row_coefficients(grad_loss, weights, row_count, layout, sequence_reduction, cdt)
+
+    w = weight.to(cdt)
+    b = bias.to(cdt) if bias is not None else None
+    h2 = hidden.reshape(R * T, H)
+    grad_h = torch.zeros(R * T, H, dtype=cdt, device=hidden.device)
+    grad_w = torch.zeros(V, H, dtype=cdt, device=hidden.device) if need_weight_grad else None
+    grad_b = torch.zeros(V, dtype=cdt, device=hidden.device) if need_bias_grad else None
+    step = _reference_rows_per_chunk(V)
+    for i0 in range(0, positions.numel(), step):
+        pos = positions[i0 : i0 + step]
+        rows = h2.index_select(0, pos).to(cdt)
+        z = rows @ w.t()
+        if b is not None:
+            z = z + b
+        g = torch.exp(z - position_lse[pos].to(cdt).unsqueeze(1))
+        g[torch.arange(pos.numel(), device=g.device), targets[pos]] -= 1.0
+        g = g * coef[pos // T].unsqueeze(1)
+        grad_h.index_copy_(0, pos, g @ w)
+        if grad_w is not None:
+            grad_w += g.t() @ rows
+        if grad_b is not None:
+            grad_b += g.sum(0)
+    grad_h = grad_h.view(R, T, H).to(hidden.dtype)
+    grad_w = grad_w.to(weight.dtype) if grad_w is not None else hidden.new_empty(0)
+    grad_b = grad_b.to(bias.dtype) if grad_b is not None else hidden.new_empty(0)
+    return grad_h, grad_w, grad_b
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lse_chunk_kernel(
+    logits_ptr,  # (rows, n_cols) fp32 logits of this chunk, row stride stride_row
+    bias_ptr,  # (V,) or a dummy when HAS_BIAS is False
+    target_ptr,  # (rows,) int64 target class of each row
+    position_ptr,  # (rows,) int64 flat position r*T + t of each row
+    max_ptr,  # (rows,) fp32 running max over the vocab chunks seen so far
+    sumexp_ptr,  # (rows,) fp32 running sum of exp(z - max)
+    target_logit_ptr,  # (rows,) fp32 running target logit (one chunk contributes)
+    position_lse_ptr,  # (R*T,) fp32 lse per position, written after the last chunk
+    position_nll_ptr,  # (R*T,) fp32 nll per position, written after the last chunk
+    n_cols,
+    v_start,
+    stride_row,
+    HAS_BIAS: tl.constexpr,
+    IS_LAST: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One program per row: fold one vocab chunk of logits into the row's online logsumexp."""
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    # Lanes start at a finite floor so that masked lanes (z = -inf) give exp(-inf) = 0, never NaN.
+    run_max = tl.full([BLOCK_V], -1.0e30, dtype=tl.float32)
+    run_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for c0 in range(0, n_cols, BLOCK_V):
+        cols = c0 + tl.arange(0, BLOCK_V)
+        in_range = cols < n_cols
+        z = tl.load(row_ptr + cols, mask=in_range, other=float("-inf")).to(tl.float32)
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + v_start + cols, mask=in_range, other=0.0).to(tl.float32)
+        new_max = tl.maximum(run_max, z)
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(z - new_max)
+        run_max = new_max
+    chunk_max = tl.max(run_max, 0)
+    chunk_sum = tl.sum(run_sum * tl.exp(run_max - chunk_max), 0)
+
+    old_max = tl.load(max_ptr + row)
+    old_sum = tl.load(sumexp_ptr + row)
+    new_max = tl.maximum(old_max, chunk_max)
+    new_sum = old_sum * tl.exp(old_max - new_max) + chunk_sum * tl.exp(chunk_max - new_max)
+
+    target = tl.load(target_ptr + row)
+    in_chunk = (target >= v_start) & (target < v_start + n_cols)
+    col = tl.where(in_chunk, target - v_start, 0)
+    z_target = tl.load(row_ptr + col, mask=in_chunk, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z_target += tl.load(bias_ptr + v_start + col, mask=in_chunk, other=0.0).to(tl.float32)
+    target_logit = tl.load(target_logit_ptr + row) + z_target
+
+    if IS_LAST:
+        lse = new_max + tl.log(new_sum)
+        position = tl.load(position_ptr + row)
+        tl.store(position_lse_ptr + position, lse)
+        tl.store(position_nll_ptr + position, lse - target_logit)
+    else:
+        tl.store(max_ptr + row, new_max)
+        tl.store(sumexp_ptr + row, new_sum)
+        tl.store(target_logit_ptr + row, target_logit)
+
+
+@triton.jit
+def _sequence_weights_kernel(
+    position_nll_ptr,  # (R*T,) fp32, zero at unsupervised positions
+    row_count_ptr,  # (R,) int32 supervised positions per row
+    nll_ptr,  # (K, B) fp32 out: L[k, b]
+    winners_ptr,  # (B,) int64 out
+    weights_ptr,  # (K, B) fp32 out
+    B,
+    K,
+    T,
+    epsilon,  # relaxed: already 0 when K == 1
+    inv_temperature,
+    BATCH_MAJOR: tl.constexpr,
+    MODE: tl.constexpr,  # 0 wta, 1 relaxed, 2 annealed
+    MEAN: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """One program per sequence b: L[:, b] (fixed summation order), argmin, weights."""
+    b = tl.program_id(0)
+    ks = tl.arange(0, BLOCK_K)
+    seq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k in range(0, K):
+        if BATCH_MAJOR:
+            r = b * K + k
+        else:
+            r = k * B + b
+        base = position_nll_ptr + r.to(tl.int64) * T
+        acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            ts = t0 + tl.arange(0, BLOCK_T)
+            acc += tl.load(base + ts, mask=ts < T, other=0.0)
+        total = tl.sum(acc, 0)
+        if MEAN:
+            count = tl.load(row_count_ptr + r)
+            total = total / tl.maximum(count, 1).to(tl.float32)
+        seq = tl.where(ks == k, total, seq)
+    valid = ks < K
+    seq_valid = tl.where(valid, seq, float("inf"))
+    best = tl.min(seq_valid, 0)
+    winner = tl.min(tl.where(seq_valid == best, ks, BLOCK_K), 0)
+    is_winner = ks == winner
+    if MODE == 0:
+        w = tl.where(is_winner, 1.0, 0.0)
+    elif MODE == 1:
+        w = tl.where(is_winner, 1.0 - epsilon, epsilon / tl.maximum(K - 1, 1))
+    else:
+        x = tl.where(valid, -seq * inv_temperature, float("-inf"))
+        e = tl.exp(x - tl.max(x, 0))
+        w = e / tl.sum(e, 0)
+    tl.store(nll_ptr + ks * B + b, seq, mask=valid)
+    tl.store(weights_ptr + ks * B + b, w, mask=valid)
+    tl.store(winners_ptr + b, winner.to(tl.int64))
+
+
+@triton.jit
+def _grad_logits_chunk_kernel(
+    logits_ptr,  # (rows, n_cols) fp32 logits; overwritten with the fp32 gradient if STORE_FP32
+    grad_lowp_ptr,  # (rows, n_cols) gradient in the GEMM operand dtype if STORE_LOWP
+    bias_ptr,
+    target_ptr,  # (rows,) int64
+    lse_ptr,  # (rows,) fp32
+    coef_ptr,  # (rows,) fp32 c[r]
+    n_cols,
+    v_start,
+    stride_row,
+    HAS_BIAS: tl.constexpr,
+    STORE_FP32: tl.constexpr,
+    STORE_LOWP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One program per row: g = c * (exp(z - lse) - onehot(target)) over one vocab chunk."""
+    row = tl.program_id(0)
+    offset = row.to(tl.int64) * stride_row
+    target_col = tl.load(target_ptr + row) - v_start
+    lse = tl.load(lse_ptr + row)
+    coef = tl.load(coef_ptr + row)
+    for c0 in range(0, n_cols, BLOCK_V):
+        cols = c0 + tl.arange(0, BLOCK_V)
+        in_range = cols < n_cols
+        z = tl.load(logits_ptr + offset + cols, mask=in_range, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + v_start + cols, mask=in_range, other=0.0).to(tl.float32)
+        g = coef * (tl.exp(z - lse) - tl.where(cols == target_col, 1.0, 0.0))
+        if STORE_FP32:
+            tl.store(logits_ptr + offset + cols, g, mask=in_range)
+        if STORE_LOWP:
+            tl.store(grad_lowp_ptr + offset + cols, g.to(grad_lowp_ptr.dtype.element_ty), mask=in_range)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+_MM_OUT_DTYPE_OK: dict = {}
+
+
+def _mm_out_dtype_supported(device: torch.device) -> bool:
+    """Does torch.mm(a, b, out_dtype=float32) run for 16-bit operands on this device (CUDA)?"""
+    key = str(device)
+    if key not in _MM_OUT_DTYPE_OK:
+        ok = False
+        if device.type == "cuda":
+            try:
+                a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
+                out = torch.empty(16, 16, dtype=torch.float32, device=device)
+                torch.mm(a, a, out_dtype=torch.float32, out=out)
+                ok = bool(out[0, 0] == 16.0)  # one-time probe
+            except Exception:
+                ok = False
+        _MM_OUT_DTYPE_OK[key] = ok
+    return _MM_OUT_DTYPE_OK[key]
+
+
+def _mm_fp32_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """out (fp32, contiguous) = a @ b with fp32 accumulation and output."""
+    if a.dtype == out.dtype:
+        return torch.mm(a, b, out=out)
+    if _mm_out_dtype_supported(a.device):
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    out.copy_(torch.mm(a, b))  # 16-bit output rounded once (CPU / old torch fallback)
+    return out
+
+
+def _chunk_sizes(n_rows: int, V: int) -> tuple[int, int]:
+    rows = max(1, min(n_rows, MAX_ROW_CHUNK))
+    cols = min(V, max(16, LOGITS_CHUNK_ELEMENTS // rows))
+    if cols < V:
+        cols = max(16, cols // 128 * 128 if cols >= 128 else cols // 16 * 16)
+    return rows, cols
+
+
+def _block_v(n_cols: int) -> tuple[int, int]:
+    cap = 1024 if triton_interpreting() else 4096
+    block = min(cap, triton.next_power_of_2(max(n_cols, 16)))
+    return block, (8 if block >= 2048 else 4)
+
+
+def _compact(mask: torch.Tensor) -> torch.Tensor:
+    """(N,) bool -> (N,) int64 permutation: True positions first, each group in index order."""
+    return torch.argsort((~mask).to(torch.uint8), stable=True)
+
+
+def _mcl_loss_forward_triton(
+    hidden, weight, bias, labels, K, layout, mode, epsilon, temperature, sequence_reduction,
+    ignore_index, shift_labels,
+):
+    R, T, H = hidden.shape
+    V = weight.shape[0]
+    B = R // K
+    device = hidden.device
+    targets = _targets_per_row(labels, R, K, layout, shift_labels, ignore_index).reshape(-1)
+    supervised = targets != ignore_index
+    order = _compact(supervised)
+    row_count = supervised.view(R, T).sum(1, dtype=torch.int32)
+    counts = torch.stack([supervised.sum(), _count_bad_labels(labels, ignore_index, V)])
+    n_rows, n_bad = counts.tolist()  # the forward's one host sync (sizes the cuBLAS GEMMs)
+    _raise_bad_labels(n_bad, V, ignore_index)
+    KERNEL_STATS.pass1_rows = n_rows
+
+    position_lse = torch.zeros(R * T, dtype=torch.float32, device=device)
+    position_nll = torch.zeros(R * T, dtype=torch.float32, device=device)
+    if n_rows:
+        positions = order[:n_rows]
+        h2 = hidden.reshape(R * T, H)
+        w = weight if weight.is_contiguous() else weight.contiguous()
+        has_bias = bias is not None
+        rows_per_chunk, cols_per_chunk = _chunk_sizes(n_rows, V)
+        buffer = torch.empty(rows_per_chunk * cols_per_chunk, dtype=torch.float32, device=device)
+        block_v, warps = _block_v(cols_per_chunk)
+        for r0 in range(0, n_rows, rows_per_chunk):
+            pos = positions[r0 : r0 + rows_per_chunk]
+            nr = pos.numel()
+            rows = h2.index_select(0, pos)
+            tgt = targets.index_select(0, pos)
+            run_max = torch.full((nr,), -1.0e30, dtype=torch.float32, device=device)
+            run_sum = torch.zeros(nr, dtype=torch.float32, device=device)
+            tgt_logit = torch.zeros(nr, dtype=torch.float32, device=device)
+            for v0 in range(0, V, cols_per_chunk):
+                nc = min(cols_per_chunk, V - v0)
+                logits = buffer[: nr * nc].view(nr, nc)
+                _mm_fp32_into(logits, rows, w[v0 : v0 + nc].t())
+                _lse_chunk_kernel[(nr,)](
+                    logits, bias if has_bias else logits, tgt, pos, run_max, run_sum, tgt_logit,
+                    position_lse, position_nll, nc, v0, nc,
+                    HAS_BIAS=has_bias, IS_LAST=v0 + nc >= V, BLOCK_V=block_v, num_warps=warps,
+                )
+
+    nll = torch.empty(K, B, dtype=torch.float32, device=device)
+    winners = torch.empty(B, dtype=torch.int64, device=device)
+    weights = torch.empty(K, B, dtype=torch.float32, device=device)
+    mode_id = MODES.index(mode)
+    _sequence_weights_kernel[(B,)](
+        position_nll, row_count, nll, winners, weights, B, K, T,
+        float(epsilon) if K > 1 else 0.0,
+        1.0 / float(temperature) if mode == "annealed" else 1.0,
+        BATCH_MAJOR=layout == "batch_major", MODE=mode_id, MEAN=sequence_reduction == "mean",
+        BLOCK_K=triton.next_power_of_2(K), BLOCK_T=min(1024, triton.next_power_of_2(T)),
+    )
+    loss = (weights * nll).sum(0).mean()
+    return loss, nll, winners, weights, position_lse, row_count
+
+
+def _mcl_loss_backward_triton(
+    grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, K, layout,
+    sequence_reduction, ignore_index, shift_labels, need_weight_grad, need_bias_grad,
+):
+    R, T, H = hidden.shape
+    V = weight.shape[0]
+    device = hidden.device
+    targets = _targets_per_row(labels, R, K, layout, shift_labels, ignore_index).reshape(-1)
+    row_weight = _kb_to_rows(weights, layout)
+    active = (targets != ignore_index) & (row_weight != 0).repeat_interleave(T)
+    order = _compact(active)
+    n_rows = int(active.sum().item())  # the backward's one host sync (sizes the GEMMs)
+    KERNEL_STATS.pass2_rows = n_rows
+    coef_row = _row_coefficients(grad_loss, weights, row_count, layout, sequence_reduction, torch.float32)
+
+    grad_h = torch.zeros(R * T, H, dtype=hidden.dtype, device=device)
+    grad_w = torch.zeros(V, H, dtype=torch.float32, device=device) if need_weight_grad else None
+    grad_b = torch.zeros(V, dtype=torch.float32, device=device) if need_bias_grad else None
+    if n_rows:
+        positions = order[:n_rows]
+        h2 = hidden.reshape(R * T, H)
+        w = weight if weight.is_contiguous() else weight.contiguous()
+        has_bias = bias is not None
+        lowp = hidden.dtype != torch.float32
+        store_fp32 = (not lowp) or need_weight_grad or need_bias_grad
+        rows_per_chunk, cols_per_chunk = _chunk_sizes(n_rows, V)
+        buffer = torch.empty(rows_per_chunk * cols_per_chunk, dtype=torch.float32, device=device)
+        buffer_lowp = (
+            torch.empty(rows_per_chunk * cols_per_chunk, dtype=hidden.dtype, device=device) if lowp else None
+        )
+        dh_chunk = torch.empty(rows_per_chunk * H, dtype=torch.float32, device=device)
+        dh_part = torch.empty(rows_per_chunk * H, dtype=torch.float32, device=device) if lowp else None
+        block_v, warps = _block_v(cols_per_chunk)
+        for r0 in range(0, n_rows, rows_per_chunk):
+            pos = positions[r0 : r0 + rows_per_chunk]
+            nr = pos.numel()
+            rows = h2.index_select(0, pos)
+            tgt = targets.index_select(0, pos)
+            lse = position_lse.index_select(0, pos)
+            coef = coef_row.index_select(0, pos // T)
+            dh = dh_chunk[: nr * H].view(nr, H)
+            for v0 in range(0, V, cols_per_chunk):
+                nc = min(cols_per_chunk, V - v0)
+                logits = buffer[: nr * nc].view(nr, nc)
+                w_chunk = w[v0 : v0 + nc]
+                _mm_fp32_into(logits, rows, w_chunk.t())
+                grad_lowp = buffer_lowp[: nr * nc].view(nr, nc) if lowp else logits
+                _grad_logits_chunk_kernel[(nr,)](
+                    logits, grad_lowp, bias if has_bias else logits, tgt, lse, coef, nc, v0, nc,
+                    HAS_BIAS=has_bias, STORE_FP32=store_fp32, STORE_LOWP=lowp,
+                    BLOCK_V=block_v, num_warps=warps,
+                )
+                # d hidden rows, fp32 accumulation over vocab chunks (fixed order)
+                if v0 == 0:
+                    _mm_fp32_into(dh, grad_lowp, w_chunk)
+                else:
+                    part = dh_part[: nr * H].view(nr, H) if lowp else torch.empty_like(dh)
+                    dh += _mm_fp32_into(part, grad_lowp, w_chunk)
+                if grad_w is not None:  # fp32 GEMM into the fp32 accumulator
+                    grad_w[v0 : v0 + nc].addmm_(logits.t(), rows.float())
+                if grad_b is not None:
+                    grad_b[v0 : v0 + nc] += logits.sum(0)
+            grad_h.index_copy_(0, pos, dh.to(hidden.dtype))
+    grad_h = grad_h.view(R, T, H)
+    grad_w = grad_w.to(weight.dtype) if grad_w is not None else hidden.new_empty(0)
+    grad_b = grad_b.to(bias.dtype) if grad_b is not None else hidden.new_empty(0)
+    return grad_h, grad_w, grad_b
+
+
+# ----------------------------------------------------------------------------------------------
+# Registered custom ops
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("loramcl::mcl_loss_forward", mutates_args=())
+def _mcl_loss_forward_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    num_hypotheses: int,
+    layout: str,
+    mode: str,
+    epsilon: float,
+    temperature: float,
+    sequence_reduction: str,
+    ignore_index: int,
+    shift_labels: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> loss (), nll (K,B), winners (B,), weights (K,B), position_lse (R*T,), row_count (R,)."""
+    impl = _mcl_loss_forward_triton if backend == "triton" else _mcl_loss_forward_reference
+    return impl(
+        hidden, weight, bias, labels, num_hypotheses, layout, mode, epsilon, temperature,
+        sequence_reduction, ignore_index, shift_labels,
+    )
+
+
+@_mcl_loss_forward_op.register_fake
+def _(hidden, weight, bias, labels, num_hypotheses, layout, mode, epsilon, temperature,
+      sequence_reduction, ignore_index, shift_labels, backend):
+    R, T, _ = hidden.shape
+    K = num_hypotheses
+    B = R // K
+    sdt = _stat_dtype(hidden.dtype)
+    return (
+        hidden.new_empty((), dtype=sdt),
+        hidden.new_empty((K, B), dtype=sdt),
+        hidden.new_empty((B,), dtype=torch.int64),
+        hidden.new_empty((K, B), dtype=sdt),
+        hidden.new_empty((R * T,), dtype=sdt),
+        hidden.new_empty((R,), dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("loramcl::mcl_loss_backward", mutates_args=())
+def _mcl_loss_backward_op(
+    grad_loss: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    position_lse: torch.Tensor,
+    row_count: torch.Tensor,
+    num_hypotheses: int,
+    layout: str,
+    sequence_reduction: str,
+    ignore_index: int,
+    shift_labels: bool,
+    need_weight_grad: bool,
+    need_bias_grad: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> d hidden (R,T,H), d weight (V,H) or (0,), d bias (V,) or (0,)."""
+    impl = _mcl_loss_backward_triton if backend == "triton" else _mcl_loss_backward_reference
+    return impl(
+        grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, num_hypotheses,
+        layout, sequence_reduction, ignore_index, shift_labels, need_weight_grad, need_bias_grad,
+    )
+
+
+@_mcl_loss_backward_op.register_fake
+def _(grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, num_hypotheses,
+      layout, sequence_reduction, ignore_index, shift_labels, need_weight_grad, need_bias_grad, backend):
+    grad_w = torch.empty_like(weight) if need_weight_grad else hidden.new_empty(0)
+    grad_b = torch.empty_like(bias) if (need_bias_grad and bias is not None) else hidden.new_empty(0)
+    return torch.empty_like(hidden), grad_w, grad_b
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, bias, labels, K, layout, mode, epsilon, temperature, sequence_reduction,
+     ignore_index, shift_labels, backend) = inputs
+    _, _, _, weights, position_lse, row_count = output
+    ctx.save_for_backward(hidden, weight, bias, labels, weights, position_lse, row_count)
+    ctx.config = (K, layout, sequence_reduction, ignore_index, shift_labels, backend)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, grad_loss, *unused_grads):
+    hidden, weight, bias, labels, weights, position_lse, row_count = ctx.saved_tensors
+    K, layout, sequence_reduction, ignore_index, shift_labels, backend = ctx.config
+    need_w = bool(ctx.needs_input_grad[1])
+    need_b = bool(bias is not None and ctx.needs_input_grad[2])
+    grad_h, grad_w, grad_b = _mcl_loss_backward_op(
+        grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, K, layout,
+        sequence_reduction, ignore_index, shift_labels, need_w, need_b, backend,
+    )
+    return (
+        grad_h, grad_w if need_w else None, grad_b if need_b else None,
+        None, None, None, None, None, None, None, None, None, None,
+    )
+
+
+torch.library.register_autograd(
+    "loramcl::mcl_loss_forward", _backward, setup_context=_setup_context
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_config(num_hypotheses, layout, mode, epsilon, temperature, sequence_reduction):
+    if not isinstance(num_hypotheses, int) or isinstance(num_hypotheses, bool) or num_hypotheses < 1:
+        raise ValueError(f"num_hypotheses must be an int >= 1, got {num_hypotheses!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not 0.0 <= float(epsilon) < 1.0:
+        raise ValueError(f"epsilon must be in [0, 1), got {epsilon!r}")
+    if temperature is not None and not float(temperature) > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if mode == "annealed" and temperature is None:
+        raise ValueError("mode='annealed' needs a temperature > 0")
+    if sequence_reduction not in SEQUENCE_REDUCTIONS:
+        raise ValueError(f"sequence_reduction must be one of {SEQUENCE_REDUCTIONS}, got {sequence_reduction!r}")
+
+
+def _check_labels(labels, R, T, K):
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.dim() != 2 or labels.shape[1] != T or labels.shape[0] not in (R // K, R):
+        raise ValueError(
+            f"labels must have shape (B, T) = ({R // K}, {T}) (shared by the hypotheses) or "
+            f"(B*K, T) = ({R}, {T}), got {tuple(labels.shape)}"
+        )
+
+
+def _check_rows(x, name, K):
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape (B*K, T, {'H' if name == 'hidden' else 'V'}), got {tuple(x.shape)}")
+    if x.shape[0] % K != 0 or x.shape[0] == 0:
+        raise ValueError(
+            f"{name} has {x.shape[0]} rows (B*K), which is not a positive multiple of num_hypotheses={K}"
+        )
+
+
+def mcl_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_hypotheses: int,
+    lm_head_bias: Optional[torch.Tensor] = None,
+    layout: str = "batch_major",
+    mode: str = "wta",
+    epsilon: float = 0.0,
+    temperature: Optional[float] = None,
+    sequence_reduction: str = "mean",
+    ignore_index: int = -100,
+    shift_labels: bool = True,
+    backend: Optional[str] = None,
+) -> MCLLossOutput:
+    """MCL loss from the last hidden states and the lm_head, never materialising rows x V logits.
+
+    hidden (B*K, T, H) rows in `layout`; lm_head_weight (V, H); lm_head_bias (V,) or None;
+    labels (B, T) shared by the hypotheses or (B*K, T). Returns MCLLossOutput(loss, nll (K,B),
+    winners (B,), weights (K,B)); only `loss` is differentiable.
+    """
+    K = num_hypotheses
+    _check_config(K, layout, mode, epsilon, temperature, sequence_reduction)
+    if not isinstance(hidden, torch.Tensor) or not isinstance(lm_head_weight, torch.Tensor):
+        raise TypeError("hidden and lm_head_weight must be tensors")
+    if not hidden.dtype.is_floating_point:
+        raise TypeError(f"hidden must be a floating tensor, got {hidden.dtype}")
+    _check_rows(hidden, "hidden", K)
+    R, T, H = hidden.shape
+    if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != H:
+        raise ValueError(f"lm_head_weight must have shape (V, H={H}), got {tuple(lm_head_weight.shape)}")
+    if lm_head_weight.dtype != hidden.dtype:
+        raise TypeError(f"lm_head_weight dtype {lm_head_weight.dtype} differs from hidden's {hidden.dtype}")
+    V = lm_head_weight.shape[0]
+    if lm_head_bias is not None and (lm_head_bias.dim() != 1 or lm_head_bias.shape[0] != V):
+        raise ValueError(f"lm_head_bias must have shape (V,) = ({V},), got {tuple(lm_head_bias.shape)}")
+    _check_labels(labels, R, T, K)
+    for name, t in (("lm_head_weight", lm_head_weight), ("labels", labels), ("lm_head_bias", lm_head_bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device}, hidden on {hidden.device}")
+    chosen = resolve_backend(backend, hidden.device)
+    if chosen == "triton" and hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        if backend is not None and backend.lower() == "triton":
+            raise TypeError(f"the triton backend supports fp16/bf16/fp32, got {hidden.dtype}")
+        chosen = "reference"
+    loss, nll, winners, weights, _, _ = _mcl_loss_forward_op(
+        hidden, lm_head_weight, lm_head_bias, labels, K, layout, mode, float(epsilon),
+        float(temperature) if temperature is not None else 1.0, sequence_reduction,
+        int(ignore_index), bool(shift_labels), chosen,
+    )
+    return MCLLossOutput(loss, nll.detach(), winners.detach(), weights.detach())
+
+
+def mcl_loss_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_hypotheses: int,
+    layout: str = "batch_major",
+    mode: str = "wta",
+    epsilon: float = 0.0,
+    temperature: Optional[float] = None,
+    sequence_reduction: str = "mean",
+    ignore_index: int = -100,
+    shift_labels: bool = True,
+) -> MCLLossOutput:
+    """The same loss for callers that already hold logits (B*K, T, V); plain PyTorch, autograd.
+
+    Eagerly only the supervised rows are upcast and reduced (one sync to find them); under
+    torch.compile a shape-static path reduces every position and masks.
+    """
+    K = num_hypotheses
+    _check_config(K, layout, mode, epsilon, temperature, sequence_reduction)
+    if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
+        raise TypeError("logits must be a floating tensor")
+    _check_rows(logits, "logits", K)
+    R, T, V = logits.shape
+    _check_labels(labels, R, T, K)
+    cdt = _stat_dtype(logits.dtype)
+    targets = _targets_per_row(labels, R, K, layout, shift_labels, ignore_index).reshape(-1)
+    supervised = targets != ignore_index
+    flat = logits.reshape(R * T, V)
+    if torch.compiler.is_compiling():
+        safe = torch.where(supervised, targets, 0)
+        z = flat.to(cdt)
+        nll_all = torch.logsumexp(z, dim=1) - z.gather(1, safe.unsqueeze(1)).squeeze(1)
+        nll_pos = torch.where(supervised, nll_all, torch.zeros_like(nll_all))
+    else:
+        _raise_bad_labels(int(_count_bad_labels(labels, ignore_index, V)), V, ignore_index)
+        positions = supervised.nonzero().squeeze(1)
+        z = flat.index_select(0, positions).to(cdt)
+        nll_sup = torch.logsumexp(z, dim=1) - z.gather(1, targets[positions].unsqueeze(1)).squeeze(1)
+        nll_pos = torch.zeros(R * T, dtype=cdt, device=logits.device).scatter(0, positions, nll_sup)
+    per_row = nll_pos.view(R, T).sum(1)
+    if sequence_reduction == "mean":
+        per_row = per_row / supervised.view(R, T).sum(1).clamp(min=1).to(cdt)
+    nll = _rows_to_kb(per_row, K, layout)
+    winners, weights = _sequence_weights(nll, mode, float(epsilon), temperature)
+    loss = (weights * nll).sum(0).mean()
+    return MCLLossOutput(loss, nll.detach(), winners, weights)
+
+
+class MCLLoss(torch.nn.Module):
+    """nn.Module around mcl_loss: forward(hidden, lm_head_weight, labels, lm_head_bias=None).
+
+    `temperature` may be changed between steps (annealing schedule); set mode='wta' once it falls
+    below the schedule's minimum, as the official recipe does.
+    """
+
+    def __init__(
+        self,
+        num_hypotheses: int,
+        *,
+        layout: str = "batch_major",
+        mode: str = "wta",
+        epsilon: float = 0.0,
+        temperature: Optional[float] = None,
+        sequence_reduction: str = "mean",
+        ignore_index: int = -100,
+        shift_labels: bool = True,
+        backend: Optional[str] = None,
+    ):
+        super().__init__()
+        _check_config(num_hypotheses, layout, mode, epsilon, temperature, sequence_reduction)
+        self.num_hypotheses = num_hypotheses
+        self.layout = layout
+        self.mode = mode
+        self.epsilon = epsilon
+        self.temperature = temperature
+        self.sequence_reduction = sequence_reduction
+        self.ignore_index = ignore_index
+        self.shift_labels = shift_labels
+        self.backend = backend
+
+    def forward(self, hidden, lm_head_weight, labels, lm_head_bias=None) -> MCLLossOutput:
+        return mcl_loss(
+            hidden, lm_head_weight, labels, num_hypotheses=self.num_hypotheses,
+            lm_head_bias=lm_head_bias, layout=self.layout, mode=self.mode, epsilon=self.epsilon,
+            temperature=self.temperature, sequence_reduction=self.sequence_reduction,
+            ignore_index=self.ignore_index, shift_labels=self.shift_labels, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"num_hypotheses={self.num_hypotheses}, layout={self.layout}, mode={self.mode}, "
+                f"epsilon={self.epsilon}, temperature={self.temperature}, "
+                f"sequence_reduction={self.sequence_reduction}")

@@ -61,70 +61,74 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference (pure PyTorch, fp32 accumulation). Works on any device; also gives the math used by
-# the deterministic dA / dB reductions of every backend.
+# Reference (pure PyTorch, fp32 accumulation). Works on any device; its block-diagonal algebra is
+# also what the deterministic dA / dB reductions of every backend compute.
 # ---------------------------------------------------------------------------------------------
 
 
-def _one_hot(row_ids: Tensor, num_hypotheses: int, dtype: torch.dtype) -> Tensor:
-    """(M, K) with a 1 in column h(m); an all-zero row for h = -1."""
-    hyps = torch.arange(num_hypotheses, device=row_ids.device, dtype=row_ids.dtype)
-    return (row_ids[:, None] == hyps[None, :]).to(dtype)
+def _row_hypotheses(m: int, num_hyp: int, hypothesis_ids: Optional[Tensor], row_div: int, device) -> Tensor:
+    """h of every flattened row: ids[m // row_div] with ids given, else (m // row_div) % K."""
+    rows = torch.arange(m, device=device) // row_div
+    if hypothesis_ids is not None:
+        return hypothesis_ids.to(device=device, dtype=torch.long)[rows]
+    return rows % num_hyp
 
 
-def _block_diag(compact: Tensor, row_ids: Tensor, num_hypotheses: int) -> Tensor:
-    """(M, r) -> (M, K*r): row m's values in the columns of block h(m), zeros elsewhere."""
-    m, r = compact.shape
-    one_hot = _one_hot(row_ids, num_hypotheses, compact.dtype)
-    return (one_hot[:, :, None] * compact[:, None, :]).reshape(m, num_hypotheses * r)
-
-
-def _select_block(full: Tensor, row_ids: Tensor, num_hypotheses: int) -> Tensor:
-    """(M, K*r) -> (M, r): the columns of block h(m) of each row (zeros for h = -1)."""
+def _keep_own_block(full: Tensor, row_hyp: Tensor, num_hyp: int) -> Tensor:
+    """(M, K*r) -> S_bd: row m keeps its block h(m) and zeros elsewhere (all zeros for h = -1)."""
     m = full.shape[0]
-    one_hot = _one_hot(row_ids, num_hypotheses, full.dtype)
-    return (full.view(m, num_hypotheses, -1) * one_hot[:, :, None]).sum(1)
+    keep = row_hyp[:, None] == torch.arange(num_hyp, device=full.device)[None, :]
+    return (full.view(m, num_hyp, -1) * keep[:, :, None].to(full.dtype)).view(m, -1)
 
 
-def _lora_weight_grads(grad_shrink, shrink, x, grad_y, row_ids, lora_A, scaling, dtype):
-    """dA (K, r, d_in) and dB (K, d_out, r) as two GEMMs over the block-diagonal matrices.
+def _stack_A(lora_A: Tensor, dtype) -> Tensor:
+    """A_all (K*r, d_in): the A_k stacked."""
+    return lora_A.to(dtype).reshape(-1, lora_A.shape[-1])
 
-    A fixed-order reduction over rows (cuBLAS / CPU GEMM, no atomics): deterministic.
+
+def _stack_B(lora_B: Tensor, scaling: Tensor, dtype) -> Tensor:
+    """B_all (d_out, K*r): the s_k B_k side by side."""
+    scaled = lora_B.to(dtype) * scaling.to(dtype)[:, None, None]
+    return scaled.permute(1, 0, 2).reshape(lora_B.shape[1], -1)
+
+
+def _lora_weight_grads(grad_shrink_bd, shrink_bd, x, grad_y, scaling, lora_A, lora_B):
+    """dA = (dS_bd^T x) as (K, r, d_in); dB_k = s_k (dy^T S_bd) block k, as (K, d_out, r).
+
+    Two GEMMs reducing over rows in a fixed order (no atomics): deterministic.
     """
     num_hyp, r, d_in = lora_A.shape
-    grad_shrink_bd = _block_diag(grad_shrink.to(dtype), row_ids, num_hyp)  # (M, K*r)
-    shrink_bd = _block_diag(shrink.to(dtype), row_ids, num_hyp)  # (M, K*r)
-    grad_A = (grad_shrink_bd.t() @ x.to(dtype)).view(num_hyp, r, d_in)
-    grad_Bt = (shrink_bd.t() @ grad_y.to(dtype)).view(num_hyp, r, -1)  # (K, r, d_out)
-    grad_B = grad_Bt.transpose(1, 2) * scaling.to(dtype)[:, None, None]
-    return grad_A.to(lora_A.dtype), grad_B.to(lora_A.dtype).contiguous()
+    grad_A = (grad_shrink_bd.t() @ x).view(num_hyp, r, d_in)
+    grad_Bt = (shrink_bd.t() @ grad_y).view(num_hyp, r, -1)  # (K, r, d_out)
+    grad_B = grad_Bt.transpose(1, 2) * scaling.to(grad_Bt.dtype)[:, None, None]
+    return grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype).contiguous()
 
 
-def multi_lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling, row_ids):
-    """Reference forward on flattened rows. x (M, d_in), row_ids (M,) -> (y (M, d_out), S (M, r))."""
+def multi_lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div):
+    """Reference forward on flattened rows x (M, d_in) -> (y (M, d_out), S_bd (M, K*r))."""
     acc = _acc_dtype(x.dtype)
-    num_hyp, r, d_in = lora_A.shape
+    num_hyp = lora_A.shape[0]
     xf = x.to(acc)
-    shrink = _select_block(xf @ lora_A.to(acc).reshape(num_hyp * r, d_in).t(), row_ids, num_hyp)
-    b_all = (lora_B.to(acc) * scaling.to(acc)[:, None, None]).permute(1, 0, 2).reshape(-1, num_hyp * r)
-    y = _block_diag(shrink, row_ids, num_hyp) @ b_all.t()
+    row_hyp = _row_hypotheses(x.shape[0], num_hyp, hypothesis_ids, row_div, x.device)
+    shrink_bd = _keep_own_block(xf @ _stack_A(lora_A, acc).t(), row_hyp, num_hyp)
+    y = shrink_bd @ _stack_B(lora_B, scaling, acc).t()
     if weight is not None:
         y = y + xf @ weight.to(acc).t()
     if bias is not None:
         y = y + bias.to(acc)
-    return y.to(x.dtype), shrink
+    return y.to(x.dtype), shrink_bd.to(x.dtype)
 
 
-def multi_lora_linear_ref_backward(grad_y, x, weight, lora_A, lora_B, scaling, row_ids, shrink):
+def multi_lora_linear_ref_backward(grad_y, x, weight, lora_A, lora_B, scaling, hypothesis_ids, row_div, shrink_bd):
     acc = _acc_dtype(x.dtype)
-    num_hyp, r, d_in = lora_A.shape
+    num_hyp = lora_A.shape[0]
     dyf = grad_y.to(acc)
-    b_all = (lora_B.to(acc) * scaling.to(acc)[:, None, None]).permute(1, 0, 2).reshape(-1, num_hyp * r)
-    grad_shrink = _select_block(dyf @ b_all, row_ids, num_hyp)  # (M, r)
-    grad_x = _block_diag(grad_shrink, row_ids, num_hyp) @ lora_A.to(acc).reshape(num_hyp * r, d_in)
+    row_hyp = _row_hypotheses(x.shape[0], num_hyp, hypothesis_ids, row_div, x.device)
+    grad_shrink_bd = _keep_own_block(dyf @ _stack_B(lora_B, scaling, acc), row_hyp, num_hyp)
+    grad_x = grad_shrink_bd @ _stack_A(lora_A, acc)
     if weight is not None:
         grad_x = grad_x + dyf @ weight.to(acc)
-    grad_A, grad_B = _lora_weight_grads(grad_shrink, shrink, x, grad_y, row_ids, lora_A, scaling, acc)
+    grad_A, grad_B = _lora_weight_grads(grad_shrink_bd, shrink_bd.to(acc), x.to(acc), dyf, scaling, lora_A, lora_B)
     return grad_x.to(x.dtype), grad_A, grad_B
 
 
@@ -133,38 +137,40 @@ def multi_lora_linear_shared_ref(x, weight, bias, lora_A, lora_B, scaling, num_g
     acc = _acc_dtype(x.dtype)
     num_hyp, r, d_in = lora_A.shape
     xf = x.to(acc)
-    shrink_all = xf @ lora_A.to(acc).reshape(num_hyp * r, d_in).t()  # (G*L, K*r)
+    shrink_all = xf @ _stack_A(lora_A, acc).t()  # (G*L, K*r)
     base = xf @ weight.to(acc).t() if weight is not None else xf.new_zeros(x.shape[0], lora_B.shape[1])
     if bias is not None:
         base = base + bias.to(acc)
     b_scaled = lora_B.to(acc) * scaling.to(acc)[:, None, None]  # (K, d_out, r)
     delta = torch.einsum("mkr,kor->kmo", shrink_all.view(-1, num_hyp, r), b_scaled)  # (K, G*L, d_out)
-    y = base[None] + delta
-    y = y.view(num_hyp, num_groups, -1, y.shape[-1]).transpose(0, 1)  # (G, K, L, d_out)
-    return y.reshape(-1, y.shape[-1]).to(x.dtype), shrink_all
+    y = (base[None] + delta).view(num_hyp, num_groups, -1, base.shape[-1]).transpose(0, 1)  # (G, K, L, d_out)
+    return y.reshape(-1, base.shape[-1]).to(x.dtype), shrink_all.to(x.dtype)
 
 
-def _shared_lora_grads(grad_y4, x, lora_A, lora_B, scaling, shrink_all, dtype):
-    """Shared-input LoRA gradients. grad_y4 (G, K, L, d_out) -> dS_all (G*L, K*r), dA, dB."""
+def _shared_lora_grads(grad_y4, x, lora_A, lora_B, scaling, shrink_all):
+    """Shared input, in the dtype of grad_y4 (G, K, L, d_out): dS_all (G*L, K*r), dA, dB.
+
+    dS_all[m, block k] = s_k dy[(m, k)] B_k;  dA = dS_all^T x;  dB_k = s_k sum_m dy[(m, k)]^T S_all[m, block k].
+    """
     num_hyp, r, d_in = lora_A.shape
-    dy_k = grad_y4.transpose(0, 1).reshape(num_hyp, -1, grad_y4.shape[-1]).to(dtype)  # (K, G*L, d_out)
+    dtype = grad_y4.dtype
+    dy_k = grad_y4.transpose(0, 1).reshape(num_hyp, -1, grad_y4.shape[-1])  # (K, G*L, d_out)
     b_scaled = lora_B.to(dtype) * scaling.to(dtype)[:, None, None]  # (K, d_out, r)
-    grad_shrink = torch.bmm(dy_k, b_scaled)  # (K, G*L, r)
-    grad_shrink_all = grad_shrink.transpose(0, 1).reshape(-1, num_hyp * r)  # (G*L, K*r)
+    grad_shrink_all = torch.bmm(dy_k, b_scaled).transpose(0, 1).reshape(-1, num_hyp * r)  # (G*L, K*r)
     grad_A = (grad_shrink_all.t() @ x.to(dtype)).view(num_hyp, r, d_in)
-    shrink_k = shrink_all.view(-1, num_hyp, r).transpose(0, 1).to(dtype)  # (K, G*L, r)
+    shrink_k = shrink_all.to(dtype).view(-1, num_hyp, r).transpose(0, 1)  # (K, G*L, r)
     grad_B = torch.bmm(dy_k.transpose(1, 2), shrink_k) * scaling.to(dtype)[:, None, None]
     return grad_shrink_all, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype).contiguous()
 
 
 def multi_lora_linear_shared_ref_backward(grad_y, x, weight, lora_A, lora_B, scaling, shrink_all, num_groups):
     acc = _acc_dtype(x.dtype)
-    num_hyp, r, d_in = lora_A.shape
-    grad_y4 = grad_y.view(num_groups, num_hyp, -1, grad_y.shape[-1])
-    grad_shrink_all, grad_A, grad_B = _shared_lora_grads(grad_y4, x, lora_A, lora_B, scaling, shrink_all, acc)
-    grad_x = grad_shrink_all @ lora_A.to(acc).reshape(num_hyp * r, d_in)
+    num_hyp = lora_A.shape[0]
+    grad_y4 = grad_y.to(acc).view(num_groups, num_hyp, -1, grad_y.shape[-1])
+    grad_shrink_all, grad_A, grad_B = _shared_lora_grads(grad_y4, x, lora_A, lora_B, scaling, shrink_all)
+    grad_x = grad_shrink_all @ _stack_A(lora_A, acc)
     if weight is not None:
-        grad_x = grad_x + grad_y4.to(acc).sum(1).reshape(-1, grad_y.shape[-1]) @ weight.to(acc)
+        grad_x = grad_x + grad_y4.sum(1).reshape(-1, grad_y.shape[-1]) @ weight.to(acc)
     return grad_x.to(x.dtype), grad_A, grad_B
 
 
@@ -183,23 +189,22 @@ if triton is not None:
     @triton.jit
     def _shrink_kernel(
         x_ptr, p_ptr, scale_ptr, ids_ptr, out_ptr,
-        M, D, R, NUM_HYP,
+        M, D, R, NUM_HYP, ROW_DIV,
         stride_xm, stride_pk, stride_pj, stride_pd, stride_om,
         BM: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, R_PAD: tl.constexpr,
-        SELECT: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_DIAG: tl.constexpr, HAS_IDS: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
-        """out = x P^T with P (K, r, D) addressed by strides; block k of the columns is scaled by s_k.
+        """out (M, K*r) = x P^T, P (K, r, D) addressed by strides, block k scaled by s_k.
 
-        SELECT: out (M, r) keeps only block h(m) of row m (zeros for h = -1).
-        else:   out (M, K*r) keeps every block (shared input).
+        BLOCK_DIAG: row m keeps only block h(m) = ids[m // ROW_DIV] (HAS_IDS) or (m // ROW_DIV) % K,
+        zeros elsewhere (S_bd); else every block is kept (shared input).
         One program: BM rows x BC columns of the padded (K * R_PAD) column space.
         """
-        NB: tl.constexpr = BC // R_PAD
         pid_m = tl.program_id(0)
         pid_c = tl.program_id(1)
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_c = tl.arange(0, BC)
-        blk = pid_c * NB + offs_c // R_PAD
+        blk = pid_c * (BC // R_PAD) + offs_c // R_PAD
         j = offs_c % R_PAD
         mask_m = offs_m < M
         mask_c = (blk < NUM_HYP) & (j < R)
@@ -215,39 +220,31 @@ if triton is not None:
             acc = tl.dot(xt, tl.trans(pt), acc, input_precision=DOT_PRECISION)
         if HAS_SCALE:
             acc = acc * tl.load(scale_ptr + blk, mask=blk < NUM_HYP, other=0.0)[None, :]
-        if SELECT:
-            ids = tl.load(ids_ptr + offs_m, mask=mask_m, other=-1)
-            acc3 = tl.reshape(acc, (BM, NB, R_PAD))
-            blk3 = pid_c * NB + tl.arange(0, NB)
-            picked = tl.sum(tl.where(blk3[None, :, None] == ids[:, None, None], acc3, 0.0), axis=1)
-            offs_j = tl.arange(0, R_PAD)
-            # every row is written by exactly one program: the one holding its block (or the
-            # first one for base-only rows, which get zeros)
-            owner = tl.where(ids < 0, 0, ids // NB) == pid_c
-            tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_j[None, :], picked,
-                     mask=(mask_m & owner)[:, None] & (offs_j < R)[None, :])
-        else:
-            cols = blk * R + j
-            tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + cols[None, :], acc,
-                     mask=mask_m[:, None] & mask_c[None, :])
+        if BLOCK_DIAG:
+            if HAS_IDS:
+                hyp = tl.load(ids_ptr + offs_m // ROW_DIV, mask=mask_m, other=-1)
+            else:
+                hyp = (offs_m // ROW_DIV) % NUM_HYP
+            acc = tl.where(blk[None, :] == hyp[:, None], acc, 0.0)
+        cols = blk * R + j
+        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + cols[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
 
     @triton.jit
     def _gemm_expand_kernel(
-        x_ptr, w_ptr, init_ptr, s_ptr, e_ptr, scale_ptr, bias_ptr, ids_ptr, out_ptr,
-        M, N, KD, R, NUM_HYP, L,
-        stride_init, stride_sm, stride_sk, stride_ek, stride_en, stride_ej, stride_om,
+        x_ptr, w_ptr, init_ptr, s_ptr, e_ptr, scale_ptr, bias_ptr, out_ptr,
+        M, N, KD, R, NUM_HYP, L, NUM_PROGRAMS,
+        stride_init, stride_sm, stride_ek, stride_en, stride_ej, stride_om,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GM: tl.constexpr, R_PAD: tl.constexpr,
-        NUM_SMS: tl.constexpr, HAS_BASE: tl.constexpr, W_KN: tl.constexpr, HAS_INIT: tl.constexpr,
-        EXPAND: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HAS_BASE: tl.constexpr, W_KN: tl.constexpr, HAS_INIT: tl.constexpr, SHARED_OUT: tl.constexpr,
+        HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
-        """out = [x W^T] + [init] + [bias] + expand, on a persistent grid of (BM, BN) output tiles.
+        """out = [x W^T] + [init] + [bias] + expand, tiles of (BM, BN) visited round-robin by NUM_PROGRAMS.
 
         HAS_BASE: x (M, KD) and W ((N, KD), or (KD, N) when W_KN) through TMA tensor descriptors.
-        Expand, with S (M, ...) fp32 rows, E_k (N, r) addressed by strides, s_k the scaling:
-          EXPAND 0 (block-diagonal): + sum_k [h(m) = k] s_k S[m] E_k^T      (S (M, r), ids (M,))
-          EXPAND 1 (dense):          + sum_k s_k S[m, block k] E_k^T        (S (M, K*r))
-          EXPAND 2 (shared outputs): for each k, output row (m // L)*K*L + k*L + m % L
-                                     gets acc + s_k S[m, block k] E_k^T     (S (M, K*r))
+        Expand with S (M, K*r) (block-diagonal or dense), E_k (N, r) addressed by strides:
+          out[m]                   += sum_k s_k S[m, block k] E_k^T
+          SHARED_OUT: output row (m // L)*K*L + k*L + m % L gets acc + s_k S[m, block k] E_k^T, per k.
         """
         pid = tl.program_id(0)
         num_pm = tl.cdiv(M, BM)
@@ -261,7 +258,7 @@ if triton is not None:
                 w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, KD], strides=[KD, 1], block_shape=[BN, BK])
         offs_j = tl.arange(0, R_PAD)
         mask_j = offs_j < R
-        for tile in tl.range(pid, num_tiles, NUM_SMS, flatten=True):
+        for tile in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=True):
             group = tile // (GM * num_pn)
             first_m = group * GM
             group_size = min(num_pm - first_m, GM)
@@ -291,32 +288,19 @@ if triton is not None:
             e_rows = e_ptr + offs_n[:, None] * stride_en + offs_j[None, :] * stride_ej
             mask_s = mask_m[:, None] & mask_j[None, :]
             mask_e = mask_n[:, None] & mask_j[None, :]
-            if EXPAND == 2:
-                for k in range(NUM_HYP):
-                    s_k = tl.load(s_rows + k * stride_sk, mask=mask_s, other=0.0)
-                    if HAS_SCALE:
-                        s_k = s_k * tl.load(scale_ptr + k)
-                    e_k = tl.load(e_rows + k * stride_ek, mask=mask_e, other=0.0)
-                    out = acc + tl.dot(s_k.to(e_k.dtype), tl.trans(e_k), input_precision=DOT_PRECISION)
+            for k in range(NUM_HYP):
+                s_k = tl.load(s_rows + k * R, mask=mask_s, other=0.0)
+                if HAS_SCALE:
+                    s_k = s_k.to(tl.float32) * tl.load(scale_ptr + k)
+                e_k = tl.load(e_rows + k * stride_ek, mask=mask_e, other=0.0)
+                if SHARED_OUT:
+                    out = tl.dot(s_k.to(e_k.dtype), tl.trans(e_k), acc, input_precision=DOT_PRECISION)
                     rows = (offs_m // L) * (NUM_HYP * L) + k * L + offs_m % L
                     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
                              out.to(out_ptr.dtype.element_ty), mask=mask_mn)
-            else:
-                if EXPAND == 0:
-                    ids = tl.load(ids_ptr + offs_m, mask=mask_m, other=-1)
-                    s_row = tl.load(s_rows, mask=mask_s, other=0.0)
-                for k in range(NUM_HYP):
-                    if EXPAND == 0:
-                        s_k = tl.where(ids[:, None] == k, s_row, 0.0)
-                        present = tl.max((ids == k).to(tl.int32), axis=0) > 0
-                    else:
-                        s_k = tl.load(s_rows + k * stride_sk, mask=mask_s, other=0.0)
-                        present = True
-                    if present:  # a tile of rows without hypothesis k skips its block
-                        if HAS_SCALE:
-                            s_k = s_k * tl.load(scale_ptr + k)
-                        e_k = tl.load(e_rows + k * stride_ek, mask=mask_e, other=0.0)
-                        acc = tl.dot(s_k.to(e_k.dtype), tl.trans(e_k), acc, input_precision=DOT_PRECISION)
+                else:
+                    acc = tl.dot(s_k.to(e_k.dtype), tl.trans(e_k), acc, input_precision=DOT_PRECISION)
+            if not SHARED_OUT:
                 tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
                          acc.to(out_ptr.dtype.element_ty), mask=mask_mn)
 
@@ -334,83 +318,65 @@ def _r_pad(r: int) -> int:
     return max(16, _next_pow2(r))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs must match fp32 PyTorch, so no tf32 for them; 16-bit inputs ignore this.
-    return "ieee"
+# fp32 inputs must match fp32 PyTorch, so their dots use full fp32 (no tf32); 16-bit inputs ignore it.
+_DOT_PRECISION = "ieee"
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
+def _device_facts(device: torch.device) -> tuple[int, int]:
+    """(number of SMs, major compute capability); CPU (interpreter): (4, 0)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+        props = torch.cuda.get_device_properties(device)
+        return props.multi_processor_count, props.major
+    return 4, 0
 
 
-_ALLOCATOR_DEVICE: list = []
-
-
-def _ensure_tma_allocator(device: torch.device) -> None:
-    """Device-side tensor descriptors need scratch memory from a Triton allocator."""
-    if _ALLOCATOR_DEVICE and _ALLOCATOR_DEVICE[0] == device.type:
-        return
-
+def _set_tma_allocator(device: torch.device) -> None:
+    """Device-side tensor descriptors need scratch memory from a Triton allocator. Triton keeps it in
+    a context variable, so it is set on every launch: the autograd engine runs backward on its own thread."""
     def alloc(size: int, alignment: int, stream):
-        return torch.empty(size, dtype=torch.int8, device=device.type)
+        return torch.empty(size, dtype=torch.int8, device=device)
 
     triton.set_allocator(alloc)
-    _ALLOCATOR_DEVICE[:] = [device.type]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _gemm_configs():
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if _interpreting():
         return [triton.Config({"BM": 32, "BN": 32, "BK": 32, "GM": 4}, num_stages=1, num_warps=4)]
     return [
         triton.Config({"BM": 128, "BN": 256, "BK": 64, "GM": 8}, num_stages=3, num_warps=8),
-        triton.Config({"BM": 128, "BN": 256, "BK": 64, "GM": 8}, num_stages=4, num_warps=8),
         triton.Config({"BM": 128, "BN": 128, "BK": 64, "GM": 8}, num_stages=4, num_warps=8),
         triton.Config({"BM": 64, "BN": 128, "BK": 64, "GM": 8}, num_stages=4, num_warps=4),
     ]
 
 
-def _epilogue_configs():
-    """The expand-only kernel (no in-kernel base GEMM) is memory bound: smaller tiles, more of them."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return [triton.Config({"BM": 16, "BN": 32, "BK": 16, "GM": 4}, num_stages=1, num_warps=4)]
-    return [
-        triton.Config({"BM": 64, "BN": 128, "BK": 16, "GM": 8}, num_stages=2, num_warps=4),
-        triton.Config({"BM": 32, "BN": 128, "BK": 16, "GM": 8}, num_stages=2, num_warps=4),
-        triton.Config({"BM": 128, "BN": 128, "BK": 16, "GM": 8}, num_stages=2, num_warps=8),
-    ]
-
-
-_AUTOTUNE_KEY = ["M", "N", "KD", "R", "NUM_HYP"]
 if triton is not None:
-    _gemm_kernel = triton.autotune(configs=_gemm_configs(), key=_AUTOTUNE_KEY)(_gemm_expand_kernel)
-    # the cublas path updates its output in place: autotuning must restore it between trials
-    _epilogue_kernel = triton.autotune(configs=_epilogue_configs(), key=_AUTOTUNE_KEY,
-                                       restore_value=["out_ptr"])(_gemm_expand_kernel)
+    _gemm_kernel = triton.autotune(configs=_gemm_configs(), key=["M", "N", "KD", "R", "NUM_HYP"])(_gemm_expand_kernel)
 
 
-def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], row_ids: Optional[Tensor]) -> Tensor:
-    """x (M, D) times P (K, r, D) (any strides) -> (M, r) fp32 selected by row_ids, or (M, K*r)."""
+def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_ids: Optional[Tensor],
+                   row_div: int, block_diag: bool) -> Tensor:
+    """x (M, D) times P (K, r, D) (any strides) -> (M, K*r) in x's dtype (S_bd when block_diag)."""
     m, d = x.shape
     num_hyp, r, _ = p.shape
     r_pad = _r_pad(r)
-    select = row_ids is not None
-    out = torch.empty(m, r if select else num_hyp * r, device=x.device, dtype=torch.float32)
+    out = torch.empty(m, num_hyp * r, device=x.device, dtype=x.dtype)
     if m == 0:
         return out
-    interp = x.device.type == "cpu"
     block_c = r_pad * min(_next_pow2(num_hyp), max(1, 256 // r_pad))
-    block_m, block_d = (16, 32) if interp else (32, 64)
+    block_m, block_d = (16, 32) if _interpreting() else (64, 64)
     grid = (triton.cdiv(m, block_m), triton.cdiv(num_hyp, block_c // r_pad))
     _shrink_kernel[grid](
-        x, p, scaling if scaling is not None else x, row_ids if select else x, out,
-        m, d, r, num_hyp,
+        x, p, scaling if scaling is not None else x, hypothesis_ids if hypothesis_ids is not None else x, out,
+        m, d, r, num_hyp, row_div,
         x.stride(0), p.stride(0), p.stride(1), p.stride(2), out.stride(0),
-        BM=block_m, BD=block_d, BC=block_c, R_PAD=r_pad,
-        SELECT=select, HAS_SCALE=scaling is not None, DOT_PRECISION=_dot_precision(x.dtype),
-        num_warps=4,
+        BM=block_m, BD=block_d, BC=block_c, R_PAD=r_pad, BLOCK_DIAG=block_diag,
+        HAS_IDS=hypothesis_ids is not None, HAS_SCALE=scaling is not None, DOT_PRECISION=_DOT_PRECISION,
+        num_warps=4, num_stages=1 if _interpreting() else 3,
     )
     return out
 
@@ -430,111 +396,112 @@ def _choose_path(x: Tensor, weight: Optional[Tensor]) -> str:
     eligible = weight is not None and _tma_ok(x, weight)
     if path == "fused":
         return "fused" if eligible else "cublas"
-    if path == "cublas" or not eligible:
+    if path == "cublas" or not eligible or _device_facts(x.device)[1] < 9:
         return "cublas"
-    if x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] < 9:
-        return "cublas"
-    # A handful of rows (decoding) is bound by reading W: cuBLAS's split-K GEMV-like kernels win.
+    # A handful of rows (decoding) is bound by reading W: cuBLAS's split-K kernels win there.
     return "fused" if x.shape[0] >= 256 else "cublas"
 
 
-def _launch_gemm_expand(x, weight, w_kn, init, shrink, shrink_block_stride, e, e_strides, scaling, bias,
-                        row_ids, out, expand_mode, num_hyp, r, rows_per_group=1):
-    """Launch either the fused GEMM (weight given) or the expand-only epilogue kernel (weight None)."""
+def _launch_gemm_expand(x, weight, w_kn, init, shrink, e, e_strides, scaling, bias, out, shared_out, num_hyp, r,
+                        rows_per_group=1):
+    """out = [x W^T] + [init] + [bias] + expand.
+
+    With weight: the fused persistent TMA GEMM (one program per SM). Without: the expand-only
+    epilogue, memory bound, one program per tile so that many tiles are in flight.
+    """
     m = shrink.shape[0]
     n = out.shape[1]
     if m == 0 or n == 0:
         return out
     has_base = weight is not None
-    kernel = _gemm_kernel if has_base else _epilogue_kernel
+    common = dict(R_PAD=_r_pad(r), HAS_BASE=has_base, W_KN=w_kn, HAS_INIT=init is not None, SHARED_OUT=shared_out,
+                  HAS_SCALE=scaling is not None, HAS_BIAS=bias is not None, DOT_PRECISION=_DOT_PRECISION)
+    args = [x if has_base else out, weight if has_base else out, init if init is not None else out,
+            shrink, e, scaling if scaling is not None else shrink, bias if bias is not None else out, out,
+            m, n, x.shape[1] if has_base else 1, r, num_hyp, rows_per_group]
+    strides = [init.stride(0) if init is not None else 0, shrink.stride(0), *e_strides, out.stride(0)]
     if has_base:
-        _ensure_tma_allocator(x.device)
-    num_sms = _num_sms(out.device)
-    kd = x.shape[1] if has_base else 1
+        _set_tma_allocator(out.device)
+        num_sms = _device_facts(out.device)[0]
 
-    def grid(meta):
-        return (min(num_sms, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)
+        def grid(meta):
+            return (min(num_sms, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)
 
-    kernel[grid](
-        x if has_base else out, weight if has_base else out, init if init is not None else out,
-        shrink, e, scaling if scaling is not None else shrink, bias if bias is not None else out,
-        row_ids if row_ids is not None else shrink, out,
-        m, n, kd, r, num_hyp, rows_per_group,
-        init.stride(0) if init is not None else 0, shrink.stride(0), shrink_block_stride,
-        e_strides[0], e_strides[1], e_strides[2], out.stride(0),
-        R_PAD=_r_pad(r), NUM_SMS=num_sms, HAS_BASE=has_base, W_KN=w_kn, HAS_INIT=init is not None,
-        EXPAND=expand_mode, HAS_SCALE=scaling is not None, HAS_BIAS=bias is not None,
-        DOT_PRECISION=_dot_precision(out.dtype),
-    )
+        _gemm_kernel[grid](*args, num_sms, *strides, **common)
+    else:
+        block_m, block_n = (16, 32) if _interpreting() else (64, 128)
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        _gemm_expand_kernel[(tiles,)](*args, tiles, *strides, BM=block_m, BN=block_n, BK=16, GM=8, **common,
+                                      num_warps=4, num_stages=1)
     return out
 
 
-def _base_then_expand(x, weight, w_kn, bias, shrink, block_stride, e, e_strides, scaling, row_ids,
-                      out, expand_mode, num_hyp, r, rows_per_group=1):
-    """cublas path: base = x W^T (+bias) by cuBLAS, then the Triton epilogue adds the expand."""
+def _base_then_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out, shared_out, num_hyp, r,
+                      rows_per_group=1):
+    """cublas path: base = x W^T (+ bias) by cuBLAS, then the Triton epilogue adds the expand."""
     base = None
     if weight is not None:
         w_op = weight if w_kn else weight.t()
         base = torch.addmm(bias, x, w_op) if bias is not None else x @ w_op
         bias = None
-    if expand_mode != 2 and base is not None:
-        out = base  # the epilogue reads each tile and writes it back in place
-    return _launch_gemm_expand(None, None, False, base, shrink, block_stride, e, e_strides, scaling, bias,
-                               row_ids, out, expand_mode, num_hyp, r, rows_per_group)
+        if not shared_out:
+            out = base  # the epilogue reads each tile and writes it back in place
+    return _launch_gemm_expand(None, None, False, base, shrink, e, e_strides, scaling, bias, out, shared_out,
+                               num_hyp, r, rows_per_group)
+
+
+def _gemm_with_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out, shared_out, num_hyp, r,
+                      rows_per_group=1):
+    if _choose_path(x, weight) == "fused":
+        return _launch_gemm_expand(x, weight.contiguous(), w_kn, None, shrink, e, e_strides, scaling, bias, out,
+                                   shared_out, num_hyp, r, rows_per_group)
+    return _base_then_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out, shared_out, num_hyp, r,
+                             rows_per_group)
 
 
 def _contig_rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def multi_lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, row_ids):
+def _b_as_expand(lora_B: Tensor):
+    """E_k = B_k (d_out, r): strides over (k, n, j)."""
+    return lora_B, (lora_B.stride(0), lora_B.stride(1), lora_B.stride(2))
+
+
+def _a_as_expand(lora_A: Tensor):
+    """E_k = A_k^T (d_in, r): strides over (k, n, j)."""
+    return lora_A, (lora_A.stride(0), lora_A.stride(2), lora_A.stride(1))
+
+
+def multi_lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div):
     num_hyp, r, _ = lora_A.shape
-    d_out = lora_B.shape[1]
     x = _contig_rows(x)
-    shrink = _launch_shrink(x, lora_A, None, row_ids)  # (M, r) fp32
-    out = torch.empty(x.shape[0], d_out, device=x.device, dtype=x.dtype)
-    e_strides = (lora_B.stride(0), lora_B.stride(1), lora_B.stride(2))  # E_k = B_k (d_out, r)
-    if _choose_path(x, weight) == "fused":
-        y = _launch_gemm_expand(x, weight.contiguous(), False, None, shrink, 0, lora_B, e_strides, scaling, bias,
-                                row_ids, out, 0, num_hyp, r)
-    else:
-        y = _base_then_expand(x, weight, False, bias, shrink, 0, lora_B, e_strides, scaling, row_ids,
-                              out, 0, num_hyp, r)
-    return y, shrink
+    shrink_bd = _launch_shrink(x, lora_A, None, hypothesis_ids, row_div, block_diag=True)  # (M, K*r)
+    out = torch.empty(x.shape[0], lora_B.shape[1], device=x.device, dtype=x.dtype)
+    y = _gemm_with_expand(x, weight, False, bias, shrink_bd, *_b_as_expand(lora_B), scaling, out, False, num_hyp, r)
+    return y, shrink_bd
 
 
-def multi_lora_linear_triton_backward(grad_y, x, weight, lora_A, lora_B, scaling, row_ids, shrink):
+def multi_lora_linear_triton_backward(grad_y, x, weight, lora_A, lora_B, scaling, hypothesis_ids, row_div, shrink_bd):
     num_hyp, r, d_in = lora_A.shape
     grad_y = _contig_rows(grad_y)
     x = _contig_rows(x)
-    # dS[m] = s_h dy[m] B_h: the shrink kernel with P_k = B_k^T (r, d_out) as a strided view.
-    grad_shrink = _launch_shrink(grad_y, lora_B.transpose(1, 2), scaling, row_ids)
+    # dS_bd = s_h dy B_h in block h: the shrink kernel with P_k = B_k^T (r, d_out) as a strided view.
+    grad_shrink_bd = _launch_shrink(grad_y, lora_B.transpose(1, 2), scaling, hypothesis_ids, row_div, block_diag=True)
     out = torch.empty(grad_y.shape[0], d_in, device=x.device, dtype=x.dtype)
-    e_strides = (lora_A.stride(0), lora_A.stride(2), lora_A.stride(1))  # E_k = A_k^T (d_in, r)
-    if _choose_path(grad_y, weight) == "fused":
-        grad_x = _launch_gemm_expand(grad_y, weight.contiguous(), True, None, grad_shrink, 0, lora_A, e_strides,
-                                     None, None, row_ids, out, 0, num_hyp, r)
-    else:
-        grad_x = _base_then_expand(grad_y, weight, True, None, grad_shrink, 0, lora_A, e_strides, None, row_ids,
-                                   out, 0, num_hyp, r)
-    grad_A, grad_B = _lora_weight_grads(grad_shrink, shrink, x, grad_y, row_ids, lora_A, scaling, x.dtype)
+    grad_x = _gemm_with_expand(grad_y, weight, True, None, grad_shrink_bd, *_a_as_expand(lora_A), None, out, False,
+                               num_hyp, r)
+    grad_A, grad_B = _lora_weight_grads(grad_shrink_bd, shrink_bd, x, grad_y, scaling, lora_A, lora_B)
     return grad_x, grad_A, grad_B
 
 
 def multi_lora_linear_shared_triton(x, weight, bias, lora_A, lora_B, scaling, num_groups):
     num_hyp, r, _ = lora_A.shape
-    d_out = lora_B.shape[1]
     x = _contig_rows(x)
-    rows_per_group = x.shape[0] // num_groups
-    shrink_all = _launch_shrink(x, lora_A, None, None)  # (G*L, K*r) fp32
-    out = torch.empty(x.shape[0] * num_hyp, d_out, device=x.device, dtype=x.dtype)
-    e_strides = (lora_B.stride(0), lora_B.stride(1), lora_B.stride(2))
-    if _choose_path(x, weight) == "fused":
-        y = _launch_gemm_expand(x, weight.contiguous(), False, None, shrink_all, r, lora_B, e_strides, scaling,
-                                bias, None, out, 2, num_hyp, r, rows_per_group)
-    else:
-        y = _base_then_expand(x, weight, False, bias, shrink_all, r, lora_B, e_strides, scaling, None,
-                              out, 2, num_hyp, r, rows_per_group)
+    shrink_all = _launch_shrink(x, lora_A, None, None, 1, block_diag=False)  # (G*L, K*r)
+    out = torch.empty(x.shape[0] * num_hyp, lora_B.shape[1], device=x.device, dtype=x.dtype)
+    y = _gemm_with_expand(x, weight, False, bias, shrink_all, *_b_as_expand(lora_B), scaling, out, True, num_hyp, r,
+                          x.shape[0] // num_groups)
     return y, shrink_all
 
 
@@ -542,17 +509,11 @@ def multi_lora_linear_shared_triton_backward(grad_y, x, weight, lora_A, lora_B, 
     num_hyp, r, d_in = lora_A.shape
     x = _contig_rows(x)
     grad_y4 = grad_y.reshape(num_groups, num_hyp, -1, grad_y.shape[-1])
-    grad_shrink_all, grad_A, grad_B = _shared_lora_grads(grad_y4, x, lora_A, lora_B, scaling, shrink_all, x.dtype)
-    grad_shrink_all = grad_shrink_all.float()
+    grad_shrink_all, grad_A, grad_B = _shared_lora_grads(grad_y4, x, lora_A, lora_B, scaling, shrink_all)
     grad_y_sum = grad_y4.sum(1, dtype=torch.float32).to(x.dtype).reshape(-1, grad_y.shape[-1])
     out = torch.empty(x.shape[0], d_in, device=x.device, dtype=x.dtype)
-    e_strides = (lora_A.stride(0), lora_A.stride(2), lora_A.stride(1))
-    if _choose_path(grad_y_sum, weight) == "fused":
-        grad_x = _launch_gemm_expand(grad_y_sum, weight.contiguous(), True, None, grad_shrink_all, r, lora_A,
-                                     e_strides, None, None, None, out, 1, num_hyp, r)
-    else:
-        grad_x = _base_then_expand(grad_y_sum, weight, True, None, grad_shrink_all, r, lora_A, e_strides, None,
-                                   None, out, 1, num_hyp, r)
+    grad_x = _gemm_with_expand(grad_y_sum, weight, True, None, grad_shrink_all, *_a_as_expand(lora_A), None, out,
+                               False, num_hyp, r)
     return grad_x, grad_A, grad_B
 
 
@@ -566,59 +527,52 @@ def _grad_outputs_like(x: Tensor, lora_A: Tensor, lora_B: Tensor):
     return x.new_empty(x.shape), lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
 
 
-def _shrink_dtype(x: Tensor) -> torch.dtype:
-    return _acc_dtype(x.dtype)
-
-
 @torch.library.custom_op("loramcl::multi_lora_linear", mutates_args=())
 def _multi_lora_linear_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_A: Tensor,
-                          lora_B: Tensor, scaling: Tensor, row_ids: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    if backend == "triton":
-        return multi_lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, row_ids)
-    return multi_lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling, row_ids)
+                          lora_B: Tensor, scaling: Tensor, hypothesis_ids: Optional[Tensor], row_div: int,
+                          backend: str) -> tuple[Tensor, Tensor]:
+    impl = multi_lora_linear_triton if backend == "triton" else multi_lora_linear_ref
+    return impl(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div)
 
 
 @_multi_lora_linear_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, row_ids, backend):
-    return (x.new_empty(x.shape[0], lora_B.shape[1]),
-            x.new_empty(x.shape[0], lora_A.shape[1], dtype=_shrink_dtype(x)))
+def _(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div, backend):
+    return x.new_empty(x.shape[0], lora_B.shape[1]), x.new_empty(x.shape[0], lora_A.shape[0] * lora_A.shape[1])
 
 
 @torch.library.custom_op("loramcl::multi_lora_linear_backward", mutates_args=())
 def _multi_lora_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], lora_A: Tensor,
-                                   lora_B: Tensor, scaling: Tensor, row_ids: Tensor, shrink: Tensor,
-                                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    if backend == "triton":
-        return multi_lora_linear_triton_backward(grad_y, x, weight, lora_A, lora_B, scaling, row_ids, shrink)
-    return multi_lora_linear_ref_backward(grad_y, x, weight, lora_A, lora_B, scaling, row_ids, shrink)
+                                   lora_B: Tensor, scaling: Tensor, hypothesis_ids: Optional[Tensor], row_div: int,
+                                   shrink_bd: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    impl = multi_lora_linear_triton_backward if backend == "triton" else multi_lora_linear_ref_backward
+    return impl(grad_y, x, weight, lora_A, lora_B, scaling, hypothesis_ids, row_div, shrink_bd)
 
 
 @_multi_lora_linear_backward_op.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, scaling, row_ids, shrink, backend):
+def _(grad_y, x, weight, lora_A, lora_B, scaling, hypothesis_ids, row_div, shrink_bd, backend):
     return _grad_outputs_like(x, lora_A, lora_B)
 
 
 def _weight_grads(ctx, grad_y2, x2):
-    grad_weight = grad_bias = None
-    if ctx.needs_input_grad[1]:
-        grad_weight = (grad_y2.to(_acc_dtype(x2.dtype)).t() @ x2.to(_acc_dtype(x2.dtype))).to(x2.dtype)
-    if ctx.needs_input_grad[2]:
-        grad_bias = grad_y2.sum(0, dtype=_acc_dtype(x2.dtype)).to(grad_y2.dtype)
+    """dW = dy^T x and dbias = sum_m dy[m], fp32 accumulation, only when they require grad."""
+    acc = _acc_dtype(x2.dtype)
+    grad_weight = (grad_y2.to(acc).t() @ x2.to(acc)).to(x2.dtype) if ctx.needs_input_grad[1] else None
+    grad_bias = grad_y2.sum(0, dtype=acc).to(grad_y2.dtype) if ctx.needs_input_grad[2] else None
     return grad_weight, grad_bias
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, row_ids, backend = inputs
-    ctx.backend = backend
-    ctx.save_for_backward(x, weight, lora_A, lora_B, scaling, row_ids, output[1])
+    x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div, backend = inputs
+    ctx.backend, ctx.row_div = backend, row_div
+    ctx.save_for_backward(x, weight, lora_A, lora_B, scaling, hypothesis_ids, output[1])
 
 
 def _backward(ctx, grad_y, grad_shrink):
-    x, weight, lora_A, lora_B, scaling, row_ids, shrink = ctx.saved_tensors
+    x, weight, lora_A, lora_B, scaling, hypothesis_ids, shrink_bd = ctx.saved_tensors
     grad_x, grad_A, grad_B = _multi_lora_linear_backward_op(
-        grad_y.contiguous(), x, weight, lora_A, lora_B, scaling, row_ids, shrink, ctx.backend)
+        grad_y.contiguous(), x, weight, lora_A, lora_B, scaling, hypothesis_ids, ctx.row_div, shrink_bd, ctx.backend)
     grad_weight, grad_bias = _weight_grads(ctx, grad_y, x)
-    return grad_x, grad_weight, grad_bias, grad_A, grad_B, None, None, None
+    return grad_x, grad_weight, grad_bias, grad_A, grad_B, None, None, None, None
 
 
 _multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -628,26 +582,22 @@ _multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 def _multi_lora_linear_shared_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_A: Tensor,
                                  lora_B: Tensor, scaling: Tensor, num_groups: int,
                                  backend: str) -> tuple[Tensor, Tensor]:
-    if backend == "triton":
-        return multi_lora_linear_shared_triton(x, weight, bias, lora_A, lora_B, scaling, num_groups)
-    return multi_lora_linear_shared_ref(x, weight, bias, lora_A, lora_B, scaling, num_groups)
+    impl = multi_lora_linear_shared_triton if backend == "triton" else multi_lora_linear_shared_ref
+    return impl(x, weight, bias, lora_A, lora_B, scaling, num_groups)
 
 
 @_multi_lora_linear_shared_op.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, num_groups, backend):
     num_hyp, r, _ = lora_A.shape
-    return (x.new_empty(x.shape[0] * num_hyp, lora_B.shape[1]),
-            x.new_empty(x.shape[0], num_hyp * r, dtype=_shrink_dtype(x)))
+    return x.new_empty(x.shape[0] * num_hyp, lora_B.shape[1]), x.new_empty(x.shape[0], num_hyp * r)
 
 
 @torch.library.custom_op("loramcl::multi_lora_linear_shared_backward", mutates_args=())
 def _multi_lora_linear_shared_backward_op(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], lora_A: Tensor,
                                           lora_B: Tensor, scaling: Tensor, shrink_all: Tensor, num_groups: int,
                                           backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    if backend == "triton":
-        return multi_lora_linear_shared_triton_backward(grad_y, x, weight, lora_A, lora_B, scaling, shrink_all,
-                                                        num_groups)
-    return multi_lora_linear_shared_ref_backward(grad_y, x, weight, lora_A, lora_B, scaling, shrink_all, num_groups)
+    impl = multi_lora_linear_shared_triton_backward if backend == "triton" else multi_lora_linear_shared_ref_backward
+    return impl(grad_y, x, weight, lora_A, lora_B, scaling, shrink_all, num_groups)
 
 
 @_multi_lora_linear_shared_backward_op.register_fake
@@ -657,8 +607,7 @@ def _(grad_y, x, weight, lora_A, lora_B, scaling, shrink_all, num_groups, backen
 
 def _shared_setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, num_groups, backend = inputs
-    ctx.backend = backend
-    ctx.num_groups = num_groups
+    ctx.backend, ctx.num_groups = backend, num_groups
     ctx.save_for_backward(x, weight, lora_A, lora_B, scaling, output[1])
 
 
@@ -745,17 +694,16 @@ def _scaling_vector(scaling, num_hyp: int, x: Tensor) -> Tensor:
     return torch.full((num_hyp,), float(scaling), device=x.device, dtype=_acc_dtype(x.dtype))
 
 
-def _row_ids(n: int, tokens: int, num_hyp: int, layout: str, inner: int, hypothesis_ids, device) -> Tensor:
-    """Hypothesis of every flattened row (N * tokens,), int32, built on the device without a sync."""
+def _row_div(n: int, tokens: int, num_hyp: int, layout: str, inner: int, hypothesis_ids) -> int:
+    """Flattened row m belongs to hypothesis ids[m // row_div], or (m // row_div) % K by layout."""
     if hypothesis_ids is not None:
-        return hypothesis_ids.to(device=device, dtype=torch.int32)[:, None].expand(n, tokens).reshape(-1)
-    rows = torch.arange(n * tokens, device=device, dtype=torch.int32)
+        return tokens
     if layout == "batch_major":
-        return (rows // (tokens * inner)) % num_hyp
-    return rows // (tokens * (n // num_hyp))
+        return tokens * inner
+    return tokens * (n // num_hyp)
 
 
-def _check_layout(n, num_hyp, layout, inner, hypothesis_ids, shared_input):
+def _check_layout(n, num_hyp, layout, inner, hypothesis_ids, shared_input, device):
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got '{layout}'")
     if not isinstance(inner, int) or inner < 1:
@@ -769,6 +717,8 @@ def _check_layout(n, num_hyp, layout, inner, hypothesis_ids, shared_input):
             raise ValueError(f"hypothesis_ids must be an integer tensor of shape (N,) = ({n},)")
         if hypothesis_ids.is_floating_point() or hypothesis_ids.is_complex() or hypothesis_ids.dtype == torch.bool:
             raise TypeError(f"hypothesis_ids must hold integers, got {hypothesis_ids.dtype}")
+        if hypothesis_ids.device != device:
+            raise ValueError(f"hypothesis_ids is on {hypothesis_ids.device} but x is on {device}")
         # A value check needs the values on the host: it is skipped while torch.compile traces.
         if not torch.compiler.is_compiling() and n > 0:
             lo, hi = int(hypothesis_ids.min()), int(hypothesis_ids.max())
@@ -821,7 +771,9 @@ def multi_lora_linear(
     """
     num_hyp, r, d_in, d_out = _check_inputs(x, weight, bias, lora_A, lora_B, num_hypotheses)
     n = x.shape[0]
-    _check_layout(n, num_hyp, layout, inner, hypothesis_ids, shared_input)
+    _check_layout(n, num_hyp, layout, inner, hypothesis_ids, shared_input, x.device)
+    if hypothesis_ids is not None:
+        hypothesis_ids = hypothesis_ids.contiguous()
     chosen = _choose_backend(backend, x)
     scale = _scaling_vector(scaling, num_hyp, x)
     lead = x.shape[:-1]
@@ -831,6 +783,6 @@ def multi_lora_linear(
         num_groups = n // inner if layout == "batch_major" else 1
         y2, _ = _multi_lora_linear_shared_op(x2, weight, bias, lora_A, lora_B, scale, max(num_groups, 1), chosen)
         return y2.view(n * num_hyp, *lead[1:], d_out)
-    row_ids = _row_ids(n, tokens, num_hyp, layout, inner, hypothesis_ids, x.device)
-    y2, _ = _multi_lora_linear_op(x2, weight, bias, lora_A, lora_B, scale, row_ids, chosen)
+    row_div = max(_row_div(n, tokens, num_hyp, layout, inner, hypothesis_ids), 1)
+    y2, _ = _multi_lora_linear_op(x2, weight, bias, lora_A, lora_B, scale, hypothesis_ids, row_div, chosen)
     return y2.view(*lead, d_out)

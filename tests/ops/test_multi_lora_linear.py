@@ -195,18 +195,23 @@ def test_triton_is_deterministic(triton_path):
 
 
 def test_shrink_kernel_tiles_many_hypotheses():
-    """K * R_PAD beyond one program's column tile: rows are owned by the program of their block."""
-    num_hyp, r, d = 20, 3, 24
-    x = torch.randn(37, d, device=TRITON_DEVICE)
+    """K * R_PAD beyond one program's column tile, explicit ids with -1, and the dense mode."""
+    num_hyp, r, d, m = 20, 3, 24, 37
+    x = torch.randn(m, d, device=TRITON_DEVICE)
     lora_A = torch.randn(num_hyp, r, d, device=TRITON_DEVICE)
-    ids = torch.randint(-1, num_hyp, (37,), device=TRITON_DEVICE, dtype=torch.int32)
-    got = mll._launch_shrink(x, lora_A, None, ids)
-    full = (x.double() @ lora_A.double().reshape(-1, d).t()).view(37, num_hyp, r)
-    want = torch.stack([full[i, h] if h >= 0 else torch.zeros(r, dtype=torch.float64)
-                        for i, h in enumerate(ids.tolist())])
+    ids = torch.randint(-1, num_hyp, (m,), device=TRITON_DEVICE)
+    full = (x.double() @ lora_A.double().reshape(-1, d).t()).view(m, num_hyp, r)
+    keep = (ids[:, None] == torch.arange(num_hyp, device=TRITON_DEVICE)).double()
+    want = (full * keep[:, :, None]).reshape(m, -1)
+    got = mll._launch_shrink(x, lora_A, None, ids, 1, block_diag=True)
     torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=1e-5, atol=1e-5)
-    dense = mll._launch_shrink(x, lora_A, None, None)
-    torch.testing.assert_close(dense.double().cpu(), full.reshape(37, -1).cpu(), rtol=1e-5, atol=1e-5)
+    by_layout = mll._launch_shrink(x, lora_A, None, None, 2, block_diag=True)  # h = (m // 2) % K
+    keep = ((torch.arange(m, device=TRITON_DEVICE) // 2 % num_hyp)[:, None] ==
+            torch.arange(num_hyp, device=TRITON_DEVICE)).double()
+    torch.testing.assert_close(by_layout.double().cpu(), (full * keep[:, :, None]).reshape(m, -1).cpu(),
+                               rtol=1e-5, atol=1e-5)
+    dense = mll._launch_shrink(x, lora_A, None, None, 1, block_diag=False)
+    torch.testing.assert_close(dense.double().cpu(), full.reshape(m, -1).cpu(), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,12 +233,12 @@ def test_gradcheck_reference_fp64(shared):
 
 def _op_samples(backend, device):
     x, w, b, a, bb, s = make_inputs(6, (), 16, 16, 4, 3, torch.float32, device)
-    row_ids = torch.tensor([0, 1, 2, -1, 1, 0], device=device, dtype=torch.int32)
+    ids = torch.tensor([0, 1, 2, -1, 1, 0], device=device)
     s = s.float()
     for t in (x, a, bb):
         t.requires_grad_()
-    yield mll._multi_lora_linear_op, (x, w, b, a, bb, s, row_ids, backend)
-    yield mll._multi_lora_linear_op, (x, None, None, a, bb, s, row_ids, backend)
+    yield mll._multi_lora_linear_op, (x, w, b, a, bb, s, ids, 1, backend)
+    yield mll._multi_lora_linear_op, (x, None, None, a, bb, s, None, 2, backend)
     yield mll._multi_lora_linear_shared_op, (x, w, b, a, bb, s, 2, backend)
 
 

@@ -1,0 +1,201 @@
+"""Benchmark of the fused MCL loss (forward + backward, lm_head frozen) at the three regimes of
+DESIGN.md section 3, modes wta, relaxed (epsilon=0.05) and annealed (temperature=1).
+
+Baselines: the official approach (full fp32 logits, CE reduction='none', per-sequence mean, WTA in
+torch), torch on the supervised rows only (same math on the compacted rows), and, when importable,
+Cut Cross-Entropy and Liger's fused linear CE with reduction='none' plus the WTA in torch.
+Reported: median ms, peak extra GiB, and the ratio to the floor (GEMM FLOPs at 781 TFLOP/s:
+forward 2*K*n*H*V, backward 4*n*H*V for hard WTA, 4*K*n*H*V for soft weights).
+
+    python benchmarks/bench_mcl_loss.py [--out results/mcl_loss.json]
+
+Without a GPU: a small, labelled CPU smoke run of the same tables on the reference backend.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import (  # noqa: E402
+    HAS_CUDA, device_name, peak_extra_gib, print_table, run_meta, time_ms, write_json,
+)
+from loramcl_kernels.ops.mcl_loss import mcl_loss  # noqa: E402
+
+PEAK_TFLOPS = 781.0  # dense bf16 GEMM ceiling of the H200 (DESIGN.md section 3)
+IGNORE = -100
+
+GPU_REGIMES = [  # name, K, B, T, supervised per sequence, H, V
+    ("captioning", 5, 4, 780, 32, 4096, 156032),
+    ("dense LM", 4, 8, 512, 448, 4096, 151936),
+    ("small vocab", 8, 4, 512, 448, 2048, 32000),
+]
+CPU_REGIMES = [
+    ("captioning (cpu smoke)", 5, 2, 48, 4, 64, 1000),
+    ("dense LM (cpu smoke)", 4, 2, 32, 28, 64, 1000),
+    ("small vocab (cpu smoke)", 8, 2, 32, 28, 32, 500),
+]
+MODES = [("wta", {}), ("relaxed", {"epsilon": 0.05}), ("annealed", {"temperature": 1.0})]
+
+
+def make_inputs(K, B, T, n_sup, H, V, device, dtype):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hidden = (torch.randn(B * K, T, H, generator=g) * 0.5).to(device=device, dtype=dtype)
+    weight = (torch.randn(V, H, generator=g) / H**0.5).to(device=device, dtype=dtype)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    labels[:, T - n_sup :] = torch.randint(0, V, (B, n_sup), generator=g)  # the last n_sup tokens
+    return hidden.requires_grad_(True), weight, labels.to(device)
+
+
+def wta_weights(L, mode, kw):
+    K = L.shape[0]
+    win = L.detach().argmin(0)
+    w = F.one_hot(win, K).t().to(L.dtype)
+    if mode == "relaxed" and K > 1:
+        w = w * (1 - kw["epsilon"]) + (1 - w) * kw["epsilon"] / (K - 1)
+    elif mode == "annealed":
+        w = torch.softmax(-L.detach() / kw["temperature"], 0)
+    return (w * L).sum(0).mean()
+
+
+def official_step(hidden, weight, labels, K, mode, kw):
+    """The authors' recipe: fp32 logits for every position, CE none, per-sequence mean."""
+    R, T, _ = hidden.shape
+    logits = (hidden @ weight.t()).float()
+    lab = labels.repeat_interleave(K, 0)[:, 1:]
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab.reshape(-1),
+                         reduction="none", ignore_index=IGNORE).view(R, -1)
+    L = (ce.sum(1) / (lab != IGNORE).sum(1).clamp(min=1)).view(R // K, K).t()
+    return wta_weights(L, mode, kw)
+
+
+def supervised_rows_step(hidden, weight, labels, K, mode, kw, positions, targets, counts):
+    """Same math on the compacted supervised rows (indices precomputed, as a caller would)."""
+    R, T, H = hidden.shape
+    rows = hidden.reshape(R * T, H).index_select(0, positions)
+    z = (rows @ weight.t()).float()
+    nll = F.cross_entropy(z, targets, reduction="none")
+    per_row = torch.zeros(R * T, device=hidden.device, dtype=nll.dtype).index_put((positions,), nll)
+    L = (per_row.view(R, T).sum(1) / counts).view(R // K, K).t()
+    return wta_weights(L, mode, kw)
+
+
+def library_step(kind, hidden, weight, labels, K, mode, kw, positions, targets, counts):
+    R, T, H = hidden.shape
+    rows = hidden.reshape(R * T, H).index_select(0, positions)
+    if kind == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        nll = linear_cross_entropy(rows, weight, targets, reduction="none")
+    else:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        nll = LigerFusedLinearCrossEntropyLoss(reduction="none")(weight, rows, targets)
+    per_row = torch.zeros(R * T, device=hidden.device, dtype=torch.float32).index_put((positions,), nll.float())
+    L = (per_row.view(R, T).sum(1) / counts).view(R // K, K).t()
+    return wta_weights(L, mode, kw)
+
+
+def available_libraries():
+    libs = []
+    for name, module in (("cce", "cut_cross_entropy"), ("liger", "liger_kernel")):
+        try:
+            __import__(module)
+            libs.append(name)
+        except Exception:
+            pass
+    return libs
+
+
+def fwd_bwd(step, hidden):
+    def run():
+        hidden.grad = None
+        step().backward()
+
+    return run
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="results/mcl_loss.json")
+    args = parser.parse_args()
+    device = "cuda" if HAS_CUDA else "cpu"
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    backend = "triton" if HAS_CUDA else "reference"
+    regimes = GPU_REGIMES if HAS_CUDA else CPU_REGIMES
+    timing = dict(warmup_ms=10, rep_ms=40) if HAS_CUDA else {}
+    if not HAS_CUDA:
+        print("No CUDA device: CPU smoke run of the same tables (reference backend, small shapes, "
+              "wall-clock; figures say nothing about GPU performance).")
+    print(f"device: {device_name()}")
+    libs = available_libraries() if HAS_CUDA else []
+    rows_out, table = [], []
+    for name, K, B, T, n_sup, H, V in regimes:
+        hidden, weight, labels = make_inputs(K, B, T, n_sup, H, V, device, dtype)
+        R = B * K
+        tgt = torch.cat([labels[:, 1:], labels.new_full((B, 1), IGNORE)], 1).repeat_interleave(K, 0).reshape(-1)
+        positions = (tgt != IGNORE).nonzero().squeeze(1)
+        targets = tgt[positions]
+        counts = (tgt.view(R, T) != IGNORE).sum(1).clamp(min=1).float()
+        n = int((tgt != IGNORE).sum()) // K
+        fwd = 2 * K * n * H * V
+        floors = {"wta": (fwd + 4 * n * H * V) / PEAK_TFLOPS / 1e9,
+                  "soft": (fwd + 4 * K * n * H * V) / PEAK_TFLOPS / 1e9}
+        for mode, kw in MODES:
+            floor_ms = floors["wta" if mode == "wta" else "soft"]
+            cases = [("ours", lambda: mcl_loss(hidden, weight, labels, num_hypotheses=K, mode=mode,
+                                               backend=backend, **kw).loss)]
+            if mode == "wta" or not HAS_CUDA:
+                cases += [
+                    ("official (full fp32 logits)", lambda: official_step(hidden, weight, labels, K, mode, kw)),
+                    ("torch, supervised rows", lambda: supervised_rows_step(
+                        hidden, weight, labels, K, mode, kw, positions, targets, counts)),
+                ]
+                for lib in libs:
+                    cases.append((lib, lambda lib=lib: library_step(
+                        lib, hidden, weight, labels, K, mode, kw, positions, targets, counts)))
+            for method, step in cases:
+                try:
+                    run = fwd_bwd(step, hidden)
+                    ms = time_ms(run, **timing)
+                    gib = peak_extra_gib(run)
+                    err = None
+                except torch.cuda.OutOfMemoryError as exc:  # pragma: no cover
+                    ms, gib, err = float("nan"), float("nan"), f"OOM: {str(exc)[:80]}"
+                hidden.grad = None
+                ratio = ms / floor_ms if HAS_CUDA else float("nan")
+                row = dict(regime=name, K=K, B=B, T=T, supervised_per_seq=n_sup, H=H, V=V, mode=mode,
+                           method=method, ms=ms, peak_extra_gib=gib, floor_ms=floor_ms,
+                           ratio_to_floor=ratio, error=err)
+                rows_out.append(row)
+                table.append([name, mode, method, ms, gib, floor_ms, ratio])
+                print(f"{name:24s} {mode:9s} {method:28s} {ms:9.3f} ms  {gib:7.3f} GiB  "
+                      f"floor {floor_ms:.3f} ms  x{ratio:.2f}", flush=True)
+                gc.collect()
+                if HAS_CUDA:
+                    torch.cuda.empty_cache()
+        # agreement check of our loss with the official one (wta)
+        with torch.no_grad():
+            ours = mcl_loss(hidden, weight, labels, num_hypotheses=K, backend=backend).loss.item()
+            official = official_step(hidden, weight, labels, K, "wta", {}).item()
+        print(f"{name}: wta loss ours {ours:.5f} vs official {official:.5f}")
+        del hidden, weight, labels, positions, targets, counts
+        gc.collect()
+        if HAS_CUDA:
+            torch.cuda.empty_cache()
+    print_table(f"MCL loss fwd+bwd, lm_head frozen ({device_name()})",
+                ["regime", "mode", "method", "ms", "peak extra GiB", "floor ms", "x floor"], table)
+    meta = run_meta()
+    meta.update(backend=backend, dtype=str(dtype), smoke=not HAS_CUDA, libraries=libs)
+    write_json(rows_out, args.out, meta)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: environment, GPU tests, benchmarks. Logs and JSON go to $OUT
+# (the device tool's output folder) or ./results. Steps: env tests bench (set STEPS to choose),
+# PYTEST_ARGS selects tests. Each step has its own time limit so a slow one cannot eat the rest.
+set -uo pipefail
+OUT=${OUT:-results}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+STEPS=${STEPS:-"env tests bench"}
+PYTEST_ARGS=${PYTEST_ARGS:-"tests -q -x -k gpu"}
+for step in $STEPS; do
+  case $step in
+    env)
+      nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$OUT/env.txt"
+      python3 -m loramcl_kernels.env 2>&1 | tee -a "$OUT/env.txt" ;;
+    tests)
+      timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest $PYTEST_ARGS -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
+    bench)
+      timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_multi_lora.py --out "$OUT/multi_lora.json" 2>&1 | tee "$OUT/bench_multi_lora.log" ;;
+    bench_loss)
+      timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_mcl_loss.py --out "$OUT/mcl_loss.json" 2>&1 | tee "$OUT/bench_mcl_loss.log" ;;
+  esac
+done

@@ -1,0 +1,119 @@
+"""The benchmark's CPU smoke run (benchmarks/bench_multi_lora.py without a GPU).
+
+Runs the script in a subprocess with CUDA hidden, so that it takes its CPU path on any machine,
+and checks the JSON it writes: every implementation has a finite time at every shape of every
+table, and every row that computes the multi-LoRA function matched the reference backend's
+output and gradients.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "bench_multi_lora.py")
+
+# Our rows per --cpu-backend: the reference backend, plus, under the Triton interpreter, the
+# Triton backend forced onto each of its two paths (the rows the GPU run reports).
+OURS = {"reference": {"ours-reference"}, "triton": {"ours-reference", "ours-fused", "ours-cublas"}}
+TRAINING_IMPLS = {"base_only", "loop", "bmm", "bmm_compiled", "group_conv"}
+SHARED_IMPLS = {"base_once", "shared_repeat", "shared_once"}
+DECODE_IMPLS = {"base_only", "bmm", "loop"}
+BASELINES = {
+    "multilora_fwd": TRAINING_IMPLS,
+    "multilora_bwd": TRAINING_IMPLS,
+    "multilora_fwdbwd": TRAINING_IMPLS,
+    "multilora_shared_fwdbwd": SHARED_IMPLS,
+    "multilora_decode_fwd": DECODE_IMPLS,
+}
+# Rows that compute something else than the multi-LoRA function carry no check.
+UNCHECKED = {"base_only", "base_once"}
+SKIPPABLE_ON_CPU = {"bmm_compiled"}  # torch.compile is left out of the CPU smoke run
+
+
+@pytest.fixture(scope="module", params=["reference", "triton"])
+def smoke_run(request, tmp_path_factory):
+    """(stdout, JSON, cpu backend) of one smoke run; about 3 s (reference) and 10 s (triton)."""
+    out = tmp_path_factory.mktemp("bench") / "multi_lora.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+    cmd = [sys.executable, SCRIPT, "--quick", "--cpu-backend", request.param, "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    with open(out) as f:
+        result = json.load(f)
+    return proc.stdout, result, request.param
+
+
+def test_says_no_gpu_and_labels_the_smoke_run(smoke_run):
+    stdout, result, backend = smoke_run
+    assert "No GPU present" in stdout
+    assert result["meta"]["smoke_run"] is True
+    assert "CPU" in result["meta"]["device"] and "smoke run" in result["meta"]["device"]
+    assert result["meta"]["dtype"] == "float32"
+    assert result["meta"]["op_import_error"] is None
+    assert result["meta"]["ours_mode"] == backend
+    for title in ("Multi-LoRA linear", "Shared input", "Decode"):
+        assert f"## {title}" in stdout
+
+
+def test_every_implementation_has_a_finite_time_at_every_shape(smoke_run):
+    _, result, backend = smoke_run
+    rows = result["rows"]
+    shapes = {(r["K"], r["B"], r["T"], r["r"]) for r in rows if r["what"] == "multilora_fwdbwd"}
+    assert len(shapes) == 2
+    for what, baselines in BASELINES.items():
+        impls = baselines | OURS[backend]
+        for shape in shapes:
+            found = {r["impl"]: r for r in rows if r["what"] == what and (r["K"], r["r"]) == (shape[0], shape[3])}
+            assert set(found) == impls, f"{what} {shape}: implementations {sorted(found)}"
+            for impl, row in found.items():
+                assert "error" not in row, f"{what} {impl} {shape}: {row['error']}"
+                if "skipped" in row:
+                    assert impl in SKIPPABLE_ON_CPU, f"{what} {impl} {shape} skipped: {row['skipped']}"
+                    continue
+                t = row["us"] if what == "multilora_decode_fwd" else row["ms"]
+                assert t is not None and math.isfinite(t) and t > 0, f"{what} {impl} {shape}: time {t}"
+
+
+def test_every_row_computes_the_reference_function(smoke_run):
+    _, result, backend = smoke_run
+    tol = result["meta"]["rel_tol"]
+    checked = 0
+    for row in result["rows"]:
+        if "skipped" in row or row["impl"] in UNCHECKED:
+            continue
+        assert row.get("matched") is True, f"{row['what']} {row['impl']} K={row['K']} r={row['r']}: {row}"
+        assert row["max_rel_err"] <= tol
+        checked += 1
+    ours = [r for r in result["rows"] if r["impl"].startswith("ours")]
+    assert {r["impl"] for r in ours} == OURS[backend]
+    assert all(r.get("matched") is True for r in ours)
+    n_ours = len(OURS[backend])
+    # per shape: fwd, bwd, fwd+bwd of loop, bmm, group_conv and ours; shared 2 + ours; decode 2 + ours
+    assert checked == 2 * (3 * (3 + n_ours) + (2 + n_ours) + (2 + n_ours))
+
+
+def test_backward_rows_say_how_they_were_timed(smoke_run):
+    _, result, backend = smoke_run
+    bwd = [r for r in result["rows"] if r["what"] == "multilora_bwd" and "skipped" not in r]
+    assert bwd and all(r["bwd_method"] in ("retain_graph", "fwdbwd_minus_fwd") for r in bwd)
+
+
+def test_ratios_and_targets(smoke_run):
+    _, result, backend = smoke_run
+    rows = result["rows"]
+    for row in rows:
+        if row["impl"] == "base_only" and row["what"] in ("multilora_fwdbwd", "multilora_decode_fwd"):
+            assert row["ratio_to_base"] == pytest.approx(1.0)
+        if row["impl"] == "shared_repeat":
+            assert row["ratio_to_repeat"] == pytest.approx(1.0)
+    for row in rows:
+        if row["impl"].startswith("ours") and row["what"] in (
+                "multilora_fwdbwd", "multilora_shared_fwdbwd", "multilora_decode_fwd"):
+            assert row["target"]
+            assert row["status"] is None  # CPU times are not judged against the GPU targets
+            ratio = row.get("ratio_to_base", row.get("ratio_to_repeat"))
+            assert ratio is not None and math.isfinite(ratio) and ratio > 0

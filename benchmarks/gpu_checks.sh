@@ -17,6 +17,8 @@ for step in $STEPS; do
       timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest $PYTEST_ARGS -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
     bench)
       timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_multi_lora.py --out "$OUT/multi_lora.json" 2>&1 | tee "$OUT/bench_multi_lora.log" ;;
+    profile)
+      timeout 120 python3 benchmarks/profile_multi_lora.py --path fused 2>&1 | tee "$OUT/profile.log" | grep -v "^-" | head -60 ;;
     bench_loss)
       timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_mcl_loss.py --out "$OUT/mcl_loss.json" 2>&1 | tee "$OUT/bench_mcl_loss.log" ;;
   esac

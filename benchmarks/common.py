@@ -72,3 +72,27 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in row) + " |")
+
+
+def time_graph_us(fn, *, replays: int = 200) -> float:
+    """Mean microseconds per replay of fn() captured in a CUDA graph: GPU time without the host's
+    launch overhead (NaN on CPU). fn must already be warmed up (compiled, autotuned)."""
+    if not HAS_CUDA:
+        return float("nan")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / replays

@@ -368,7 +368,8 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
     if m == 0:
         return out
     block_c = r_pad * min(_next_pow2(num_hyp), max(1, 256 // r_pad))
-    block_m, block_d = (16, 32) if _interpreting() else (64, 64)
+    # x is read once; many row tiles keep every SM streaming (P, K*r x D, is re-read from L2)
+    block_m, block_d = (16, 32) if _interpreting() else (32, 128)
     grid = (triton.cdiv(m, block_m), triton.cdiv(num_hyp, block_c // r_pad))
     _shrink_kernel[grid](
         x, p, scaling if scaling is not None else x, hypothesis_ids if hypothesis_ids is not None else x, out,
@@ -486,8 +487,10 @@ def multi_lora_linear_triton_backward(grad_y, x, weight, lora_A, lora_B, scaling
     num_hyp, r, d_in = lora_A.shape
     grad_y = _contig_rows(grad_y)
     x = _contig_rows(x)
-    # dS_bd = s_h dy B_h in block h: the shrink kernel with P_k = B_k^T (r, d_out) as a strided view.
-    grad_shrink_bd = _launch_shrink(grad_y, lora_B.transpose(1, 2), scaling, hypothesis_ids, row_div, block_diag=True)
+    # dS_bd = s_h dy B_h in block h: the shrink kernel with P_k = B_k^T (r, d_out), made contiguous
+    # (K*r*d_out values) so that its loads along d_out are coalesced.
+    lora_Bt = lora_B.transpose(1, 2).contiguous()
+    grad_shrink_bd = _launch_shrink(grad_y, lora_Bt, scaling, hypothesis_ids, row_div, block_diag=True)
     out = torch.empty(grad_y.shape[0], d_in, device=x.device, dtype=x.dtype)
     grad_x = _gemm_with_expand(grad_y, weight, True, None, grad_shrink_bd, *_a_as_expand(lora_A), None, out, False,
                                num_hyp, r)

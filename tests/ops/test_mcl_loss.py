@@ -1,0 +1,474 @@
+"""Tests of the fused MCL loss against an fp64 oracle and a plain re-implementation of the
+official loss (full logits, CE with reduction='none', per-sequence mean, min/relaxed/annealed).
+
+CPU: the reference backend, and the Triton kernels through the interpreter (fp32/fp16, tiny
+shapes, chunk sizes shrunk so that several row and vocab chunks run). GPU: bf16 (@requires_cuda).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loramcl_kernels.ops import mcl_loss as mcl_module
+from loramcl_kernels.ops.mcl_loss import (
+    KERNEL_STATS,
+    MCLLoss,
+    MCLLossOutput,
+    mcl_loss,
+    mcl_loss_from_logits,
+)
+from tests.utils import TRITON_DEVICE, assert_within_budget, requires_cuda
+
+IGNORE = -100
+
+
+# ---------------------------------------------------------------------------------------------
+# The official loss, re-implemented plainly (full logits); in fp64 it is the oracle
+# ---------------------------------------------------------------------------------------------
+
+
+def official_mcl_loss(hidden, weight, bias, labels, K, *, layout="batch_major", mode="wta",
+                      epsilon=0.0, temperature=None, sequence_reduction="mean",
+                      ignore_index=IGNORE, shift_labels=True, upcast=torch.float32):
+    """Full logits in the inputs' dtype, upcast like HF (`.float()`), CE reduction='none'."""
+    R, T, _ = hidden.shape
+    B = R // K
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    logits = logits.to(upcast)
+    lab = labels
+    if lab.shape[0] != R:
+        lab = lab.repeat_interleave(K, 0) if layout == "batch_major" else lab.repeat(K, 1)
+    if shift_labels:
+        logits, lab = logits[:, :-1], lab[:, 1:]
+    V = logits.shape[-1]
+    ce = F.cross_entropy(logits.reshape(-1, V), lab.reshape(-1), reduction="none",
+                         ignore_index=ignore_index).view(R, -1)
+    per_row = ce.sum(1)
+    if sequence_reduction == "mean":
+        per_row = per_row / (lab != ignore_index).sum(1).clamp(min=1)
+    L = per_row.view(B, K).t() if layout == "batch_major" else per_row.view(K, B)
+    winners = L.detach().argmin(0)
+    if mode == "wta":
+        w = F.one_hot(winners, K).t().to(L.dtype)
+    elif mode == "relaxed":
+        w = F.one_hot(winners, K).t().to(L.dtype)
+        if K > 1:
+            w = w * (1 - epsilon) + (1 - w) * epsilon / (K - 1)
+    else:
+        w = torch.softmax(-L.detach() / temperature, 0)
+    loss = (w * L).sum(0).mean()
+    return loss, L, winners, w
+
+
+def make_data(K=3, B=3, T=7, H=32, V=203, dtype=torch.float32, device="cpu", bias=False, seed=0,
+              per_row_labels=False):
+    """Random data with a peaked softmax: some lm_head rows are copies of hidden rows."""
+    g = torch.Generator().manual_seed(seed)
+    R = B * K
+    hidden = torch.randn(R, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * (0.5 / H**0.5)
+    n_copy = min(V // 3, R * T)
+    flat = hidden.reshape(-1, H)
+    src = torch.randperm(R * T, generator=g)[:n_copy]
+    weight[:n_copy] = flat[src] * (4.0 / H**0.5)  # logits up to ~4 sqrt(H): peaked softmax
+    labels = torch.randint(0, V, (R if per_row_labels else B, T), generator=g)
+    peaked = torch.rand(labels.shape, generator=g) < 0.5
+    labels = torch.where(peaked, torch.randint(0, n_copy, labels.shape, generator=g), labels)
+    labels[0, : T // 2] = IGNORE  # a partly ignored sequence
+    labels[-1, :] = IGNORE  # an all-ignored sequence (row)
+    labels[1, -1] = IGNORE
+    b = torch.randn(V, generator=g) * 0.5 if bias else None
+    cast = lambda t: t.to(device=device, dtype=dtype)
+    return cast(hidden), cast(weight), (cast(b) if b is not None else None), labels.to(device)
+
+
+def leaf(*ts):
+    return [t.detach().clone().requires_grad_(True) if t is not None else None for t in ts]
+
+
+def run_ours(hidden, weight, bias, labels, K, backend, **kw):
+    h, w, b = leaf(hidden, weight, bias)
+    out = mcl_loss(h, w, labels, num_hypotheses=K, lm_head_bias=b, backend=backend, **kw)
+    grads = torch.autograd.grad(out.loss, [t for t in (h, w, b) if t is not None])
+    return out, grads
+
+
+def run_official(hidden, weight, bias, labels, K, dtype, upcast, **kw):
+    ts = leaf(*(t.to(dtype) if t is not None else None for t in (hidden, weight, bias)))
+    loss, L, winners, w = official_mcl_loss(*ts, labels, K, upcast=upcast, **kw)
+    grads = torch.autograd.grad(loss, [t for t in ts if t is not None])
+    return loss, L, winners, w, grads
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Force several row chunks and vocab chunks (the last one partial) through the launchers."""
+    monkeypatch.setattr(mcl_module, "LOGITS_CHUNK_ELEMENTS", 8 * 48)
+    monkeypatch.setattr(mcl_module, "MAX_ROW_CHUNK", 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Values and gradients against the fp64 oracle, every mode / layout / shift / reduction
+# ---------------------------------------------------------------------------------------------
+
+MODE_KW = {
+    "wta": {},
+    "relaxed": {"epsilon": 0.05},
+    "annealed": {"temperature": 0.7},
+}
+VARIANTS = [  # (shift_labels, sequence_reduction, bias)
+    (True, "mean", False),
+    (False, "sum", True),
+    (True, "sum", True),
+    (False, "mean", False),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"shift{int(v[0])}-{v[1]}-bias{int(v[2])}")
+@pytest.mark.parametrize("layout", ["batch_major", "hypothesis_major"])
+@pytest.mark.parametrize("mode", list(MODE_KW))
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_matches_fp64_official(backend, mode, layout, variant, small_chunks):
+    shift, reduction, has_bias = variant
+    kw = dict(layout=layout, mode=mode, sequence_reduction=reduction, shift_labels=shift, **MODE_KW[mode])
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    hidden, weight, bias, labels = make_data(bias=has_bias, device=device, seed=VARIANTS.index(variant))
+    out, grads = run_ours(hidden, weight, bias, labels, 3, backend, **kw)
+    loss64, L64, win64, w64, grads64 = run_official(hidden, weight, bias, labels, 3, torch.float64,
+                                                    torch.float64, **kw)
+    assert isinstance(out, MCLLossOutput)
+    assert out.nll.shape == (3, 3) and out.weights.shape == (3, 3) and out.winners.shape == (3,)
+    torch.testing.assert_close(out.loss.double(), loss64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.nll.double(), L64, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.winners.cpu(), win64.cpu())
+    torch.testing.assert_close(out.weights.double(), w64, rtol=1e-5, atol=1e-6)
+    # the all-ignored sequence: L = 0 for every k, winner 0
+    b_empty = 2
+    assert torch.all(out.nll[:, b_empty] == 0) and out.winners[b_empty] == 0
+    for g, g64 in zip(grads, grads64):
+        scale = g64.abs().max().item()
+        torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-5 * max(scale, 1e-3))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_per_row_labels(backend, small_chunks):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    hidden, weight, bias, labels = make_data(device=device, per_row_labels=True, bias=True, seed=3)
+    for layout in ("batch_major", "hypothesis_major"):
+        out, grads = run_ours(hidden, weight, bias, labels, 3, backend, layout=layout)
+        loss64, L64, win64, _, grads64 = run_official(hidden, weight, bias, labels, 3, torch.float64,
+                                                      torch.float64, layout=layout)
+        torch.testing.assert_close(out.nll.double(), L64, rtol=1e-5, atol=1e-5)
+        assert torch.equal(out.winners.cpu(), win64.cpu())
+        for g, g64 in zip(grads, grads64):
+            torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-5)
+    # (B*K, T) labels that repeat the shared (B, T) ones give the shared result
+    _, _, _, shared = make_data(device=device, seed=3)
+    out_shared, _ = run_ours(hidden, weight, None, shared, 3, backend)
+    out_rows, _ = run_ours(hidden, weight, None, shared.repeat_interleave(3, 0), 3, backend)
+    torch.testing.assert_close(out_rows.nll, out_shared.nll, rtol=0, atol=0)
+
+
+def test_fp16_triton_within_budget(small_chunks):
+    """Interpreter, fp16: error vs the fp64 oracle <= 2x plain PyTorch fp16 (official recipe)."""
+    hidden, weight, bias, labels = make_data(device=TRITON_DEVICE, dtype=torch.float32, bias=True, seed=5)
+    h16, w16, b16 = (t.half() for t in (hidden, weight, bias))
+    for mode in MODE_KW:
+        kw = dict(mode=mode, **MODE_KW[mode])
+        out, grads = run_ours(h16, w16, b16, labels, 3, "triton", **kw)
+        oracle = run_official(h16, w16, b16, labels, 3, torch.float64, torch.float64, **kw)
+        plain = run_official(h16, w16, b16, labels, 3, torch.float16, torch.float32, **kw)
+        assert_within_budget(out.loss, oracle[0], plain[0], atol=1e-4, name="loss")
+        assert_within_budget(out.nll, oracle[1], plain[1], atol=1e-4, name="nll")
+        for name, g, g64, gp in zip(("d hidden", "d weight", "d bias"), grads, oracle[4], plain[4]):
+            assert_within_budget(g, g64, gp, atol=1e-4, name=name)
+
+
+def test_default_chunking_triton_and_vocab_not_multiple_of_tile():
+    """One vocab chunk, V = 1000 (not a power of two / tile multiple), H not a multiple of 16."""
+    hidden, weight, bias, labels = make_data(V=1000, H=24, T=5, bias=True, device=TRITON_DEVICE, seed=7)
+    out, grads = run_ours(hidden, weight, bias, labels, 3, "triton", mode="relaxed", epsilon=0.2)
+    ref, grads_ref = run_ours(hidden, weight, bias, labels, 3, "reference", mode="relaxed", epsilon=0.2)
+    torch.testing.assert_close(out.nll, ref.nll, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
+    for g, gr in zip(grads, grads_ref):
+        torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ties, K = 1, pass-2 work
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_ties_go_to_lowest_k(backend):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    hidden, weight, _, labels = make_data(K=3, B=2, device=device, seed=11)
+    labels[-1] = labels[0]  # no all-ignored sequence here
+    labels[-1, :2] = 5
+    h = hidden.view(2, 3, *hidden.shape[1:]).clone()  # batch_major (b, k)
+    h[:, 2] = h[:, 1]  # hypotheses 1 and 2 identical
+    h[:, 0] = h[:, 1] * 0.2  # hypothesis 0: flatter softmax, worse on peaked targets
+    hidden = h.reshape(6, *hidden.shape[1:])
+    out = mcl_loss(hidden, weight, labels, num_hypotheses=3, backend=backend)
+    assert torch.equal(out.nll[1], out.nll[2])
+    for b in range(2):
+        best = out.nll[:, b].min()
+        lowest = int((out.nll[:, b] == best).nonzero()[0])
+        assert out.winners[b].item() == lowest
+    # all hypotheses identical -> winner 0, relaxed weights, uniform annealed weights
+    same = hidden.view(2, 3, *hidden.shape[1:])[:, :1].expand(2, 3, *hidden.shape[1:]).reshape(hidden.shape)
+    out = mcl_loss(same.contiguous(), weight, labels, num_hypotheses=3, backend=backend, mode="relaxed", epsilon=0.3)
+    assert out.winners.tolist() == [0, 0]
+    torch.testing.assert_close(out.weights[:, 0], torch.tensor([0.7, 0.15, 0.15], device=device))
+    out = mcl_loss(same.contiguous(), weight, labels, num_hypotheses=3, backend=backend, mode="annealed", temperature=2.0)
+    torch.testing.assert_close(out.weights, torch.full((3, 2), 1 / 3, device=device))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("mode", list(MODE_KW))
+def test_single_hypothesis(backend, mode):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    hidden, weight, bias, labels = make_data(K=1, B=3, device=device, bias=True, seed=13)
+    out, grads = run_ours(hidden, weight, bias, labels, 1, backend, mode=mode, **MODE_KW[mode])
+    assert torch.all(out.weights == 1) and torch.all(out.winners == 0)
+    loss64, L64, _, _, grads64 = run_official(hidden, weight, bias, labels, 1, torch.float64, torch.float64)
+    torch.testing.assert_close(out.loss.double(), loss64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss.double(), L64.mean(), rtol=1e-5, atol=1e-6)
+    for g, g64 in zip(grads, grads64):
+        torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_hard_wta_pass2_processes_winners_only(backend, small_chunks):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    K = 3
+    hidden, weight, _, labels = make_data(K=K, device=device, seed=17)
+    n_supervised = int((labels[:, 1:] != IGNORE).sum()) * K
+    cases = [("wta", {}, n_supervised // K), ("relaxed", {"epsilon": 0.0}, n_supervised // K),
+             ("relaxed", {"epsilon": 0.1}, n_supervised), ("annealed", {"temperature": 1.0}, n_supervised)]
+    for mode, kw, expected in cases:
+        h = hidden.detach().clone().requires_grad_(True)
+        out = mcl_loss(h, weight, labels, num_hypotheses=K, backend=backend, mode=mode, **kw)
+        assert KERNEL_STATS.pass1_rows == n_supervised
+        out.loss.backward()
+        assert KERNEL_STATS.pass2_rows == expected, (mode, kw)
+        if expected < n_supervised:  # losers' hidden rows get exactly zero gradient
+            g = h.grad.view(-1, K, *h.shape[1:])  # batch_major
+            for b in range(g.shape[0]):
+                for k in range(K):
+                    if k != out.winners[b].item():
+                        assert torch.all(g[b, k] == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs():
+    hidden, weight, _, labels = make_data(K=2, B=2, T=4, H=8, V=16)
+    call = lambda **kw: mcl_loss(**{**dict(hidden=hidden, lm_head_weight=weight, labels=labels,
+                                           num_hypotheses=2, backend="reference"), **kw})
+    with pytest.raises(ValueError, match="labels must have shape"):
+        call(labels=labels[:, :3])
+    with pytest.raises(ValueError, match="labels must have shape"):
+        call(labels=torch.zeros(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="not a positive multiple of num_hypotheses"):
+        call(num_hypotheses=3)
+    with pytest.raises(ValueError, match="lm_head_weight must have shape"):
+        call(lm_head_weight=weight[:, :5])
+    with pytest.raises(ValueError, match="lm_head_bias must have shape"):
+        call(lm_head_bias=torch.zeros(5))
+    bad = labels.clone()
+    bad[0, 2] = 16
+    with pytest.raises(ValueError, match="outside"):
+        call(labels=bad)
+    bad[0, 2] = -3
+    with pytest.raises(ValueError, match="outside"):
+        call(labels=bad)
+    with pytest.raises(ValueError, match="outside"):
+        mcl_loss(hidden.to(TRITON_DEVICE), weight.to(TRITON_DEVICE), bad.to(TRITON_DEVICE),
+                 num_hypotheses=2, backend="triton")
+    with pytest.raises(ValueError, match="epsilon"):
+        call(mode="relaxed", epsilon=1.0)
+    with pytest.raises(ValueError, match="epsilon"):
+        call(mode="relaxed", epsilon=-0.1)
+    with pytest.raises(ValueError, match="temperature"):
+        call(mode="annealed", temperature=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        call(mode="annealed")
+    with pytest.raises(ValueError, match="mode"):
+        call(mode="softmin")
+    with pytest.raises(ValueError, match="layout"):
+        call(layout="interleaved")
+    with pytest.raises(ValueError, match="sequence_reduction"):
+        call(sequence_reduction="max")
+    with pytest.raises(TypeError, match="integer"):
+        call(labels=labels.float())
+    with pytest.raises(TypeError, match="dtype"):
+        call(lm_head_weight=weight.double())
+    with pytest.raises(ValueError, match="backend"):
+        call(backend="fastest")
+    with pytest.raises(ValueError, match="outside"):
+        mcl_loss_from_logits(torch.zeros(4, 4, 16), bad, num_hypotheses=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: opcheck, gradcheck, torch.compile
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck(backend):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    hidden, weight, bias, labels = make_data(K=2, B=2, T=4, H=8, V=20, bias=True, dtype=dtype, device=device)
+    h, w, b = leaf(hidden, weight, bias)
+    for mode, eps, temp in (("wta", 0.0, 1.0), ("annealed", 0.0, 0.5)):
+        args = (h, w, b, labels, 2, "hypothesis_major", mode, eps, temp, "mean", IGNORE, True, backend)
+        torch.library.opcheck(mcl_module._mcl_loss_forward_op, args)
+    fwd = mcl_module._mcl_loss_forward_op(h, w, b, labels, 2, "batch_major", "relaxed", 0.1, 1.0,
+                                          "sum", IGNORE, True, backend)
+    bargs = (torch.ones((), dtype=fwd[0].dtype, device=device), hidden, weight, bias, labels, fwd[3],
+             fwd[4], fwd[5], 2, "batch_major", "sum", IGNORE, True, True, True, backend)
+    torch.library.opcheck(mcl_module._mcl_loss_backward_op, bargs)
+
+
+# annealed weights are detached functions of the inputs, so finite differences of the loss are
+# not its (defined) gradient; annealed gradients are checked against the oracle above.
+@pytest.mark.parametrize("mode", ["wta", "relaxed"])
+def test_gradcheck_reference_fp64(mode):
+    hidden, weight, bias, labels = make_data(K=2, B=2, T=4, H=5, V=7, bias=True, dtype=torch.float64, seed=19)
+    for layout, shift, red in (("batch_major", True, "mean"), ("hypothesis_major", False, "sum")):
+        fn = lambda h, w, b: mcl_loss(h, w, labels, num_hypotheses=2, lm_head_bias=b, backend="reference",
+                                      layout=layout, shift_labels=shift, sequence_reduction=red,
+                                      mode=mode, **MODE_KW[mode]).loss
+        assert torch.autograd.gradcheck(fn, tuple(leaf(hidden, weight, bias)))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_compile_fullgraph(backend):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    hidden, weight, bias, labels = make_data(K=2, B=2, T=5, H=16, V=40, bias=True, device=device, seed=23)
+
+    def step(h, w, b, lab):
+        out = mcl_loss(h, w, lab, num_hypotheses=2, lm_head_bias=b, mode="relaxed", epsilon=0.1,
+                       backend=backend)
+        return out.loss * 2.0, out.nll, out.winners
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (step, compiled):
+        h, w, b = leaf(hidden, weight, bias)
+        loss, nll, winners = fn(h, w, b, labels)
+        loss.backward()
+        results.append((loss, nll, winners, h.grad, w.grad, b.grad))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, rtol=0, atol=0)
+
+
+def test_torch_compile_inductor_reference():
+    hidden, weight, _, labels = make_data(K=2, B=2, T=5, H=16, V=40, seed=29)
+    fn = lambda h: mcl_loss(h, weight, labels, num_hypotheses=2, backend="reference").loss
+    h1, h2 = leaf(hidden, hidden)
+    torch._dynamo.reset()
+    fn(h1).backward()
+    torch.compile(fn, fullgraph=True)(h2).backward()
+    torch.testing.assert_close(h2.grad, h1.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# mcl_loss_from_logits and the module
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", list(MODE_KW))
+def test_from_logits_matches(mode):
+    hidden, weight, bias, labels = make_data(bias=True, seed=31)
+    kw = dict(mode=mode, layout="hypothesis_major", **MODE_KW[mode])
+    logits = (hidden @ weight.t() + bias).requires_grad_(True)
+    out = mcl_loss_from_logits(logits, labels, num_hypotheses=3, **kw)
+    (g,) = torch.autograd.grad(out.loss, [logits])
+    lg64 = logits.detach().double().requires_grad_(True)
+    loss64, L64, win64, w64 = official_mcl_loss(lg64, torch.eye(lg64.shape[-1], dtype=torch.float64),
+                                                None, labels, 3, upcast=torch.float64, **kw)
+    (g64,) = torch.autograd.grad(loss64, [lg64])
+    torch.testing.assert_close(out.loss.double(), loss64, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out.winners, win64)
+    torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-7)
+    ours = mcl_loss(hidden, weight, labels, num_hypotheses=3, lm_head_bias=bias, backend="reference", **kw)
+    torch.testing.assert_close(out.nll, ours.nll, rtol=1e-5, atol=1e-5)
+    # the shape-static path taken under torch.compile
+    torch._dynamo.reset()
+    comp = torch.compile(lambda x: mcl_loss_from_logits(x, labels, num_hypotheses=3, **kw).loss,
+                         fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(comp(logits.detach()), out.loss.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_module():
+    hidden, weight, bias, labels = make_data(bias=True, seed=37)
+    module = MCLLoss(3, mode="annealed", temperature=0.5, backend="reference")
+    out = module(hidden, weight, labels, bias)
+    ref = mcl_loss(hidden, weight, labels, num_hypotheses=3, lm_head_bias=bias, mode="annealed",
+                   temperature=0.5, backend="reference")
+    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
+    module.mode = "wta"
+    assert torch.equal(module(hidden, weight, labels, bias).weights.argmax(0), ref.winners)
+    with pytest.raises(ValueError, match="epsilon"):
+        MCLLoss(3, mode="relaxed", epsilon=2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: bf16, larger shapes, determinism
+# ---------------------------------------------------------------------------------------------
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", list(MODE_KW))
+@pytest.mark.parametrize("layout", ["batch_major", "hypothesis_major"])
+def test_gpu_bf16_within_budget(mode, layout):
+    hidden, weight, bias, labels = make_data(K=4, B=3, T=65, H=256, V=5003, bias=True, seed=41)
+    hb, wb, bb = (t.cuda().bfloat16() for t in (hidden, weight, bias))
+    labels = labels.cuda()
+    kw = dict(mode=mode, layout=layout, **MODE_KW[mode])
+    out, grads = run_ours(hb, wb, bb, labels, 4, "triton", **kw)
+    oracle = run_official(hb, wb, bb, labels, 4, torch.float64, torch.float64, **kw)
+    plain = run_official(hb, wb, bb, labels, 4, torch.bfloat16, torch.float32, **kw)
+    assert_within_budget(out.loss, oracle[0], plain[0], atol=1e-3, name="loss")
+    assert_within_budget(out.nll, oracle[1], plain[1], atol=1e-3, name="nll")
+    assert torch.equal(out.winners, oracle[2])
+    for name, g, g64, gp in zip(("d hidden", "d weight", "d bias"), grads, oracle[4], plain[4]):
+        assert_within_budget(g, g64, gp, atol=1e-4, name=name)
+
+
+@requires_cuda
+def test_gpu_deterministic_and_chunked(monkeypatch):
+    hidden, weight, _, labels = make_data(K=5, B=4, T=97, H=512, V=32003, seed=43)
+    hb, wb, labels = hidden.cuda().bfloat16(), weight.cuda().bfloat16(), labels.cuda()
+    first, g1 = run_ours(hb, wb, None, labels, 5, "triton")
+    second, g2 = run_ours(hb, wb, None, labels, 5, "triton")
+    assert torch.equal(first.loss, second.loss) and torch.equal(g1[0], g2[0])
+    assert KERNEL_STATS.pass2_rows * 5 == KERNEL_STATS.pass1_rows
+    monkeypatch.setattr(mcl_module, "LOGITS_CHUNK_ELEMENTS", 64 * 4096)
+    monkeypatch.setattr(mcl_module, "MAX_ROW_CHUNK", 64)
+    chunked, g3 = run_ours(hb, wb, None, labels, 5, "triton")
+    torch.testing.assert_close(chunked.nll, first.nll, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g3[0].float(), g1[0].float(), rtol=2e-2, atol=1e-4)
+
+
+@requires_cuda
+def test_gpu_compile_bf16():
+    hidden, weight, _, labels = make_data(K=3, B=2, T=33, H=128, V=1000, seed=47)
+    hb, wb, labels = hidden.cuda().bfloat16(), weight.cuda().bfloat16(), labels.cuda()
+    fn = lambda h: mcl_loss(h, wb, labels, num_hypotheses=3, backend="triton").loss
+    h1, h2 = leaf(hb, hb)
+    torch._dynamo.reset()
+    l1 = fn(h1)
+    l1.backward()
+    l2 = torch.compile(fn, fullgraph=True)(h2)
+    l2.backward()
+    torch.testing.assert_close(l2, l1, rtol=0, atol=0)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=0, atol=0)

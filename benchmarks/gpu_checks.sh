@@ -18,7 +18,8 @@ for step in $STEPS; do
     bench)
       timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_multi_lora.py --out "$OUT/multi_lora.json" 2>&1 | tee "$OUT/bench_multi_lora.log" ;;
     profile)
-      timeout 120 python3 benchmarks/profile_multi_lora.py --path fused 2>&1 | tee "$OUT/profile.log" | grep -v "^-" | head -60 ;;
+      { timeout 120 python3 benchmarks/profile_multi_lora.py --K 4 --T 2048 --r 16
+        timeout 60 python3 benchmarks/profile_multi_lora.py --K 5 --T 780 --r 8 --shared; } 2>&1 | tee "$OUT/profile.log" ;;
     bench_loss)
       timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_mcl_loss.py --out "$OUT/mcl_loss.json" 2>&1 | tee "$OUT/bench_mcl_loss.log" ;;
   esac

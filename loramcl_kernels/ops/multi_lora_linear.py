@@ -237,13 +237,15 @@ if triton is not None:
         stride_init, stride_sm, stride_ek, stride_en, stride_ej, stride_om,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GM: tl.constexpr, R_PAD: tl.constexpr,
         HAS_BASE: tl.constexpr, W_KN: tl.constexpr, HAS_INIT: tl.constexpr, SHARED_OUT: tl.constexpr,
-        HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        EXPAND_TMA: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         """out = [x W^T] + [init] + [bias] + expand, tiles of (BM, BN) visited round-robin by NUM_PROGRAMS.
 
         HAS_BASE: x (M, KD) and W ((N, KD), or (KD, N) when W_KN) through TMA tensor descriptors.
-        Expand with S (M, K*r) (block-diagonal or dense), E_k (N, r) addressed by strides:
-          out[m]                   += sum_k s_k S[m, block k] E_k^T
+        Expand with S (M, K*r) (block-diagonal or dense, row stride stride_sm):
+          EXPAND_TMA: E_all (N, K*r) with s_k folded in, row stride stride_en; the expand is
+                      ceil(K*r / BK) more K-steps of the same GEMM: acc += S E_all^T.
+          else:       E_k (N, r) addressed by strides (k, n, j): acc += sum_k s_k S[m, block k] E_k^T
           SHARED_OUT: output row (m // L)*K*L + k*L + m % L gets acc + s_k S[m, block k] E_k^T, per k.
         """
         pid = tl.program_id(0)
@@ -256,6 +258,11 @@ if triton is not None:
                 w_desc = tl.make_tensor_descriptor(w_ptr, shape=[KD, N], strides=[N, 1], block_shape=[BK, BN])
             else:
                 w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, KD], strides=[KD, 1], block_shape=[BN, BK])
+        if EXPAND_TMA:
+            s_desc = tl.make_tensor_descriptor(s_ptr, shape=[M, NUM_HYP * R], strides=[stride_sm, 1],
+                                               block_shape=[BM, BK])
+            e_desc = tl.make_tensor_descriptor(e_ptr, shape=[N, NUM_HYP * R], strides=[stride_en, 1],
+                                               block_shape=[BN, BK])
         offs_j = tl.arange(0, R_PAD)
         mask_j = offs_j < R
         for tile in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=True):
@@ -278,28 +285,34 @@ if triton is not None:
                     else:
                         b = w_desc.load([pn * BN, ki * BK])
                         acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+            if EXPAND_TMA:  # the LoRA expand: K*r more columns of the reduction
+                for kk in range(tl.cdiv(NUM_HYP * R, BK)):
+                    a = s_desc.load([pm * BM, kk * BK])
+                    b = e_desc.load([pn * BN, kk * BK])
+                    acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
             mask_mn = mask_m[:, None] & mask_n[None, :]
             if HAS_INIT:
                 acc += tl.load(init_ptr + offs_m.to(tl.int64)[:, None] * stride_init + offs_n[None, :],
                                mask=mask_mn, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            s_rows = s_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + offs_j[None, :]
-            e_rows = e_ptr + offs_n[:, None] * stride_en + offs_j[None, :] * stride_ej
-            mask_s = mask_m[:, None] & mask_j[None, :]
-            mask_e = mask_n[:, None] & mask_j[None, :]
-            for k in range(NUM_HYP):
-                s_k = tl.load(s_rows + k * R, mask=mask_s, other=0.0)
-                if HAS_SCALE:
-                    s_k = s_k.to(tl.float32) * tl.load(scale_ptr + k)
-                e_k = tl.load(e_rows + k * stride_ek, mask=mask_e, other=0.0)
-                if SHARED_OUT:
-                    out = tl.dot(s_k.to(e_k.dtype), tl.trans(e_k), acc, input_precision=DOT_PRECISION)
-                    rows = (offs_m // L) * (NUM_HYP * L) + k * L + offs_m % L
-                    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-                             out.to(out_ptr.dtype.element_ty), mask=mask_mn)
-                else:
-                    acc = tl.dot(s_k.to(e_k.dtype), tl.trans(e_k), acc, input_precision=DOT_PRECISION)
+            if not EXPAND_TMA:  # per-hypothesis expand from strided loads (epilogue / shared outputs)
+                s_rows = s_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + offs_j[None, :]
+                e_rows = e_ptr + offs_n[:, None] * stride_en + offs_j[None, :] * stride_ej
+                mask_s = mask_m[:, None] & mask_j[None, :]
+                mask_e = mask_n[:, None] & mask_j[None, :]
+                for k in range(NUM_HYP):
+                    s_k = tl.load(s_rows + k * R, mask=mask_s, other=0.0)
+                    if HAS_SCALE:
+                        s_k = s_k.to(tl.float32) * tl.load(scale_ptr + k)
+                    e_k = tl.load(e_rows + k * stride_ek, mask=mask_e, other=0.0)
+                    if SHARED_OUT:
+                        out = tl.dot(s_k.to(e_k.dtype), tl.trans(e_k), acc, input_precision=DOT_PRECISION)
+                        rows = (offs_m // L) * (NUM_HYP * L) + k * L + offs_m % L
+                        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
+                                 out.to(out_ptr.dtype.element_ty), mask=mask_mn)
+                    else:
+                        acc = tl.dot(s_k.to(e_k.dtype), tl.trans(e_k), acc, input_precision=DOT_PRECISION)
             if not SHARED_OUT:
                 tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
                          acc.to(out_ptr.dtype.element_ty), mask=mask_mn)
@@ -404,7 +417,7 @@ def _choose_path(x: Tensor, weight: Optional[Tensor]) -> str:
 
 
 def _launch_gemm_expand(x, weight, w_kn, init, shrink, e, e_strides, scaling, bias, out, shared_out, num_hyp, r,
-                        rows_per_group=1):
+                        rows_per_group=1, expand_tma=False):
     """out = [x W^T] + [init] + [bias] + expand.
 
     With weight: the fused persistent TMA GEMM (one program per SM). Without: the expand-only
@@ -416,7 +429,7 @@ def _launch_gemm_expand(x, weight, w_kn, init, shrink, e, e_strides, scaling, bi
         return out
     has_base = weight is not None
     common = dict(R_PAD=_r_pad(r), HAS_BASE=has_base, W_KN=w_kn, HAS_INIT=init is not None, SHARED_OUT=shared_out,
-                  HAS_SCALE=scaling is not None, HAS_BIAS=bias is not None, DOT_PRECISION=_DOT_PRECISION)
+                  EXPAND_TMA=expand_tma, HAS_SCALE=scaling is not None, HAS_BIAS=bias is not None, DOT_PRECISION=_DOT_PRECISION)
     args = [x if has_base else out, weight if has_base else out, init if init is not None else out,
             shrink, e, scaling if scaling is not None else shrink, bias if bias is not None else out, out,
             m, n, x.shape[1] if has_base else 1, r, num_hyp, rows_per_group]
@@ -452,9 +465,20 @@ def _base_then_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out,
 
 
 def _gemm_with_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out, shared_out, num_hyp, r,
-                      rows_per_group=1):
+                      rows_per_group=1, stacked_expand=None):
+    """The fused path when it applies, else cuBLAS + the Triton epilogue.
+
+    stacked_expand() gives E_all (N, K*r) contiguous with the scaling folded in: when the rows of S
+    and E_all are 16-byte aligned the fused GEMM loads both through TMA descriptors and the expand
+    becomes ceil(K*r / BK) extra K-steps (the shared-output mode always uses the per-k epilogue).
+    """
     if _choose_path(x, weight) == "fused":
-        return _launch_gemm_expand(x, weight.contiguous(), w_kn, None, shrink, e, e_strides, scaling, bias, out,
+        weight = weight.contiguous()
+        if stacked_expand is not None and not shared_out and _tma_ok(shrink):
+            e_all = stacked_expand()
+            return _launch_gemm_expand(x, weight, w_kn, None, shrink, e_all, (0, e_all.stride(0), 1), None, bias,
+                                       out, False, num_hyp, r, expand_tma=True)
+        return _launch_gemm_expand(x, weight, w_kn, None, shrink, e, e_strides, scaling, bias, out,
                                    shared_out, num_hyp, r, rows_per_group)
     return _base_then_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out, shared_out, num_hyp, r,
                              rows_per_group)
@@ -479,7 +503,8 @@ def multi_lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, hypothesi
     x = _contig_rows(x)
     shrink_bd = _launch_shrink(x, lora_A, None, hypothesis_ids, row_div, block_diag=True)  # (M, K*r)
     out = torch.empty(x.shape[0], lora_B.shape[1], device=x.device, dtype=x.dtype)
-    y = _gemm_with_expand(x, weight, False, bias, shrink_bd, *_b_as_expand(lora_B), scaling, out, False, num_hyp, r)
+    y = _gemm_with_expand(x, weight, False, bias, shrink_bd, *_b_as_expand(lora_B), scaling, out, False, num_hyp, r,
+                          stacked_expand=lambda: _stack_B(lora_B, scaling, x.dtype))
     return y, shrink_bd
 
 
@@ -493,7 +518,7 @@ def multi_lora_linear_triton_backward(grad_y, x, weight, lora_A, lora_B, scaling
     grad_shrink_bd = _launch_shrink(grad_y, lora_Bt, scaling, hypothesis_ids, row_div, block_diag=True)
     out = torch.empty(grad_y.shape[0], d_in, device=x.device, dtype=x.dtype)
     grad_x = _gemm_with_expand(grad_y, weight, True, None, grad_shrink_bd, *_a_as_expand(lora_A), None, out, False,
-                               num_hyp, r)
+                               num_hyp, r, stacked_expand=lambda: _stack_A(lora_A, x.dtype).t().contiguous())
     grad_A, grad_B = _lora_weight_grads(grad_shrink_bd, shrink_bd, x, grad_y, scaling, lora_A, lora_B)
     return grad_x, grad_A, grad_B
 
@@ -516,7 +541,7 @@ def multi_lora_linear_shared_triton_backward(grad_y, x, weight, lora_A, lora_B, 
     grad_y_sum = grad_y4.sum(1, dtype=torch.float32).to(x.dtype).reshape(-1, grad_y.shape[-1])
     out = torch.empty(x.shape[0], d_in, device=x.device, dtype=x.dtype)
     grad_x = _gemm_with_expand(grad_y_sum, weight, True, None, grad_shrink_all, *_a_as_expand(lora_A), None, out,
-                               False, num_hyp, r)
+                               False, num_hyp, r, stacked_expand=lambda: _stack_A(lora_A, x.dtype).t().contiguous())
     return grad_x, grad_A, grad_B
 
 

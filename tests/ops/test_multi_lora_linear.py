@@ -186,6 +186,27 @@ def test_triton_fused_path_taken_when_eligible(monkeypatch):
         mll._choose_path(x, w)
 
 
+@pytest.mark.parametrize("r, expect_tma", [(4, True), (3, False)])
+def test_fused_path_loads_expand_through_tma_when_aligned(monkeypatch, r, expect_tma):
+    """K*r*4 bytes a multiple of 16 (fp32): S and E_all go through TMA descriptors as extra K-steps;
+    otherwise the per-hypothesis epilogue. Both must give the same values."""
+    monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "fused")
+    calls = []
+    launch = mll._launch_gemm_expand
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("expand_tma", False))
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(mll, "_launch_gemm_expand", spy)
+    x, w, b, a, bb, s = make_inputs(6, (5,), 32, 16, r, 3, torch.float32, TRITON_DEVICE)
+    got = forward_and_grads(lambda *t: multi_lora_linear(*t, s, backend="triton"), x, w, b, a, bb)
+    want = forward_and_grads(lambda *t: multi_lora_linear(*t, s, backend="reference"), x, w, b, a, bb)
+    assert calls == [expect_tma, expect_tma]  # forward, and dx in backward
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
 def test_triton_is_deterministic(triton_path):
     x, w, b, a, bb, s = make_inputs(6, (5,), 32, 32, 4, 3, torch.float32, TRITON_DEVICE)
     runs = [forward_and_grads(lambda *t: multi_lora_linear(*t, s, backend="triton"), x, w, b, a, bb)

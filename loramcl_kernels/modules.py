@@ -120,7 +120,7 @@ class MultiLoRALinear(nn.Module):
         self.lora_dropout_p = float(lora_dropout)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.layout = layout
-        self.inner = inner
+        self.inner = _check_positive_int("inner", inner)
         self.hypothesis_ids: torch.Tensor | None = None
         self.active_hypothesis: int | None = None
         self.shared_input = False
@@ -152,9 +152,10 @@ class MultiLoRALinear(nn.Module):
         return self.base_layer.bias
 
     def delta_weight(self, k: int) -> torch.Tensor:
-        """s * B_k A_k as (d_out, d_in), computed in fp32 and cast to the base dtype."""
+        """s * B_k A_k as (d_out, d_in), computed in fp32 (fp64 for fp64 weights), in the base dtype."""
         self._check_hypothesis(k)
-        delta = self.lora_B[k].float() @ self.lora_A[k].float() * self.scaling
+        acc = torch.promote_types(self.lora_A.dtype, torch.float32)
+        delta = self.lora_B[k].to(acc) @ self.lora_A[k].to(acc) * self.scaling
         return delta.to(self.base_layer.weight.dtype)
 
     @torch.no_grad()
@@ -162,7 +163,8 @@ class MultiLoRALinear(nn.Module):
         """A plain nn.Linear computing hypothesis k: weight W + s B_k A_k, the base bias."""
         w = self.weight
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
-        out.weight.copy_(w.float() + self.delta_weight(k).float())
+        acc = torch.promote_types(w.dtype, torch.float32)
+        out.weight.copy_(w.to(acc) + self.delta_weight(k).to(acc))
         if self.bias is not None:
             out.bias.copy_(self.bias)
         out.requires_grad_(False)

@@ -22,7 +22,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from transformers.utils import ModelOutput
+try:  # HF's ModelOutput: a dict and a pytree node (DDP / FSDP find the loss in it)
+    from transformers.utils import ModelOutput
+except ImportError:  # pragma: no cover - transformers is optional for the package itself
+    ModelOutput = object
 
 from loramcl_kernels.hf.patching import get_config
 from loramcl_kernels.modules import LAYOUTS, repeat_rows

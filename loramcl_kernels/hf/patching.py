@@ -136,6 +136,7 @@ def patch_model(
             backend=backend,
             init_lora_weights=init_lora_weights,
         )
+        module.train(base.training)  # an eval-mode model stays in eval mode (no LoRA dropout)
         _set_submodule(model, name, module)
         config.module_names.append(name)
     model.loramcl_config = config

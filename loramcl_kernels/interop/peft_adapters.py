@@ -148,7 +148,8 @@ class _Adapter:
 
 
 def _check_supported(config: dict, origin: str) -> None:
-    peft_type = str(config.get("peft_type", "LORA")).upper()
+    peft_type = config.get("peft_type", "LORA")
+    peft_type = str(getattr(peft_type, "value", peft_type)).upper()  # PeftType enum or its string
     if peft_type != "LORA":
         raise ValueError(f"{origin}: only LoRA adapters are supported, got peft_type={peft_type!r}")
     if "r" not in config:
@@ -166,7 +167,8 @@ def _check_supported(config: dict, origin: str) -> None:
     for key, message in refused.items():
         if config.get(key):
             raise ValueError(f"{origin}: {message}")
-    if config.get("bias", "none") not in ("none", None):
+    bias = config.get("bias", "none")
+    if getattr(bias, "value", bias) not in ("none", None):
         raise ValueError(f"{origin}: adapters with bias={config['bias']!r} (trained biases) are not supported")
 
 

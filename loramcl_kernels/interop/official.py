@@ -1,0 +1,261 @@
+"""Interop with the official LoRA-MCL layer ("GroupLinear", DESIGN section 1).
+
+The official layer is a PEFT LoraLayer whose adapter (named "lora0") holds all K hypotheses as
+two grouped 1x1 convolutions (groups = K):
+    lora_A["lora0"].weight  [K*r, d_in, 1]    rows k*r .. k*r+r-1    are A_k (r, d_in)
+    lora_B["lora0"].weight  [K*d_out, r, 1]   rows k*d_out .. +d_out-1 are B_k (d_out, r)
+so weight.view(K, r, d_in) and weight.view(K, d_out, r) are exactly our lora_A / lora_B layouts
+(views: gradients flow into the conv weights). Rows of the model batch are batch-major
+(row n -> hypothesis n % K). Its scaling convention differs from ours:
+    multi-hypothesis path   y = base(x) + (dropout(x) A_k^T) B_k^T          (NO alpha/r)
+    single-adapter path     y = base(x) + alpha/r * (dropout(x) A_k^T) B_k^T (hypothesis k alone)
+
+This module provides
+  * patch_group_linear(cls): swaps `cls.forward` for one that runs those two paths, with that
+    scaling, on the fused multi_lora_linear op (unpatch_group_linear(cls) undoes it). The single-
+    adapter path is taken when the layer's `active_hypothesis` attribute is an int k, or when its
+    active PEFT adapter is named "lora{k}" other than the group adapter itself.
+  * official_state_dict / load_official_state_dict (and save_official / load_official for
+    safetensors files): our patched model <-> the official parameter layout. The official weights
+    carry no alpha/r in the multi-hypothesis path, so with convention="multi" (default) loading
+    divides B by our scaling and saving multiplies it back, so both models compute the same
+    training-time outputs; convention="single" copies B as is (the same single-adapter outputs).
+  * official_loss_hook(...): a Trainer-style compute_loss(model, inputs) that replaces the official
+    full-logits loss by the fused MCL loss on the model's final hidden states.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+import torch.nn as nn
+
+from loramcl_kernels.hf.patching import multi_lora_modules
+from loramcl_kernels.modules import _multi_lora_linear, is_conv1d
+
+GROUP_ADAPTER = "lora0"
+_PREFIX = "base_model.model."
+_SINGLE_ADAPTER = re.compile(r"^lora(\d+)$")
+_OFFICIAL_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+
+# -- layout conversion ------------------------------------------------------------------------
+def official_to_multi_lora(conv_A: torch.Tensor, conv_B: torch.Tensor, num_hypotheses: int):
+    """Grouped-conv weights [K*r, d_in(, 1)], [K*d_out, r(, 1)] -> views A (K, r, d_in), B (K, d_out, r)."""
+    K = num_hypotheses
+    if conv_A.dim() == 3:
+        conv_A = conv_A.squeeze(-1)
+    if conv_B.dim() == 3:
+        conv_B = conv_B.squeeze(-1)
+    if conv_A.dim() != 2 or conv_B.dim() != 2 or conv_A.shape[0] % K or conv_B.shape[0] % K:
+        raise ValueError(
+            f"official lora_A / lora_B must be [K*r, d_in, 1] / [K*d_out, r, 1] with K={K}, "
+            f"got {tuple(conv_A.shape)} / {tuple(conv_B.shape)}"
+        )
+    r = conv_A.shape[0] // K
+    if conv_B.shape[1] != r:
+        raise ValueError(f"official lora_B has rank {conv_B.shape[1]} but lora_A has rank {r} (K={K})")
+    return conv_A.reshape(K, r, conv_A.shape[1]), conv_B.reshape(K, conv_B.shape[0] // K, r)
+
+
+def multi_lora_to_official(lora_A: torch.Tensor, lora_B: torch.Tensor):
+    """A (K, r, d_in), B (K, d_out, r) -> grouped-conv weights [K*r, d_in, 1], [K*d_out, r, 1]."""
+    K, r, d_in = lora_A.shape
+    return lora_A.reshape(K * r, d_in, 1), lora_B.reshape(K * lora_B.shape[1], r, 1)
+
+
+# -- state dicts --------------------------------------------------------------------------------
+CONVENTIONS = ("multi", "single")
+
+
+def _check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+
+
+def official_state_dict(
+    model: nn.Module, *, prefix: str = _PREFIX, adapter_name: str | None = None, convention: str = "multi"
+) -> dict[str, torch.Tensor]:
+    """Our patched model's adapters in the official layout, keyed like a saved PEFT adapter:
+    "<prefix><module>.lora_A[.<adapter_name>].weight" -> [K*r, d_in, 1] (and lora_B [K*d_out, r, 1])."""
+    _check_convention(convention)
+    modules = multi_lora_modules(model)
+    if not modules:
+        raise ValueError("the model has no MultiLoRALinear modules")
+    infix = f".{adapter_name}" if adapter_name else ""
+    out = {}
+    with torch.no_grad():
+        for name, m in modules:
+            B = m.lora_B * m.scaling if convention == "multi" else m.lora_B
+            conv_A, conv_B = multi_lora_to_official(m.lora_A, B)
+            out[f"{prefix}{name}.lora_A{infix}.weight"] = conv_A.detach().contiguous().clone()
+            out[f"{prefix}{name}.lora_B{infix}.weight"] = conv_B.detach().contiguous().clone()
+    return out
+
+
+def load_official_state_dict(model: nn.Module, state_dict: dict, *, strict: bool = True, convention: str = "multi"):
+    """Load official-layout adapters (keys with or without the "base_model.model." prefix and
+    the adapter name) into our patched model. strict: every patched module must be covered and
+    every key must name one. Returns the names of the modules loaded."""
+    _check_convention(convention)
+    modules = dict(multi_lora_modules(model))
+    if not modules:
+        raise ValueError("the model has no MultiLoRALinear modules: patch_model(...) it first")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    unexpected = []
+    for key, value in state_dict.items():
+        name = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
+        match = _OFFICIAL_KEY.match(name)
+        if match is None or match["module"] not in modules:
+            unexpected.append(key)
+            continue
+        pairs.setdefault(match["module"], {})[match["which"]] = value
+    missing = [n for n in modules if n not in pairs]
+    if strict and (unexpected or missing):
+        raise ValueError(f"official state dict mismatch: unexpected keys {unexpected[:8]}, missing modules {missing[:8]}")
+    with torch.no_grad():
+        for name, ab in pairs.items():
+            m = modules[name]
+            if set(ab) != {"A", "B"}:
+                raise ValueError(f"module {name!r} needs both lora_A and lora_B, got lora_{''.join(sorted(ab))}")
+            try:
+                A, B = official_to_multi_lora(ab["A"], ab["B"], m.num_hypotheses)
+            except ValueError as exc:
+                raise ValueError(f"module {name!r}: {exc}") from None
+            if A.shape != m.lora_A.shape or B.shape != m.lora_B.shape:
+                raise ValueError(
+                    f"module {name!r}: official weights give A {tuple(A.shape)}, B {tuple(B.shape)}; "
+                    f"the patched module has {tuple(m.lora_A.shape)}, {tuple(m.lora_B.shape)}"
+                )
+            m.lora_A.copy_(A)
+            m.lora_B.copy_(B.float() / m.scaling if convention == "multi" else B)
+    return sorted(pairs)
+
+
+def save_official(model: nn.Module, path: str | os.PathLike, **kwargs) -> None:
+    """official_state_dict(model, **kwargs) written to a safetensors file."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.cpu() for k, v in official_state_dict(model, **kwargs).items()}, os.fspath(path))
+
+
+def load_official(model: nn.Module, path: str | os.PathLike, **kwargs):
+    """load_official_state_dict from a safetensors file (or a directory holding adapter_model.safetensors)."""
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "adapter_model.safetensors")
+    return load_official_state_dict(model, load_file(path), **kwargs)
+
+
+# -- running official layers on our op ------------------------------------------------------------
+def _single_hypothesis(layer: nn.Module, adapter_name: str) -> int | None:
+    k = getattr(layer, "active_hypothesis", None)
+    if isinstance(k, int) and not isinstance(k, bool):
+        return k
+    active = getattr(layer, "active_adapters", None) or []
+    if isinstance(active, str):
+        active = [active]
+    for name in active:
+        match = _SINGLE_ADAPTER.match(name)
+        if match and name != adapter_name:
+            return int(match[1])
+    return None
+
+
+def _group_linear_forward(self, x: torch.Tensor, *args, _adapter_name: str = GROUP_ADAPTER, **kwargs):
+    name = _adapter_name
+    base = self.get_base_layer() if hasattr(self, "get_base_layer") else self.base_layer
+    if getattr(self, "disable_adapters", False) or getattr(self, "merged", False) or name not in self.lora_A:
+        return self.base_layer(x, *args, **kwargs)
+    conv_A, conv_B = self.lora_A[name], self.lora_B[name]
+    K = conv_A.groups
+    lora_A, lora_B = official_to_multi_lora(conv_A.weight, conv_B.weight, K)
+    k = _single_hypothesis(self, name)
+    if k is not None:
+        if not 0 <= k < K:
+            raise ValueError(f"single-adapter hypothesis {k} out of range [0, {K})")
+        lora_A, lora_B, scaling, num = lora_A[k : k + 1], lora_B[k : k + 1], float(self.scaling[name]), 1
+    else:
+        scaling, num = 1.0, K  # the official multi-hypothesis path applies no alpha/r
+    kw = dict(num_hypotheses=num, layout="batch_major", inner=getattr(self, "inner", 1))
+    dropout = self.lora_dropout[name] if name in self.lora_dropout else nn.Identity()
+    x_lora = x.to(lora_A.dtype)
+    fused_base = isinstance(base, nn.Linear) or is_conv1d(base)
+    if fused_base and not args and not kwargs and (not self.training or isinstance(dropout, nn.Identity)):
+        weight = base.weight.t() if is_conv1d(base) else base.weight
+        return _multi_lora_linear(x_lora, weight, base.bias, lora_A, lora_B, scaling, **kw).to(x.dtype)
+    result = self.base_layer(x, *args, **kwargs)
+    delta = _multi_lora_linear(dropout(x_lora), None, None, lora_A, lora_B, scaling, **kw)
+    return result + delta.to(result.dtype)
+
+
+def patch_group_linear(cls: type, adapter_name: str = GROUP_ADAPTER) -> type:
+    """Make every instance of `cls` (a class with the official GroupLinear structure) run its
+    forward on our fused op; returns cls. Idempotent; unpatch_group_linear(cls) undoes it."""
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise TypeError(f"patch_group_linear expects an nn.Module subclass, got {cls!r}")
+    if "_loramcl_original_forward" not in cls.__dict__:
+        cls._loramcl_original_forward = cls.__dict__.get("forward")
+
+    def forward(self, x, *args, **kwargs):
+        return _group_linear_forward(self, x, *args, _adapter_name=adapter_name, **kwargs)
+
+    cls.forward = forward
+    return cls
+
+
+def unpatch_group_linear(cls: type) -> type:
+    if "_loramcl_original_forward" in cls.__dict__:
+        original = cls.__dict__["_loramcl_original_forward"]
+        if original is None:
+            del cls.forward
+        else:
+            cls.forward = original
+        del cls._loramcl_original_forward
+    return cls
+
+
+# -- loss -----------------------------------------------------------------------------------------
+def official_loss_hook(
+    num_hypotheses: int,
+    *,
+    mode: str = "wta",
+    epsilon: float = 0.0,
+    temperature: float | None = None,
+    schedule=None,
+    ignore_index: int = -100,
+    backend: str | None = None,
+):
+    """A Trainer-style compute_loss(model, inputs, return_outputs=False, **_) for an official
+    LoRA-MCL model: `inputs` holds B un-repeated rows and labels (B, T); the rows are repeated
+    batch-major, the model runs to its final hidden states and the fused MCL loss replaces the
+    official full-logits loss. With a schedule (AnnealingSchedule) the temperature follows it."""
+
+    def compute_loss(model, inputs, return_outputs: bool = False, **_unused):
+        from loramcl_kernels.hf.mcl_model import mcl_forward
+
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        run_mode, tau = mode, temperature
+        if run_mode == "annealed" and tau is None:
+            tau = schedule.temperature if schedule is not None else None
+            if tau is None:
+                run_mode = "wta"
+        out = mcl_forward(
+            model,
+            labels,
+            num_hypotheses=num_hypotheses,
+            layout="batch_major",
+            mode=run_mode,
+            epsilon=epsilon,
+            temperature=tau if run_mode == "annealed" else None,
+            ignore_index=ignore_index,
+            backend=backend,
+            **inputs,
+        )
+        return (out.loss, out) if return_outputs else out.loss
+
+    return compute_loss

@@ -1,0 +1,180 @@
+"""MCLModel: loss, per-hypothesis NLL, winners and one optimizer step against the official
+recipe computed the unfused way (grouped-conv LoRA, full logits, per-sequence mean CE, WTA)."""
+import pytest
+import torch
+
+from loramcl_kernels.hf.mcl_model import AnnealingSchedule, MCLModel, final_hidden_states
+from loramcl_kernels.hf.patching import multi_lora_modules, patch_model
+
+from tests.hf.helpers import (
+    TARGETS,
+    TINY_MODELS,
+    VOCAB,
+    OfficialMathLinear,
+    audio_inputs,
+    official_math_copy,
+    randomize_lora,
+    reference_mcl_loss,
+    tiny_qwen2_audio,
+)
+
+K, R, ALPHA = 3, 4, 8
+
+
+def _data(B=3, T=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (B, T), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = -100  # a prompt, unsupervised
+    labels[1, 5] = -100
+    return ids, labels
+
+
+def _patched(arch="llama", layout="batch_major"):
+    model = patch_model(TINY_MODELS[arch]().double(), K, R, ALPHA, target_modules=TARGETS[arch], layout=layout)
+    randomize_lora(model, scale=0.2)
+    return model
+
+
+def _repeat(t, layout):
+    return t.repeat_interleave(K, 0) if layout == "batch_major" else t.repeat(K, 1)
+
+
+@pytest.mark.parametrize("arch,layout", [("llama", "batch_major"), ("qwen2", "hypothesis_major"),
+                                         ("gpt2", "batch_major")])
+@pytest.mark.parametrize("mode", ["wta", "relaxed", "annealed"])
+def test_forward_matches_reference(arch, layout, mode):
+    model = _patched(arch, layout)
+    ref = official_math_copy(model, layout)
+    ids, labels = _data()
+    kw = {"wta": {}, "relaxed": {"epsilon": 0.1}, "annealed": {"temperature": 0.5}}[mode]
+    out = MCLModel(model)(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, mode=mode, **kw)
+    logits = ref(input_ids=_repeat(ids, layout)).logits
+    loss, L, winners, w = reference_mcl_loss(logits, labels, K, layout, mode, **kw)
+    torch.testing.assert_close(out.loss, loss.to(out.loss.dtype))
+    torch.testing.assert_close(out.nll, L.to(out.nll.dtype))
+    assert torch.equal(out.winners, winners)
+    torch.testing.assert_close(out.weights, w.to(out.weights.dtype))
+    assert out.nll.shape == (K, 3) and L.std() > 0
+
+
+def test_one_adamw_step_matches_reference():
+    model = _patched()
+    ref = official_math_copy(model)
+    ids, labels = _data()
+    mcl = MCLModel(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref_params = [p for p in ref.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+    ref_opt = torch.optim.AdamW(ref_params, lr=1e-2, weight_decay=0.01)
+
+    out = mcl(input_ids=ids, labels=labels)
+    out.loss.backward()
+    opt.step()
+    loss, _, _, _ = reference_mcl_loss(ref(input_ids=ids.repeat_interleave(K, 0)).logits, labels, K)
+    loss.backward()
+    ref_opt.step()
+
+    refs = {n: m for n, m in ref.named_modules() if isinstance(m, OfficialMathLinear)}
+    for name, m in multi_lora_modules(model):
+        r_mod = refs[name]
+        torch.testing.assert_close(m.lora_A.detach(), r_mod.conv_A.detach().view_as(m.lora_A))
+        torch.testing.assert_close(m.lora_B.detach(), r_mod.conv_B.detach().view_as(m.lora_B))
+    # Only the winners' adapters get gradient under hard WTA: a loser hypothesis stays put.
+    winners = set(out.winners.tolist())
+    q = model.model.layers[0].self_attn.q_proj
+    for k in range(K):
+        has_grad = q.lora_B.grad[k].abs().sum() > 0
+        assert bool(has_grad) == (k in winners)
+
+
+def test_extra_inputs_are_repeated_and_logits_without_labels():
+    model = _patched()
+    ref = official_math_copy(model)
+    ids, labels = _data()
+    pos = torch.arange(7).expand(3, 7) + 2  # shifted positions change the result
+    out = MCLModel(model)(input_ids=ids, labels=labels, position_ids=pos)
+    logits = ref(input_ids=ids.repeat_interleave(K, 0), position_ids=pos.repeat_interleave(K, 0)).logits
+    torch.testing.assert_close(out.nll, reference_mcl_loss(logits, labels, K)[1])
+    plain = MCLModel(model)(input_ids=ids, position_ids=pos)
+    torch.testing.assert_close(plain.logits, logits)
+    # The lm_head hook hands back the final hidden states, and the model forms no logits.
+    hidden = final_hidden_states(model, input_ids=ids)
+    torch.testing.assert_close(model.lm_head(hidden), model(input_ids=ids).logits)
+
+
+def test_annealing_schedule():
+    sched = AnnealingSchedule(tau0=1.0, rho=0.5, tau_min=0.2)
+    assert sched.temperature == 1.0
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched.attach(opt)
+    taus = []
+    for _ in range(4):
+        opt.step()
+        taus.append(sched.temperature)
+    assert taus == [0.5, 0.25, None, None]  # 0.125 <= tau_min: plain WTA
+    state = sched.state_dict()
+    fresh = AnnealingSchedule(1.0, 0.9)
+    fresh.load_state_dict(state)
+    assert fresh.step_count == 4 and fresh.temperature is None
+    with pytest.raises(ValueError, match="rho"):
+        AnnealingSchedule(1.0, 1.5)
+
+    model = _patched()
+    ids, labels = _data()
+    sched = AnnealingSchedule(tau0=2.0, rho=0.5, tau_min=0.3)
+    mcl = MCLModel(model, schedule=sched)
+    out = mcl(input_ids=ids, labels=labels)  # annealed at tau = 2
+    torch.testing.assert_close(out.weights, torch.softmax(-out.nll / 2.0, dim=0))
+    sched.step_count = 3  # tau = 0.25 <= 0.3: WTA
+    out = mcl(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.weights, torch.nn.functional.one_hot(out.winners, K).t().to(out.weights.dtype))
+    with pytest.raises(ValueError, match="needs temperature"):
+        MCLModel(model)(input_ids=ids, labels=labels, mode="annealed")
+    with pytest.raises(ValueError, match="patched with 3"):
+        MCLModel(model, num_hypotheses=2)
+
+
+def test_audio_model_inputs_repeated_and_encoder_adapted():
+    """Qwen2-Audio: the default suffix targets adapt the audio encoder's q/k/v too, and the audio
+    features are repeated with the text inputs."""
+    model = patch_model(tiny_qwen2_audio().double(), K, R, ALPHA)
+    names = [n for n, _ in multi_lora_modules(model)]
+    assert any(n.startswith("model.audio_tower.") for n in names)
+    assert any(n.startswith("model.language_model.") for n in names)
+    randomize_lora(model, scale=0.2)
+    ref = official_math_copy(model)
+    inputs = audio_inputs()
+    inputs["input_features"] = inputs["input_features"].double()
+    labels = inputs["input_ids"].clone()
+    labels[:, :6] = -100
+    out = MCLModel(model)(labels=labels, **inputs)
+    repeated = {k: v.repeat_interleave(K, 0) for k, v in inputs.items()}
+    loss, L, winners, _ = reference_mcl_loss(ref(**repeated).logits, labels, K)
+    torch.testing.assert_close(out.loss, loss)
+    torch.testing.assert_close(out.nll, L)
+    assert torch.equal(out.winners, winners)
+
+
+def test_torch_compile_mcl_model():
+    """torch.compile of MCLModel (graph breaks allowed around the lm_head hook): same loss,
+    NLL, winners and adapter gradients as eager."""
+    torch._dynamo.reset()
+    from tests.hf.helpers import tiny_llama
+
+    model = patch_model(tiny_llama(layers=1), 2, R, ALPHA)
+    randomize_lora(model, scale=0.2)
+    mcl = MCLModel(model)
+    ids, labels = _data()
+    eager = mcl(input_ids=ids, labels=labels)
+    eager.loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    out = torch.compile(mcl)(input_ids=ids, labels=labels)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, eager.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.nll, eager.nll, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out.winners, eager.winners)
+    for p, g in zip([p for p in model.parameters() if p.requires_grad], grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,158 @@
+"""patch_model / unpatch_model on tiny Llama, Qwen2 and GPT-2 models, against an unfused
+re-implementation of the official LoRA-MCL math (grouped 1x1 convolutions)."""
+import pytest
+import torch
+
+from loramcl_kernels.hf.patching import (
+    active_hypothesis,
+    lora_attributes,
+    multi_lora_modules,
+    patch_model,
+    unpatch_model,
+)
+
+from tests.hf.helpers import (
+    TARGETS,
+    TINY_MODELS,
+    VOCAB,
+    assert_close_to_scale,
+    official_math_copy,
+    official_math_grads,
+    randomize_lora,
+    tiny_llama,
+)
+
+K, R, ALPHA = 3, 4, 8
+
+
+def _batch(B=2, T=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (B, T), generator=g)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("layout", ["batch_major", "hypothesis_major"])
+def test_patched_matches_official_math(arch, layout):
+    # fp64 so that the comparison is exact up to summation order.
+    model = patch_model(TINY_MODELS[arch]().double(), K, R, ALPHA, target_modules=TARGETS[arch], layout=layout)
+    randomize_lora(model)
+    ref = official_math_copy(model, layout)
+    ids = _batch().repeat_interleave(K, 0) if layout == "batch_major" else _batch().repeat(K, 1)
+    ids = ids.clone()
+    ids[0, 3] = 5  # rows differ even inside a repeated group
+
+    out = model(input_ids=ids).logits
+    out_ref = ref(input_ids=ids).logits
+    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
+    # The hypotheses really differ.
+    assert (out[1] - out[2 if layout == "batch_major" else 4]).abs().max() > 1e-3
+
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    (out_ref * w).sum().backward()
+    grads = official_math_grads(ref)
+    modules = multi_lora_modules(model)
+    assert len(modules) == len(grads) > 0
+    for name, m in modules:
+        dA, dB = grads[name]
+        assert_close_to_scale(m.lora_A.grad, dA)
+        assert_close_to_scale(m.lora_B.grad, dB)
+
+
+def test_patch_freezes_and_unpatch_restores():
+    model = tiny_llama()
+    model.lm_head.weight.requires_grad_(True)
+    model.model.norm.weight.requires_grad_(False)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    q_proj = model.model.layers[0].self_attn.q_proj
+    ids = _batch()
+    base_logits = model(input_ids=ids).logits
+
+    patch_model(model, K, R, ALPHA)
+    names = [n for n, _ in multi_lora_modules(model)]
+    assert len(names) == 2 * 5 and all(n.rsplit(".", 1)[1] in TARGETS["llama"] for n in names)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.lora_{w}" for n in names for w in "AB"}
+    assert model.model.layers[0].self_attn.q_proj.base_layer is q_proj
+    # Fresh adapters (B = 0) compute the base model exactly.
+    torch.testing.assert_close(model(input_ids=ids.repeat_interleave(K, 0)).logits,
+                               base_logits.repeat_interleave(K, 0), rtol=1e-5, atol=1e-5)
+    assert model.loramcl_config.num_hypotheses == K and model.loramcl_config.module_names == names
+
+    unpatch_model(model)
+    assert model.model.layers[0].self_attn.q_proj is q_proj
+    assert not multi_lora_modules(model) and not hasattr(model, "loramcl_config")
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    torch.testing.assert_close(model(input_ids=ids).logits, base_logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_unpatch_merge_equals_single_adapter_mode(arch):
+    model = patch_model(TINY_MODELS[arch](), K, R, ALPHA, target_modules=TARGETS[arch])
+    randomize_lora(model)
+    ids = _batch()
+    with active_hypothesis(model, 1):
+        single = model(input_ids=ids).logits
+    # Single-adapter mode = the K-row batch's hypothesis-1 rows.
+    torch.testing.assert_close(model(input_ids=ids.repeat_interleave(K, 0)).logits[1::K], single,
+                               rtol=1e-5, atol=1e-5)
+    assert all(m.active_hypothesis is None for _, m in multi_lora_modules(model))
+    unpatch_model(model, merge_hypothesis=1)
+    assert not multi_lora_modules(model)
+    torch.testing.assert_close(model(input_ids=ids).logits, single, rtol=1e-4, atol=1e-5)
+
+
+def test_regex_targets_and_routing_attributes():
+    model = patch_model(tiny_llama(), 2, 2, target_modules=r"model\.layers\.1\.self_attn\.(q|v)_proj")
+    assert [n for n, _ in multi_lora_modules(model)] == ["model.layers.1.self_attn.q_proj",
+                                                          "model.layers.1.self_attn.v_proj"]
+    assert model.loramcl_config.lora_alpha == 2.0  # alpha defaults to r
+    with lora_attributes(model, inner=3, layout="hypothesis_major"):
+        assert all(m.inner == 3 and m.layout == "hypothesis_major" for _, m in multi_lora_modules(model))
+    assert all(m.inner == 1 and m.layout == "batch_major" for _, m in multi_lora_modules(model))
+    with pytest.raises(ValueError, match="unknown MultiLoRALinear attributes"):
+        with lora_attributes(model, rank=3):
+            pass
+    with pytest.raises(ValueError, match=r"hypothesis must be an int in \[0, 2\)"):
+        with active_hypothesis(model, 2):
+            pass
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="no module of LlamaForCausalLM matches target_modules"):
+        patch_model(tiny_llama(), K, R, target_modules=("c_attn",))
+    with pytest.raises(ValueError, match="num_hypotheses must be an integer >= 1"):
+        patch_model(tiny_llama(), 0, R)
+    with pytest.raises(ValueError, match="r must be an integer >= 1"):
+        patch_model(tiny_llama(), K, 0)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        patch_model(tiny_llama(), K, R, layout="rows")
+    with pytest.raises(ValueError, match="lora_dropout must be in"):
+        patch_model(tiny_llama(), K, R, lora_dropout=1.0)
+    with pytest.raises(TypeError, match="not nn.Linear or transformers Conv1D: model.embed_tokens"):
+        patch_model(tiny_llama(), K, R, target_modules=("embed_tokens",))
+    model = patch_model(tiny_llama(), K, R)
+    with pytest.raises(ValueError, match="already patched"):
+        patch_model(model, K, R)
+    with pytest.raises(ValueError, match="no MultiLoRALinear modules"):
+        unpatch_model(tiny_llama())
+
+
+def test_torch_compile_patched_model():
+    """torch.compile of a whole patched HF model (graph breaks allowed) equals eager, forward and
+    backward. fullgraph=True of the module alone is tested in tests/test_modules.py."""
+    torch._dynamo.reset()
+    model = patch_model(tiny_llama(layers=1), 2, R, ALPHA)
+    randomize_lora(model)
+    ids = _batch(B=2, T=5).repeat_interleave(2, 0)
+    eager = model(input_ids=ids).logits
+    eager.square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    compiled = torch.compile(model)
+    out = compiled(input_ids=ids).logits
+    out.square().mean().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)

@@ -1,0 +1,205 @@
+"""Official LoRA-MCL layer interop. The official package is not on the registries, so its layer
+is rebuilt here from its documented structure: a PEFT LoraLayer whose adapter "lora0" holds the
+K hypotheses as grouped 1x1 convolutions (lora_A [K*r, d_in, 1], lora_B [K*d_out, r, 1]), rows
+batch-major, no alpha/r in the multi-hypothesis path, alpha/r in single-adapter mode."""
+import math
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+pytest.importorskip("peft")
+from peft.tuners.lora.layer import LoraLayer  # noqa: E402
+
+from loramcl_kernels.hf.patching import active_hypothesis, multi_lora_modules, patch_model  # noqa: E402
+from loramcl_kernels.interop.official import (  # noqa: E402
+    load_official,
+    load_official_state_dict,
+    official_loss_hook,
+    official_state_dict,
+    patch_group_linear,
+    save_official,
+    unpatch_group_linear,
+)
+
+from tests.hf.helpers import VOCAB, assert_close_to_scale, reference_mcl_loss, tiny_llama  # noqa: E402
+
+K, R, ALPHA = 3, 4, 8
+TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+
+
+class GroupLinear(nn.Module, LoraLayer):
+    """The official layer's structure and math (grouped-conv forward), rebuilt for the tests."""
+
+    def __init__(self, base_layer, num_hypotheses, r, lora_alpha, lora_dropout=0.0, adapter_name="lora0"):
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.num_hypotheses = num_hypotheses
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / r
+        self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        Kn = num_hypotheses
+        self.lora_A[adapter_name] = nn.Conv1d(Kn * self.in_features, Kn * r, 1, groups=Kn, bias=False)
+        self.lora_B[adapter_name] = nn.Conv1d(Kn * r, Kn * self.out_features, 1, groups=Kn, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[adapter_name].weight)
+        self.active_hypothesis = None
+
+    def forward(self, x):
+        name = "lora0"
+        result = self.base_layer(x)
+        if self.disable_adapters:
+            return result
+        conv_A, conv_B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        Kn, r, d_in, d_out = self.num_hypotheses, self.r[name], self.in_features, self.out_features
+        k = self.active_hypothesis
+        for a in self.active_adapters:
+            m = re.fullmatch(r"lora(\d+)", a)
+            if k is None and m and a != name:
+                k = int(m[1])
+        if k is not None:  # single-adapter path: hypothesis k alone, alpha / r
+            A = conv_A.weight[k * r : (k + 1) * r, :, 0]
+            B = conv_B.weight[k * d_out : (k + 1) * d_out, :, 0]
+            return result + self.scaling[name] * F.linear(F.linear(drop(x), A), B)
+        N, T, _ = x.shape  # multi-hypothesis path: rows batch-major, no alpha / r
+        h = drop(x).reshape(N // Kn, Kn, T, d_in).permute(0, 1, 3, 2).reshape(N // Kn, Kn * d_in, T)
+        h = conv_B(conv_A(h)).reshape(N // Kn, Kn, d_out, T).permute(0, 1, 3, 2).reshape(N, T, d_out)
+        return result + h
+
+
+def official_model(dropout=0.0, seed=0):
+    model = tiny_llama(seed).double()
+    model.requires_grad_(False)
+    g = torch.Generator().manual_seed(seed + 11)
+    for name, mod in list(model.named_modules()):
+        if name.rsplit(".", 1)[-1] in TARGETS:
+            layer = GroupLinear(mod, K, R, ALPHA, dropout).double()
+            with torch.no_grad():
+                layer.lora_B["lora0"].weight.copy_(torch.randn(layer.lora_B["lora0"].weight.shape, generator=g) * 0.2)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
+    return model
+
+
+def group_layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, GroupLinear)}
+
+
+@pytest.fixture
+def patched_class():
+    patch_group_linear(GroupLinear)
+    yield GroupLinear
+    unpatch_group_linear(GroupLinear)
+
+
+def _ids(B=2, T=6):
+    return torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(2))
+
+
+def _run(model, ids, seed=0):
+    torch.manual_seed(seed)
+    out = model(input_ids=ids).logits
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=out.dtype)
+    model.zero_grad()
+    (out * w).sum().backward()
+    grads = {n: (m.lora_A["lora0"].weight.grad.clone(), m.lora_B["lora0"].weight.grad.clone())
+             for n, m in group_layers(model).items()}
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_patch_group_linear_matches_grouped_conv(patched_class, dropout):
+    model = official_model(dropout).train()
+    ids = _ids().repeat_interleave(K, 0)
+    unpatch_group_linear(GroupLinear)
+    want, want_grads = _run(model, ids)
+    patch_group_linear(GroupLinear)
+    got, got_grads = _run(model, ids)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert len(got_grads) == 10
+    for n in want_grads:
+        for g, w in zip(got_grads[n], want_grads[n]):
+            assert_close_to_scale(g, w)
+
+
+@pytest.mark.parametrize("how", ["attribute", "adapter_name"])
+def test_patch_group_linear_single_adapter_mode(patched_class, how):
+    model = official_model().eval()
+    ids = _ids()
+    for layer in group_layers(model).values():
+        if how == "attribute":
+            layer.active_hypothesis = 2
+        else:
+            layer._active_adapter = "lora2"
+    got = model(input_ids=ids).logits
+    unpatch_group_linear(GroupLinear)
+    want = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # Sanity: single mode applies alpha/r, so it is not the multi path's hypothesis 2.
+    for layer in group_layers(model).values():
+        layer.active_hypothesis, layer._active_adapter = None, "lora0"
+    multi = model(input_ids=ids.repeat_interleave(K, 0)).logits[2::K]
+    assert (multi - want).abs().max() > 1e-3
+
+
+def test_state_dict_conventions_and_round_trip(tmp_path):
+    official = official_model().eval()
+    ours = patch_model(tiny_llama().double(), K, R, ALPHA)  # scaling alpha / r = 2
+    # Official -> ours, convention "multi": our batched outputs equal the official multi path.
+    loaded = load_official_state_dict(ours, official.state_dict(), strict=False)
+    assert len(loaded) == 10
+    ids = _ids()
+    rows = ids.repeat_interleave(K, 0)
+    torch.testing.assert_close(ours(input_ids=rows).logits, official(input_ids=rows).logits, rtol=1e-10, atol=1e-10)
+    # Ours -> official keys and back is exact.
+    sd = official_state_dict(ours)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert sd[key].shape == (K * R, 32, 1)
+    assert sd[key.replace("lora_A", "lora_B")].shape == (K * 32, R, 1)
+    save_official(ours, tmp_path / "official.safetensors")
+    other = patch_model(tiny_llama().double(), K, R, ALPHA)
+    load_official(other, tmp_path / "official.safetensors")
+    for (_, a), (_, b) in zip(multi_lora_modules(ours), multi_lora_modules(other)):
+        torch.testing.assert_close(a.lora_A, b.lora_A, rtol=0, atol=0)
+        torch.testing.assert_close(a.lora_B, b.lora_B, rtol=1e-15, atol=0)
+    # Convention "single": our single-adapter mode equals the official single-adapter path.
+    load_official_state_dict(ours, official_state_dict_of(official), convention="single")
+    for layer in group_layers(official).values():
+        layer.active_hypothesis = 1
+    with active_hypothesis(ours, 1):
+        torch.testing.assert_close(ours(input_ids=ids).logits, official(input_ids=ids).logits, rtol=1e-10,
+                                   atol=1e-10)
+    with pytest.raises(ValueError, match="mismatch"):
+        load_official_state_dict(ours, {"base_model.model.nothing.lora_A.weight": torch.zeros(1)})
+    wrong_k = patch_model(tiny_llama().double(), 2, R, ALPHA)
+    with pytest.raises(ValueError, match=r"module 'model.layers.0.self_attn.q_proj': official lora_B has rank 4"):
+        load_official_state_dict(wrong_k, official_state_dict(ours))
+
+
+def official_state_dict_of(model):
+    """The official model's adapters as PEFT would save them (adapter name dropped)."""
+    return {f"base_model.model.{k.replace('.lora0', '')}": v for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def test_official_loss_hook(patched_class):
+    model = official_model().train()
+    ids = _ids(B=3, T=7)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    hook = official_loss_hook(K)
+    loss, out = hook(model, {"input_ids": ids, "labels": labels}, return_outputs=True)
+    loss.backward()
+    got = {n: m.lora_B["lora0"].weight.grad.clone() for n, m in group_layers(model).items()}
+    model.zero_grad()
+    unpatch_group_linear(GroupLinear)
+    ref_loss, L, winners, _ = reference_mcl_loss(model(input_ids=ids.repeat_interleave(K, 0)).logits, labels, K)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(out.nll, L)
+    assert torch.equal(out.winners, winners)
+    for n, m in group_layers(model).items():
+        assert_close_to_scale(got[n], m.lora_B["lora0"].weight.grad)

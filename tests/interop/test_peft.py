@@ -1,0 +1,145 @@
+"""PEFT interop: save_hypothesis writes an adapter PEFT loads with the same outputs; from_peft
+loads K PEFT adapters (directories or PeftModels) as the K hypotheses."""
+import json
+import os
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+from loramcl_kernels.hf.patching import active_hypothesis, multi_lora_modules, patch_model  # noqa: E402
+from loramcl_kernels.interop.peft_adapters import from_peft, save_hypothesis  # noqa: E402
+
+from tests.hf.helpers import TARGETS, TINY_MODELS, VOCAB, randomize_lora  # noqa: E402
+
+K = 3
+
+
+def _ids(B=2, T=6):
+    return torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(5))
+
+
+def _hypothesis_logits(model, k, ids):
+    with active_hypothesis(model, k):
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("arch,rslora", [("llama", False), ("gpt2", True)])
+def test_save_hypothesis_loads_in_peft(tmp_path, arch, rslora):
+    model = patch_model(TINY_MODELS[arch](), K, 4, 8, target_modules=TARGETS[arch], use_rslora=rslora)
+    randomize_lora(model)
+    ids = _ids()
+    for k in (0, 2):
+        save_hypothesis(model, k, tmp_path / f"h{k}")
+        assert sorted(os.listdir(tmp_path / f"h{k}")) == ["adapter_config.json", "adapter_model.safetensors"]
+        peft_model = PeftModel.from_pretrained(TINY_MODELS[arch](), tmp_path / f"h{k}")
+        lora_layers = [m for m in peft_model.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+        assert len(lora_layers) == len(multi_lora_modules(model))
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, _hypothesis_logits(model, k, ids),
+                                   rtol=1e-5, atol=1e-5)
+    config = json.loads((tmp_path / "h0" / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(TARGETS[arch]) and config["use_rslora"] == rslora
+
+
+def test_round_trip_dirs(tmp_path):
+    model = patch_model(TINY_MODELS["qwen2"](), K, 4, 16, target_modules=TARGETS["qwen2"], lora_dropout=0.1)
+    randomize_lora(model)
+    dirs = []
+    for k in range(K):
+        save_hypothesis(model, k, tmp_path / str(k))
+        dirs.append(tmp_path / str(k))
+    loaded = from_peft(dirs, TINY_MODELS["qwen2"]())
+    assert loaded.loramcl_config.lora_dropout == 0.1 and loaded.loramcl_config.lora_alpha == 16
+    ours = dict(multi_lora_modules(model))
+    for name, m in multi_lora_modules(loaded):
+        assert torch.equal(m.lora_A, ours[name].lora_A) and torch.equal(m.lora_B, ours[name].lora_B)
+    ids = _ids()
+    torch.testing.assert_close(loaded(input_ids=ids.repeat_interleave(K, 0)).logits,
+                               model(input_ids=ids.repeat_interleave(K, 0)).logits)
+
+
+def _peft_with_adapters(configs):
+    base = TINY_MODELS["llama"]()
+    peft_model = get_peft_model(base, configs[0], adapter_name="a0")
+    for i, cfg in enumerate(configs[1:], 1):
+        peft_model.add_adapter(f"a{i}", cfg)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return peft_model.eval()
+
+
+def test_from_peft_model_with_mixed_ranks_alphas_and_targets():
+    configs = [
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        LoraConfig(r=2, lora_alpha=16, target_modules=["q_proj", "down_proj"], use_rslora=True),
+        LoraConfig(r=8, lora_alpha=8, target_modules=["v_proj"]),
+    ]
+    peft_model = _peft_with_adapters(configs)
+    ids = _ids()
+    expected = []
+    for i in range(3):
+        peft_model.set_adapter(f"a{i}")
+        expected.append(peft_model(input_ids=ids).logits)
+    model = from_peft(peft_model)  # consumes the PeftModel: its base is unloaded and patched
+    assert model.loramcl_config.num_hypotheses == 3 and model.loramcl_config.r == 8
+    assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in model.modules())
+    joint = model(input_ids=ids.repeat_interleave(3, 0)).logits
+    for k in range(3):
+        torch.testing.assert_close(joint[k::3], expected[k], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_hypothesis_logits(model, k, ids), expected[k], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(expected[0], expected[1])
+
+
+def test_from_peft_list_of_peft_models_and_dirs(tmp_path):
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
+    a = _peft_with_adapters([cfg])
+    b = _peft_with_adapters([cfg])
+    with torch.no_grad():
+        for n, p in b.named_parameters():
+            if "lora_B" in n:
+                p.mul_(-2)
+    b.save_pretrained(tmp_path / "b")
+    ids = _ids()
+    want = [a(input_ids=ids).logits, b(input_ids=ids).logits]
+    model = from_peft([a, tmp_path / "b" / "a0"])  # PEFT saves a non-default adapter name in a subfolder
+    for k in range(2):
+        torch.testing.assert_close(_hypothesis_logits(model, k, ids), want[k], rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_keys_ignored_and_unsupported_refused(tmp_path):
+    model = patch_model(TINY_MODELS["llama"](), 2, 4, 8)
+    randomize_lora(model)
+    save_hypothesis(model, 1, tmp_path / "h")
+    cfg_file = tmp_path / "h" / "adapter_config.json"
+    config = json.loads(cfg_file.read_text())
+    config["some_future_option"] = {"x": 1}
+    cfg_file.write_text(json.dumps(config))
+    loaded = from_peft([tmp_path / "h"], TINY_MODELS["llama"]())
+    ids = _ids()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, _hypothesis_logits(model, 1, ids))
+
+    for key, value, message in [
+        ("use_dora", True, "DoRA"),
+        ("modules_to_save", ["lm_head"], "modules_to_save"),
+        ("bias", "lora_only", "trained biases"),
+        ("peft_type", "IA3", "only LoRA adapters"),
+    ]:
+        cfg_file.write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ValueError, match=message):
+            from_peft([tmp_path / "h"], TINY_MODELS["llama"]())
+    cfg_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="base_model is required"):
+        from_peft([tmp_path / "h"])
+    with pytest.raises(FileNotFoundError, match="not a PEFT adapter directory"):
+        from_peft([tmp_path], TINY_MODELS["llama"]())
+    with pytest.raises(ValueError, match="lacks"):
+        from_peft([tmp_path / "h"], TINY_MODELS["gpt2"]())
+    # A PEFT DoRA model is refused too.
+    dora = get_peft_model(TINY_MODELS["llama"](), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="DoRA"):
+        from_peft(dora)

@@ -1,0 +1,175 @@
+"""MultiLoRALinear: init, routing (layouts, inner, ids, single adapter, shared input), dropout,
+merge, Conv1D bases, gradients and torch.compile, against explicit per-row math."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from loramcl_kernels.modules import MultiLoRALinear
+
+K, R, D_IN, D_OUT = 3, 4, 16, 12
+
+
+def _module(bias=True, conv1d=False, dtype=torch.float64, seed=0, **kw):
+    torch.manual_seed(seed)
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        base = Conv1D(D_OUT, D_IN).to(dtype)
+        nn.init.normal_(base.bias)
+    else:
+        base = nn.Linear(D_IN, D_OUT, bias=bias).to(dtype)
+    m = MultiLoRALinear(base, K, R, lora_alpha=kw.pop("lora_alpha", 8), **kw)
+    with torch.no_grad():
+        m.lora_B.normal_()
+    return m
+
+
+def _per_row(m, x, hyp, scaling=None):
+    """Explicit y[n] = x[n] W^T + b + s (x[n] A_h^T) B_h^T, row by row (h = -1: base only)."""
+    s = m.scaling if scaling is None else scaling
+    W = m.weight
+    out = []
+    for n in range(x.shape[0]):
+        y = F.linear(x[n], W, m.bias)
+        h = int(hyp[n])
+        if h >= 0:
+            y = y + s * (x[n] @ m.lora_A[h].t()) @ m.lora_B[h].t()
+        out.append(y)
+    return torch.stack(out)
+
+
+def test_init_matches_peft_kaiming_and_zero_b():
+    torch.manual_seed(0)
+    m = MultiLoRALinear(nn.Linear(256, 64), 4, 8, lora_alpha=16)
+    bound = 1 / math.sqrt(256)  # kaiming_uniform(a=sqrt(5)) on (r, d_in): fan_in = d_in
+    assert m.lora_A.shape == (4, 8, 256) and m.lora_B.shape == (4, 64, 8)
+    assert m.lora_A.abs().max() <= bound and m.lora_A.abs().max() > 0.95 * bound
+    assert abs(m.lora_A.std().item() - bound / math.sqrt(3)) < 0.03 * bound
+    assert torch.count_nonzero(m.lora_B) == 0
+    assert m.scaling == 2.0 and m.lora_A.requires_grad and m.lora_B.requires_grad
+    assert not any(p.requires_grad for p in m.base_layer.parameters())
+    x = torch.randn(8, 5, 256)
+    torch.testing.assert_close(m(x), m.base_layer(x))
+    assert MultiLoRALinear(nn.Linear(8, 8), 2, 4, lora_alpha=8, use_rslora=True).scaling == 4.0
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("layout,inner", [("batch_major", 1), ("batch_major", 2), ("hypothesis_major", 1)])
+def test_forward_and_grads_match_per_row_math(conv1d, layout, inner):
+    m = _module(conv1d=conv1d, layout=layout, inner=inner)
+    N = K * inner * 2
+    x = torch.randn(N, 5, D_IN, dtype=torch.float64, requires_grad=True)
+    n = torch.arange(N)
+    hyp = (n // inner) % K if layout == "batch_major" else n // (N // K)
+    y = m(x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = _per_row(m, x_ref, hyp)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    dx, dA, dB = torch.autograd.grad(y, (x, m.lora_A, m.lora_B), g)
+    dx_ref, dA_ref, dB_ref = torch.autograd.grad(y_ref, (x_ref, m.lora_A, m.lora_B), g)
+    torch.testing.assert_close(dx, dx_ref)
+    torch.testing.assert_close(dA, dA_ref)
+    torch.testing.assert_close(dB, dB_ref)
+
+
+def test_hypothesis_ids_single_adapter_and_shared_input():
+    m = _module()
+    x = torch.randn(5, 3, D_IN, dtype=torch.float64)
+    ids = torch.tensor([2, -1, 0, 1, 2])
+    m.hypothesis_ids = ids
+    torch.testing.assert_close(m(x), _per_row(m, x, ids))
+    m.hypothesis_ids = None
+    m.active_hypothesis = 1
+    torch.testing.assert_close(m(x), _per_row(m, x, torch.ones(5, dtype=torch.long)))
+    m.active_hypothesis = None
+    m.shared_input = True
+    y = m(x)  # (5*K, 3, D_OUT), batch-major: row b*K + k is input b under hypothesis k
+    torch.testing.assert_close(y, _per_row(m, x.repeat_interleave(K, 0), torch.arange(5 * K) % K))
+
+
+def test_dropout_masks_per_hypothesis():
+    m = _module(bias=False, lora_dropout=0.5)
+    with torch.no_grad():  # identical adapters: outputs differ only through dropout masks
+        m.lora_A.copy_(m.lora_A[:1].expand_as(m.lora_A))
+        m.lora_B.copy_(m.lora_B[:1].expand_as(m.lora_B))
+    x = torch.randn(K * 2, 4, D_IN, dtype=torch.float64)
+    m.train()
+    torch.manual_seed(7)
+    y = m(x)
+    torch.manual_seed(7)
+    x_drop = F.dropout(x, 0.5, training=True)
+    y_ref = F.linear(x, m.weight) + m.scaling * (x_drop @ m.lora_A[0].t()) @ m.lora_B[0].t()
+    torch.testing.assert_close(y, y_ref)
+    # Shared input: every hypothesis draws its own mask.
+    m.shared_input = True
+    x1 = torch.randn(1, 4, D_IN, dtype=torch.float64)
+    y = m(x1)
+    assert y.shape == (K, 4, D_OUT)
+    assert (y[0] - y[1]).abs().max() > 1e-3 and (y[1] - y[2]).abs().max() > 1e-3
+    m.eval()
+    y = m(x1)
+    torch.testing.assert_close(y[0], y[1])
+    torch.testing.assert_close(y[0], _per_row(m, x1, [0])[0])
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_merge(conv1d):
+    m = _module(conv1d=conv1d)
+    x = torch.randn(4, 3, D_IN, dtype=torch.float64)
+    merged = m.merge(2)
+    assert type(merged) is nn.Linear and merged.weight.shape == (D_OUT, D_IN)
+    m.active_hypothesis = 2
+    torch.testing.assert_close(merged(x), m(x))
+    with pytest.raises(ValueError, match=r"hypothesis must be an int in \[0, 3\)"):
+        m.merge(3)
+
+
+def test_extra_repr_and_bad_arguments():
+    m = _module(backend="reference")
+    text = repr(m)
+    for piece in ("num_hypotheses=3", "r=4", "lora_alpha=8", "scaling=2", "backend=reference", "layout=batch_major"):
+        assert piece in text
+    with pytest.raises(ValueError, match="num_hypotheses must be an integer >= 1"):
+        MultiLoRALinear(nn.Linear(4, 4), 0, 2)
+    with pytest.raises(ValueError, match="r must be an integer >= 1"):
+        MultiLoRALinear(nn.Linear(4, 4), 2, 0)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        MultiLoRALinear(nn.Linear(4, 4), 2, 2, lora_dropout=-0.1)
+    with pytest.raises(ValueError, match="layout"):
+        MultiLoRALinear(nn.Linear(4, 4), 2, 2, layout="rows")
+    with pytest.raises(TypeError, match="wraps nn.Linear or transformers' Conv1D"):
+        MultiLoRALinear(nn.Conv1d(4, 4, 1), 2, 2)
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    m = _module(dtype=torch.float32)
+    x = torch.randn(K * 2, 5, D_IN, requires_grad=True)
+    y = m(x)
+    dx, dA = torch.autograd.grad(y.square().sum(), (x, m.lora_A))
+    compiled = torch.compile(m, fullgraph=True)
+    y_c = compiled(x)
+    dx_c, dA_c = torch.autograd.grad(y_c.square().sum(), (x, m.lora_A))
+    torch.testing.assert_close(y_c, y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx_c, dx, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dA_c, dA, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_backend_through_the_module():
+    """The module on the Triton kernels (the interpreter on CPU): fp32, values and gradients."""
+    from tests.utils import TRITON_DEVICE
+
+    m = _module(dtype=torch.float32, backend="triton").to(TRITON_DEVICE)
+    x = torch.randn(K * 2, 3, D_IN, device=TRITON_DEVICE, requires_grad=True)
+    y = m(x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = _per_row(m, x_ref, torch.arange(K * 2) % K)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, (x, m.lora_A, m.lora_B), g),
+                         torch.autograd.grad(y_ref, (x_ref, m.lora_A, m.lora_B), g)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

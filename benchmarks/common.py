@@ -96,3 +96,7 @@ def time_graph_us(fn, *, replays: int = 200) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1e3 / replays
+
+
+def fmt_gib(value: float) -> str:
+    return "-" if value != value else f"{value:.2f}"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: environment, GPU tests, benchmarks. Logs and JSON go to $OUT
-# (the device tool's output folder) or ./results. Steps: env tests bench (set STEPS to choose),
+# (the device tool's output folder) or ./results. Steps: env tests bench profile e2e bench_loss
+# (STEPS chooses; default env tests bench),
 # PYTEST_ARGS selects tests. Each step has its own time limit so a slow one cannot eat the rest.
 set -uo pipefail
 OUT=${OUT:-results}
@@ -20,6 +21,8 @@ for step in $STEPS; do
     profile)
       { timeout 120 python3 benchmarks/profile_multi_lora.py --K 4 --T 2048 --r 16
         timeout 60 python3 benchmarks/profile_multi_lora.py --K 5 --T 780 --r 8 --shared; } 2>&1 | tee "$OUT/profile.log" ;;
+    e2e)
+      timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_e2e.py --out "$OUT/e2e.json" 2>&1 | tee "$OUT/bench_e2e.log" ;;
     bench_loss)
       timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_mcl_loss.py --out "$OUT/mcl_loss.json" 2>&1 | tee "$OUT/bench_mcl_loss.log" ;;
   esac

@@ -67,7 +67,9 @@ def official_loss(model, input_ids, labels, K):
     rep = input_ids.unsqueeze(1).expand(-1, K, -1).reshape(-1, input_ids.shape[1])
     logits = model(input_ids=rep).logits.float()
     lab = labels.unsqueeze(1).expand(-1, K, -1).reshape(-1, labels.shape[1])
-    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), lab[:, 1:], ignore_index=-100, reduction="none")
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # (K*B*(T-1), V), as the official code
+    nll = F.cross_entropy(shift_logits, lab[:, 1:].reshape(-1), ignore_index=-100, reduction="none")
+    nll = nll.view(lab.shape[0], -1)
     mask = (lab[:, 1:] != -100).float()
     per_seq = (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
     return per_seq.view(-1, K).min(1).values.mean()

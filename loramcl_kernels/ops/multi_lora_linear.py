@@ -32,7 +32,8 @@ gives G = 1. The base GEMM runs once over the input rows and each output tile is
 once per hypothesis, from the same accumulator. Backward: dx = (sum_k dy_k) W + dS_all A_all.
 
 Backends: 'reference' is plain PyTorch with fp32 accumulation (fp64 stays fp64): the oracle and
-the CPU path. 'triton' has two paths, chosen per call (env LORAMCL_MULTI_LORA_PATH overrides):
+the CPU path. 'triton' has two paths, chosen per call by _choose_path (env LORAMCL_MULTI_LORA_PATH
+overrides):
   fused   one persistent Triton GEMM loading x and W through TMA tensor descriptors, with the
           block-diagonal expand (and bias, and the K shared-input outputs) in its epilogue;
   cublas  cuBLAS for x W^T (+ bias), then a Triton epilogue kernel that adds the expand in place
@@ -403,16 +404,22 @@ def _tma_ok(*tensors: Tensor) -> bool:
     return True
 
 
-def _choose_path(x: Tensor, weight: Optional[Tensor]) -> str:
+def _choose_path(x: Tensor, weight: Optional[Tensor], shared: bool = False) -> str:
+    """'fused' or 'cublas' for this call; env LORAMCL_MULTI_LORA_PATH=fused|cublas overrides auto.
+
+    auto follows benchmarks/bench_multi_lora.py on an H200 (eager, bf16, d=4096): with distinct
+    rows per hypothesis cuBLAS + the Triton epilogue was faster at all four training shapes, with
+    shared input the fused GEMM (K outputs per tile) at three of four; few rows (decoding) are
+    bound by reading W, where cuBLAS's split-K kernels win. fused needs Hopper TMA and aligned rows.
+    """
     path = os.environ.get("LORAMCL_MULTI_LORA_PATH", "auto").lower()
     if path not in PATHS:
         raise ValueError(f"LORAMCL_MULTI_LORA_PATH must be one of {PATHS}, got '{path}'")
     eligible = weight is not None and _tma_ok(x, weight)
     if path == "fused":
         return "fused" if eligible else "cublas"
-    if path == "cublas" or not eligible or _device_facts(x.device)[1] < 9:
+    if path == "cublas" or not eligible or not shared or _device_facts(x.device)[1] < 9:
         return "cublas"
-    # A handful of rows (decoding) is bound by reading W: cuBLAS's split-K kernels win there.
     return "fused" if x.shape[0] >= 256 else "cublas"
 
 
@@ -465,14 +472,14 @@ def _base_then_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out,
 
 
 def _gemm_with_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out, shared_out, num_hyp, r,
-                      rows_per_group=1, stacked_expand=None):
+                      rows_per_group=1, stacked_expand=None, shared=False):
     """The fused path when it applies, else cuBLAS + the Triton epilogue.
 
     stacked_expand() gives E_all (N, K*r) contiguous with the scaling folded in: when the rows of S
     and E_all are 16-byte aligned the fused GEMM loads both through TMA descriptors and the expand
     becomes ceil(K*r / BK) extra K-steps (the shared-output mode always uses the per-k epilogue).
     """
-    if _choose_path(x, weight) == "fused":
+    if _choose_path(x, weight, shared) == "fused":
         weight = weight.contiguous()
         if stacked_expand is not None and not shared_out and _tma_ok(shrink):
             e_all = stacked_expand()
@@ -529,7 +536,7 @@ def multi_lora_linear_shared_triton(x, weight, bias, lora_A, lora_B, scaling, nu
     shrink_all = _launch_shrink(x, lora_A, None, None, 1, block_diag=False)  # (G*L, K*r)
     out = torch.empty(x.shape[0] * num_hyp, lora_B.shape[1], device=x.device, dtype=x.dtype)
     y = _gemm_with_expand(x, weight, False, bias, shrink_all, *_b_as_expand(lora_B), scaling, out, True, num_hyp, r,
-                          x.shape[0] // num_groups)
+                          x.shape[0] // num_groups, shared=True)
     return y, shrink_all
 
 
@@ -541,7 +548,8 @@ def multi_lora_linear_shared_triton_backward(grad_y, x, weight, lora_A, lora_B, 
     grad_y_sum = grad_y4.sum(1, dtype=torch.float32).to(x.dtype).reshape(-1, grad_y.shape[-1])
     out = torch.empty(x.shape[0], d_in, device=x.device, dtype=x.dtype)
     grad_x = _gemm_with_expand(grad_y_sum, weight, True, None, grad_shrink_all, *_a_as_expand(lora_A), None, out,
-                               False, num_hyp, r, stacked_expand=lambda: _stack_A(lora_A, x.dtype).t().contiguous())
+                               False, num_hyp, r, stacked_expand=lambda: _stack_A(lora_A, x.dtype).t().contiguous(),
+                               shared=True)
     return grad_x, grad_A, grad_B
 
 

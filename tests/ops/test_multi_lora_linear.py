@@ -181,6 +181,9 @@ def test_triton_fused_path_taken_when_eligible(monkeypatch):
     assert mll._choose_path(x, w) == "fused"
     assert mll._choose_path(x[:, :30], w[:, :30]) == "cublas"  # rows not 16-byte aligned: no TMA
     assert mll._choose_path(x, None) == "cublas"
+    monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "auto")
+    assert mll._choose_path(x, w) == "cublas"  # auto: fused only for shared input on Hopper GPUs
+    assert mll._choose_path(x, w, shared=True) == "cublas"  # (not on CPU)
     monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "bogus")
     with pytest.raises(ValueError, match="LORAMCL_MULTI_LORA_PATH"):
         mll._choose_path(x, w)

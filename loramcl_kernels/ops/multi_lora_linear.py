@@ -409,7 +409,8 @@ def _choose_path(x: Tensor, weight: Optional[Tensor], shared: bool = False) -> s
 
     auto follows benchmarks/bench_multi_lora.py on an H200 (eager, bf16, d=4096): with distinct
     rows per hypothesis cuBLAS + the Triton epilogue was faster at all four training shapes, with
-    shared input the fused GEMM (K outputs per tile) at three of four; few rows (decoding) are
+    shared input the fused GEMM (K outputs per tile) at two of four and within 1 % at a third
+    (benchmarks/measured/h200-2026-11-26/); few rows (decoding) are
     bound by reading W, where cuBLAS's split-K kernels win. fused needs Hopper TMA and aligned rows.
     """
     path = os.environ.get("LORAMCL_MULTI_LORA_PATH", "auto").lower()

@@ -10,16 +10,16 @@ A: (K, r, d_in), B: (K, d_out, r), s: (K,) scaling. Every flattened row m has a 
 
     y[m] = x[m] W^T + bias + s[h] * (x[m] A_h^T) B_h^T
 
-Block-diagonal form. Let S (M, r) hold the shrink x[m] A_h^T of each row (the compact form of the
-(M, K*r) matrix S_bd that holds it in the columns of block h and zeros elsewhere). Then
+Block-diagonal form. Let S_bd (M, K*r) hold row m's shrink x[m] A_h^T in the columns of its
+block h and zeros elsewhere (a zero row for h = -1). Then
 
     y = x W^T + bias + S_bd B_all^T,  B_all = [s_1 B_1 | ... | s_K B_K]  (d_out, K*r)
 
 so the LoRA expand is one extra inner block of size K*r whatever the row-to-hypothesis map is:
-no per-hypothesis tiles, so decoding a few rows per hypothesis wastes nothing. S is tiny and is
-kept for the backward pass:
+no per-hypothesis tiles, so decoding a few rows per hypothesis wastes nothing. S_bd (M*K*r
+values, in x's dtype) is kept for the backward pass:
 
-    dS[m] = s[h] * dy[m] B_h                      (M, r), the same shrink kernel on dy
+    dS_bd = s[h] * dy[m] B_h in block h           the same shrink kernel on dy
     dx    = dy W + dS_bd A_all,  A_all = [A_1; ...; A_K]  (K*r, d_in): the same GEMM kernel
     dA_k  = sum_{m: h(m)=k} dS[m]^T x[m]  = (dS_bd^T x)  block k
     dB_k  = s_k sum_{m: h(m)=k} dy[m]^T S[m] = s_k (dy^T S_bd) block k
@@ -34,8 +34,10 @@ once per hypothesis, from the same accumulator. Backward: dx = (sum_k dy_k) W + 
 Backends: 'reference' is plain PyTorch with fp32 accumulation (fp64 stays fp64): the oracle and
 the CPU path. 'triton' has two paths, chosen per call by _choose_path (env LORAMCL_MULTI_LORA_PATH
 overrides):
-  fused   one persistent Triton GEMM loading x and W through TMA tensor descriptors, with the
-          block-diagonal expand (and bias, and the K shared-input outputs) in its epilogue;
+  fused   one persistent Triton GEMM loading x and W through TMA tensor descriptors; the expand
+          is ceil(K*r / BK) more K-steps over S_bd and B_all (also through TMA when their rows
+          are 16-byte aligned, else a per-hypothesis epilogue), bias in the epilogue; with shared
+          input the epilogue writes the K outputs of each tile;
   cublas  cuBLAS for x W^T (+ bias), then a Triton epilogue kernel that adds the expand in place
           (or writes the K shared-input outputs).
 Both use the Triton shrink kernel; dA and dB are deterministic cuBLAS GEMMs over the
@@ -45,7 +47,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor

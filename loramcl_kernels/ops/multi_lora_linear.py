@@ -326,6 +326,10 @@ if triton is not None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # plain Python: triton.cdiv called from Python goes through the JIT machinery
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -385,15 +389,16 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
         return out
     block_c = r_pad * min(_next_pow2(num_hyp), max(1, 256 // r_pad))
     # x is read once; many row tiles keep every SM streaming (P, K*r x D, is re-read from L2)
-    block_m, block_d = (16, 32) if _interpreting() else (32, 128)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(num_hyp, block_c // r_pad))
+    on_cpu = x.device.type == "cpu"  # CPU tensors only run under the Triton interpreter
+    block_m, block_d = (16, 32) if on_cpu else (32, 128)
+    grid = (_cdiv(m, block_m), _cdiv(num_hyp, block_c // r_pad))
     _shrink_kernel[grid](
         x, p, scaling if scaling is not None else x, hypothesis_ids if hypothesis_ids is not None else x, out,
         m, d, r, num_hyp, row_div,
         x.stride(0), p.stride(0), p.stride(1), p.stride(2), out.stride(0),
         BM=block_m, BD=block_d, BC=block_c, R_PAD=r_pad, BLOCK_DIAG=block_diag,
         HAS_IDS=hypothesis_ids is not None, HAS_SCALE=scaling is not None, DOT_PRECISION=_DOT_PRECISION,
-        num_warps=4, num_stages=1 if _interpreting() else 3,
+        num_warps=4, num_stages=1 if on_cpu else 3,
     )
     return out
 
@@ -449,12 +454,12 @@ def _launch_gemm_expand(x, weight, w_kn, init, shrink, e, e_strides, scaling, bi
         num_sms = _device_facts(out.device)[0]
 
         def grid(meta):
-            return (min(num_sms, triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"])),)
+            return (min(num_sms, _cdiv(m, meta["BM"]) * _cdiv(n, meta["BN"])),)
 
         _gemm_kernel[grid](*args, num_sms, *strides, **common)
     else:
-        block_m, block_n = (16, 32) if _interpreting() else (64, 128)
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        block_m, block_n = (16, 32) if out.device.type == "cpu" else (64, 128)
+        tiles = _cdiv(m, block_m) * _cdiv(n, block_n)
         _gemm_expand_kernel[(tiles,)](*args, tiles, *strides, BM=block_m, BN=block_n, BK=16, GM=8, **common,
                                       num_warps=4, num_stages=1)
     return out

@@ -62,12 +62,7 @@ if not common.HAS_CUDA:
     # kernel module is imported (used by --cpu-backend triton; the reference path ignores it).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-try:
-    from loramcl_kernels.ops.multi_lora_linear import multi_lora_linear
-    OP_IMPORT_ERROR = None
-except Exception as exc:  # the op is missing or broken: baselines still run, ours rows say why
-    multi_lora_linear = None
-    OP_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+from loramcl_kernels.ops.multi_lora_linear import multi_lora_linear  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATH_ENV = "LORAMCL_MULTI_LORA_PATH"
@@ -210,21 +205,12 @@ def ours_impls(mode, *, shared_input=False):
         def fn(x, W, A, Bm, _backend=backend):
             return multi_lora_linear(x, W, None, A, Bm, 1.0, shared_input=shared_input, backend=_backend)
 
-        skip = None if multi_lora_linear is not None else f"op not importable: {OP_IMPORT_ERROR}"
-        impls.append(Impl(name, fn, path_env=path, ours=True, skip=skip))
+        impls.append(Impl(name, fn, path_env=path, ours=True))
     return impls
 
 
 def reference(x, W, A, Bm, *, shared_input=False):
-    if multi_lora_linear is not None:
-        return multi_lora_linear(x, W, None, A, Bm, 1.0, shared_input=shared_input, backend="reference")
-    # Without the op, check the baselines against an fp32 einsum of the same formula.
-    K = A.shape[0]
-    if shared_input:
-        x = x.unsqueeze(1).expand(x.shape[0], K, *x.shape[1:]).reshape(x.shape[0] * K, *x.shape[1:])
-    x4 = x.float().view(x.shape[0] // K, K, *x.shape[1:])
-    y = x4 @ W.float().t() + torch.einsum("bktr,kor->bkto", torch.einsum("bktd,krd->bktr", x4, A.float()), Bm.float())
-    return y.reshape(x.shape[0], *y.shape[2:]).to(x.dtype)
+    return multi_lora_linear(x, W, None, A, Bm, 1.0, shared_input=shared_input, backend="reference")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -544,9 +530,6 @@ def main(argv=None):
     if args.quick:
         timing["warmup_ms"] /= 2
         timing["rep_ms"] /= 2
-    if OP_IMPORT_ERROR:
-        print(f"WARNING: multi_lora_linear does not import ({OP_IMPORT_ERROR}); our rows are skipped and "
-              "the baselines are checked against an fp32 einsum instead.")
     dtype_name = str(dtype).replace("torch.", "")
 
     train_impls = [*ours_impls(ours_mode),
@@ -569,7 +552,7 @@ def main(argv=None):
     meta = {**common.run_meta(), "dtype": dtype_name, "smoke_run": not ON_GPU, "quick": args.quick,
             "ours_mode": ours_mode,
             "timing": timing, "wall_s": wall_s, "bwd_timing": "retain_graph, else fwdbwd_minus_fwd (per row)",
-            "op_import_error": OP_IMPORT_ERROR, "rel_tol": REL_TOL[dtype],
+            "rel_tol": REL_TOL[dtype],
             "targets": {"fwdbwd_vs_base_only": TARGET_FWDBWD_VS_BASE,
                         "shared_vs_shared_repeat": TARGET_SHARED_VS_REPEAT,
                         "decode_vs_base_only": TARGET_DECODE_VS_BASE}}

@@ -659,9 +659,11 @@ def _shared_backward(ctx, grad_y, grad_shrink):
     x, weight, lora_A, lora_B, scaling, shrink_all = ctx.saved_tensors
     grad_x, grad_A, grad_B = _multi_lora_linear_shared_backward_op(
         grad_y.contiguous(), x, weight, lora_A, lora_B, scaling, shrink_all, ctx.num_groups, ctx.backend)
-    num_hyp = lora_A.shape[0]
-    grad_y_sum = grad_y.reshape(ctx.num_groups, num_hyp, -1, grad_y.shape[-1]).sum(1).reshape(-1, grad_y.shape[-1])
-    grad_weight, grad_bias = _weight_grads(ctx, grad_y_sum, x)
+    grad_weight = grad_bias = None
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:  # a pass over dy only when W or bias train
+        num_hyp = lora_A.shape[0]
+        grad_y_sum = grad_y.reshape(ctx.num_groups, num_hyp, -1, grad_y.shape[-1]).sum(1).reshape(-1, grad_y.shape[-1])
+        grad_weight, grad_bias = _weight_grads(ctx, grad_y_sum, x)
     return grad_x, grad_weight, grad_bias, grad_A, grad_B, None, None, None
 
 

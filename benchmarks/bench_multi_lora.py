@@ -304,6 +304,11 @@ def bench_training(case, d_in, d_out, dtype, device, impls, timing):
                     bwd_ms, bwd_method = fwdbwd_ms - fwd_ms, "fwdbwd_minus_fwd"
                 y_kept = bwd = None
                 peak = common.peak_extra_gib(fwdbwd)
+                fwdbwd_host_us = common.host_us(fwdbwd)
+                try:  # GPU time without the host: the whole fwd+bwd replayed from a CUDA graph
+                    fwdbwd_graph_ms = common.time_graph_us(fwdbwd) / 1e3
+                except Exception:  # noqa: BLE001 - an implementation that cannot be captured
+                    fwdbwd_graph_ms = math.nan
         except Exception as exc:  # noqa: BLE001 - record and go on with the other rows
             rows += [{**base, "what": what, "error": error_text(exc), "ms": math.nan}
                      for what in ("multilora_fwd", "multilora_bwd", "multilora_fwdbwd")]
@@ -313,10 +318,12 @@ def bench_training(case, d_in, d_out, dtype, device, impls, timing):
         rows.append({**base, "what": "multilora_fwd", "ms": fwd_ms, **checked})
         rows.append({**base, "what": "multilora_bwd", "ms": bwd_ms, "bwd_method": bwd_method, **checked})
         rows.append({**base, "what": "multilora_fwdbwd", "ms": fwdbwd_ms, "peak_gib": peak,
+                     "host_us": fwdbwd_host_us, "graph_ms": fwdbwd_graph_ms,
                      "base_tflops_equiv": flops_fwdbwd / (fwdbwd_ms * 1e-3) / 1e12, **checked})
     del x, dy, ref_y, ref_grads, W, A, Bm
     release()
     add_ratios(rows, "base_only", "ratio_to_base")
+    add_ratios(rows, "base_only", "graph_ratio_to_base", key="graph_ms")
     for row in rows:
         if row["what"] == "multilora_fwdbwd" and row["impl"].startswith("ours"):
             set_target(row, row.get("ratio_to_base"), TARGET_FWDBWD_VS_BASE, "fwd+bwd <= 1.10x base_only")
@@ -480,13 +487,16 @@ def print_tables(train_rows, shared_rows, decode_rows, card, dtype_name):
                       fmt(rs["multilora_bwd"].get("ms")) + ("*" if rs["multilora_bwd"].get("bwd_method") ==
                                                             "fwdbwd_minus_fwd" else ""),
                       fmt(fb.get("ms")), fmt(fb.get("ratio_to_base"), ".2f"), fmt(fb.get("peak_gib")),
+                      fmt(fb.get("host_us"), ".0f"), fmt(fb.get("graph_ms")), fmt(fb.get("graph_ratio_to_base"), ".2f"),
                       status_cell(fb), check_cell(fb)])
     common.print_table(
         f"Multi-LoRA linear, forward / backward / fwd+bwd in ms, {dtype_name}, on {card}",
         ["K", "B x T", "r", "impl", "fwd", "bwd", "fwd+bwd", "fwd+bwd / base_only", "peak GiB",
+         "host us / fwd+bwd", "fwd+bwd (CUDA graph)", "graph / base_only",
          f"target <= {TARGET_FWDBWD_VS_BASE:.2f}x", "check vs reference"], table)
     print("bwd: timed on a retained graph (autograd.grad, retain_graph=True); * = (fwd+bwd) - fwd "
-          "where the graph cannot be retained.")
+          "where the graph cannot be retained. host us: time to enqueue one fwd+bwd; when it exceeds "
+          "the fwd+bwd time the host is the bottleneck. CUDA graph: the same fwd+bwd replayed without the host.")
     table = [[r_["K"], f"{r_['B']}x{r_['T']}", r_["r"], r_["impl"], fmt(r_.get("ms")),
               fmt(r_.get("ratio_to_repeat"), ".2f"), status_cell(r_), check_cell(r_)] for r_ in shared_rows]
     common.print_table(

@@ -100,3 +100,22 @@ def time_graph_us(fn, *, replays: int = 200) -> float:
 
 def fmt_gib(value: float) -> str:
     return "-" if value != value else f"{value:.2f}"
+
+
+def host_us(fn, *, calls: int = 20) -> float:
+    """Microseconds the host spends per call of fn() to enqueue its GPU work (NaN on CPU).
+
+    The GPU is drained first, then `calls` calls are enqueued back to back and the wall time is
+    read before synchronizing: when that exceeds the GPU time per call, the host is the bottleneck.
+    fn must not sync with the host and must be warmed up.
+    """
+    if not HAS_CUDA:
+        return float("nan")
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed * 1e6 / calls
+

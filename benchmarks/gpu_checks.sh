@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: environment, GPU tests, benchmarks. Logs and JSON go to $OUT
-# (the device tool's output folder) or ./results. Steps: env tests bench profile e2e bench_loss
+# (the device tool's output folder) or ./results. Steps: env tests bench profile host e2e bench_loss
 # (STEPS chooses; default env tests bench),
 # PYTEST_ARGS selects tests. Each step has its own time limit so a slow one cannot eat the rest.
 set -uo pipefail
@@ -21,6 +21,9 @@ for step in $STEPS; do
     profile)
       { timeout 120 python3 benchmarks/profile_multi_lora.py --K 4 --T 2048 --r 16
         timeout 60 python3 benchmarks/profile_multi_lora.py --K 5 --T 780 --r 8 --shared; } 2>&1 | tee "$OUT/profile.log" ;;
+    host)
+      { timeout 60 python3 benchmarks/profile_multi_lora.py --K 5 --T 780 --r 8 --host
+        timeout 60 python3 benchmarks/profile_multi_lora.py --K 5 --T 8 --r 8 --host; } 2>&1 | tee "$OUT/host.log" ;;
     e2e)
       timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_e2e.py --out "$OUT/e2e.json" 2>&1 | tee "$OUT/bench_e2e.log" ;;
     bench_loss)

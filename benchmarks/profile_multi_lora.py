@@ -1,10 +1,13 @@
 """Where the time of one multi_lora_linear forward+backward goes, kernel by kernel (GPU).
 
-python benchmarks/profile_multi_lora.py [--paths fused,cublas] [--K 4 --T 2048 --r 16] [--shared]
+python benchmarks/profile_multi_lora.py [--paths fused,cublas] [--K 4 --T 2048 --r 16] [--shared] [--host]
 Prints the CUDA kernel time table of torch.profiler for each path next to cuBLAS base-only.
+--host prints instead the host time per call (microseconds to enqueue, GPU drained first) of each
+launch and of the public calls: where the eager time goes when the host is the bottleneck.
 """
 import argparse
 import os
+import sys
 
 import torch
 
@@ -17,6 +20,7 @@ def main():
     parser.add_argument("--T", type=int, default=2048)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--d", type=int, default=4096)
+    parser.add_argument("--host", action="store_true", help="host microseconds per call instead of kernel times")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no GPU: nothing to profile")
@@ -38,6 +42,9 @@ def main():
         y = x @ w.t()
         torch.autograd.grad(y, (x,), g[: x.shape[0]])
 
+    if args.host:
+        host_table(args, x, w, a, b, g, ours, base)
+        return
     runs = [("ours-" + p, p, ours) for p in args.paths.split(",")] + [("base_only", None, base)]
     for name, path, fn in runs:
         if path:
@@ -52,6 +59,45 @@ def main():
         shared = " shared input" if args.shared else ""
         print(f"\n## {name}{shared}  K={K} T={T} r={r} d={d} bf16, fwd+bwd x 10, {torch.cuda.get_device_name()}")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
+def host_table(args, x, w, a, b, g, ours, base):
+    """Host us per call: each Triton launch on its own, then the public calls."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import common  # benchmarks/common.py
+    from loramcl_kernels.ops import multi_lora_linear as mll
+
+    x2 = x.detach().reshape(-1, x.shape[-1])
+    s = torch.full((args.K,), 2.0, device="cuda")
+    shrink = mll._launch_shrink(x2, a.detach(), None, None, args.T, block_diag=True)
+    out = torch.empty(x2.shape[0], w.shape[0], device="cuda", dtype=x.dtype)
+    e, e_strides = mll._b_as_expand(b.detach())
+    calls = {
+        "torch.mm (x W^T)": lambda: torch.mm(x2, w.t()),
+        "torch.empty": lambda: torch.empty_like(out),
+        "shrink kernel": lambda: mll._launch_shrink(x2, a.detach(), None, None, args.T, block_diag=True),
+        "epilogue kernel": lambda: mll._launch_gemm_expand(None, None, False, out, shrink, e, e_strides, s, None,
+                                                           out, False, args.K, args.r),
+        "fused GEMM kernel": lambda: mll._launch_gemm_expand(x2, w, False, None, shrink, e, e_strides, s, None,
+                                                             out, False, args.K, args.r),
+        "public forward, no grad": lambda: torch.no_grad()(ours_forward)(x, w, a, b),
+        "public fwd+bwd": ours,
+        "base fwd+bwd": base,
+    }
+    print(f"\n## host us per call, K={args.K} T={args.T} r={args.r} d={args.d}, {torch.cuda.get_device_name()}")
+    print("| call | path | host us |\n|---|---|---|")
+    for path in args.paths.split(","):
+        os.environ["LORAMCL_MULTI_LORA_PATH"] = path
+        for name, fn in calls.items():
+            for _ in range(3):
+                fn()
+            print(f"| {name} | {path} | {common.host_us(fn, calls=50):.1f} |")
+
+
+def ours_forward(x, w, a, b):
+    from loramcl_kernels import multi_lora_linear
+
+    return multi_lora_linear(x, w, None, a, b, 2.0, backend="triton")
 
 
 if __name__ == "__main__":

@@ -42,11 +42,17 @@ overrides):
           (or writes the K shared-input outputs).
 Both use the Triton shrink kernel; dA and dB are deterministic cuBLAS GEMMs over the
 block-diagonal matrices (no atomics). Neither path syncs with the host.
+
+The four implementations are registered as torch.library custom ops (fake implementations,
+autograd), which torch.compile traces. Eager calls reach the same implementations and autograd
+formulas through a plain torch.autograd.Function, which costs far less host time than the
+dispatcher (see the "Eager path" section).
 """
 from __future__ import annotations
 
 import functools
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -103,8 +109,10 @@ def _lora_weight_grads(grad_shrink_bd, shrink_bd, x, grad_y, scaling, lora_A, lo
     num_hyp, r, d_in = lora_A.shape
     grad_A = (grad_shrink_bd.t() @ x).view(num_hyp, r, d_in)
     grad_Bt = (shrink_bd.t() @ grad_y).view(num_hyp, r, -1)  # (K, r, d_out)
-    grad_B = grad_Bt.transpose(1, 2) * scaling.to(grad_Bt.dtype)[:, None, None]
-    return grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype).contiguous()
+    # one elementwise kernel scales, transposes to (K, d_out, r) and casts (computed in fp32)
+    grad_B = torch.empty_like(lora_B, memory_format=torch.contiguous_format)
+    torch.mul(grad_Bt.transpose(1, 2), scaling[:, None, None], out=grad_B)
+    return grad_A.to(lora_A.dtype), grad_B
 
 
 def multi_lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div):
@@ -566,6 +574,14 @@ def multi_lora_linear_shared_triton_backward(grad_y, x, weight, lora_A, lora_B, 
 # ---------------------------------------------------------------------------------------------
 
 
+# The implementations per backend, shared by the registered ops and the eager autograd path below.
+_FORWARD = {"triton": multi_lora_linear_triton, "reference": multi_lora_linear_ref}
+_BACKWARD = {"triton": multi_lora_linear_triton_backward, "reference": multi_lora_linear_ref_backward}
+_SHARED_FORWARD = {"triton": multi_lora_linear_shared_triton, "reference": multi_lora_linear_shared_ref}
+_SHARED_BACKWARD = {"triton": multi_lora_linear_shared_triton_backward,
+                    "reference": multi_lora_linear_shared_ref_backward}
+
+
 def _grad_outputs_like(x: Tensor, lora_A: Tensor, lora_B: Tensor):
     """Fake backward outputs: contiguous dx, dA, dB (the real kernels return contiguous tensors)."""
     return x.new_empty(x.shape), lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
@@ -575,8 +591,7 @@ def _grad_outputs_like(x: Tensor, lora_A: Tensor, lora_B: Tensor):
 def _multi_lora_linear_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_A: Tensor,
                           lora_B: Tensor, scaling: Tensor, hypothesis_ids: Optional[Tensor], row_div: int,
                           backend: str) -> tuple[Tensor, Tensor]:
-    impl = multi_lora_linear_triton if backend == "triton" else multi_lora_linear_ref
-    return impl(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div)
+    return _FORWARD[backend](x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div)
 
 
 @_multi_lora_linear_op.register_fake
@@ -588,8 +603,7 @@ def _(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div, backend
 def _multi_lora_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], lora_A: Tensor,
                                    lora_B: Tensor, scaling: Tensor, hypothesis_ids: Optional[Tensor], row_div: int,
                                    shrink_bd: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    impl = multi_lora_linear_triton_backward if backend == "triton" else multi_lora_linear_ref_backward
-    return impl(grad_y, x, weight, lora_A, lora_B, scaling, hypothesis_ids, row_div, shrink_bd)
+    return _BACKWARD[backend](grad_y, x, weight, lora_A, lora_B, scaling, hypothesis_ids, row_div, shrink_bd)
 
 
 @_multi_lora_linear_backward_op.register_fake
@@ -611,12 +625,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, lora_A, lora_B, scaling, hypothesis_ids, output[1])
 
 
-def _backward(ctx, grad_y, grad_shrink):
+def _backward_with(backward_impl, ctx, grad_y):
     x, weight, lora_A, lora_B, scaling, hypothesis_ids, shrink_bd = ctx.saved_tensors
-    grad_x, grad_A, grad_B = _multi_lora_linear_backward_op(
+    grad_x, grad_A, grad_B = backward_impl(
         grad_y.contiguous(), x, weight, lora_A, lora_B, scaling, hypothesis_ids, ctx.row_div, shrink_bd, ctx.backend)
     grad_weight, grad_bias = _weight_grads(ctx, grad_y, x)
     return grad_x, grad_weight, grad_bias, grad_A, grad_B, None, None, None, None
+
+
+def _backward(ctx, grad_y, grad_shrink):
+    return _backward_with(_multi_lora_linear_backward_op, ctx, grad_y)
 
 
 _multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -626,8 +644,7 @@ _multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 def _multi_lora_linear_shared_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_A: Tensor,
                                  lora_B: Tensor, scaling: Tensor, num_groups: int,
                                  backend: str) -> tuple[Tensor, Tensor]:
-    impl = multi_lora_linear_shared_triton if backend == "triton" else multi_lora_linear_shared_ref
-    return impl(x, weight, bias, lora_A, lora_B, scaling, num_groups)
+    return _SHARED_FORWARD[backend](x, weight, bias, lora_A, lora_B, scaling, num_groups)
 
 
 @_multi_lora_linear_shared_op.register_fake
@@ -640,8 +657,7 @@ def _(x, weight, bias, lora_A, lora_B, scaling, num_groups, backend):
 def _multi_lora_linear_shared_backward_op(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], lora_A: Tensor,
                                           lora_B: Tensor, scaling: Tensor, shrink_all: Tensor, num_groups: int,
                                           backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    impl = multi_lora_linear_shared_triton_backward if backend == "triton" else multi_lora_linear_shared_ref_backward
-    return impl(grad_y, x, weight, lora_A, lora_B, scaling, shrink_all, num_groups)
+    return _SHARED_BACKWARD[backend](grad_y, x, weight, lora_A, lora_B, scaling, shrink_all, num_groups)
 
 
 @_multi_lora_linear_shared_backward_op.register_fake
@@ -655,9 +671,9 @@ def _shared_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, lora_A, lora_B, scaling, output[1])
 
 
-def _shared_backward(ctx, grad_y, grad_shrink):
+def _shared_backward_with(backward_impl, ctx, grad_y):
     x, weight, lora_A, lora_B, scaling, shrink_all = ctx.saved_tensors
-    grad_x, grad_A, grad_B = _multi_lora_linear_shared_backward_op(
+    grad_x, grad_A, grad_B = backward_impl(
         grad_y.contiguous(), x, weight, lora_A, lora_B, scaling, shrink_all, ctx.num_groups, ctx.backend)
     grad_weight = grad_bias = None
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:  # a pass over dy only when W or bias train
@@ -667,7 +683,79 @@ def _shared_backward(ctx, grad_y, grad_shrink):
     return grad_x, grad_weight, grad_bias, grad_A, grad_B, None, None, None
 
 
+def _shared_backward(ctx, grad_y, grad_shrink):
+    return _shared_backward_with(_multi_lora_linear_shared_backward_op, ctx, grad_y)
+
+
 _multi_lora_linear_shared_op.register_autograd(_shared_backward, setup_context=_shared_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eager path: the same implementations and autograd formulas without the dispatcher
+# ---------------------------------------------------------------------------------------------
+# A call through a registered op pays for the dispatcher, argument normalisation and the
+# generated autograd wrapper: on the dev CPU, with the kernel launches stubbed out, that was about
+# 85 us per forward+backward, more than everything else on the host together. Eagerly the public
+# function therefore calls the implementations directly (no autograd node when nothing needs a
+# gradient) or through these autograd.Functions; torch.compile traces the registered ops.
+
+
+def _backward_direct(*args):
+    """The backward op's body for the eager path: same arguments, the last one names the backend."""
+    return _BACKWARD[args[-1]](*args[:-1])
+
+
+def _shared_backward_direct(*args):
+    return _SHARED_BACKWARD[args[-1]](*args[:-1])
+
+
+class _MultiLoRALinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div, backend):
+        output = _FORWARD[backend](x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div)
+        _setup_context(ctx, (x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div, backend), output)
+        ctx.mark_non_differentiable(output[1])
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, grad_shrink):
+        return _backward_with(_backward_direct, ctx, grad_y)
+
+
+class _MultiLoRALinearSharedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, num_groups, backend):
+        output = _SHARED_FORWARD[backend](x, weight, bias, lora_A, lora_B, scaling, num_groups)
+        _shared_setup_context(ctx, (x, weight, bias, lora_A, lora_B, scaling, num_groups, backend), output)
+        ctx.mark_non_differentiable(output[1])
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, grad_shrink):
+        return _shared_backward_with(_shared_backward_direct, ctx, grad_y)
+
+
+def _needs_autograd(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _run_op(x, weight, bias, lora_A, lora_B, scale, hypothesis_ids, row_div, backend):
+    if torch.compiler.is_compiling():
+        return _multi_lora_linear_op(x, weight, bias, lora_A, lora_B, scale, hypothesis_ids, row_div, backend)
+    if _needs_autograd(x, weight, bias, lora_A, lora_B):
+        return _MultiLoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, hypothesis_ids, row_div,
+                                              backend)
+    return _FORWARD[backend](x, weight, bias, lora_A, lora_B, scale, hypothesis_ids, row_div)
+
+
+def _run_shared_op(x, weight, bias, lora_A, lora_B, scale, num_groups, backend):
+    if torch.compiler.is_compiling():
+        return _multi_lora_linear_shared_op(x, weight, bias, lora_A, lora_B, scale, num_groups, backend)
+    if _needs_autograd(x, weight, bias, lora_A, lora_B):
+        return _MultiLoRALinearSharedFunction.apply(x, weight, bias, lora_A, lora_B, scale, num_groups, backend)
+    return _SHARED_FORWARD[backend](x, weight, bias, lora_A, lora_B, scale, num_groups)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -725,6 +813,9 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, num_hypotheses):
     return num_hyp, r, d_in, d_out
 
 
+_SCALING_VECTORS: dict = {}
+
+
 def _scaling_vector(scaling, num_hyp: int, x: Tensor) -> Tensor:
     if isinstance(scaling, Tensor):
         if scaling.requires_grad:
@@ -737,7 +828,18 @@ def _scaling_vector(scaling, num_hyp: int, x: Tensor) -> Tensor:
         return scaling.to(device=x.device, dtype=_acc_dtype(x.dtype)).contiguous()
     if not isinstance(scaling, (int, float)):
         raise TypeError(f"scaling must be a float or a (K,) tensor, got {type(scaling).__name__}")
-    return torch.full((num_hyp,), float(scaling), device=x.device, dtype=_acc_dtype(x.dtype))
+    dtype = _acc_dtype(x.dtype)
+    if torch.compiler.is_compiling() or (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return torch.full((num_hyp,), float(scaling), device=x.device, dtype=dtype)
+    # Eagerly a float scaling becomes a cached (K,) tensor: no fill kernel per call. The cached
+    # tensors are never written to; they are made outside inference mode so that autograd may save them.
+    key = (float(scaling), num_hyp, x.device, dtype)
+    vector = _SCALING_VECTORS.get(key)
+    if vector is None:
+        with torch.inference_mode(False):
+            vector = torch.full((num_hyp,), float(scaling), device=x.device, dtype=dtype)
+        _SCALING_VECTORS[key] = vector
+    return vector
 
 
 def _row_div(n: int, tokens: int, num_hyp: int, layout: str, inner: int, hypothesis_ids) -> int:
@@ -747,6 +849,22 @@ def _row_div(n: int, tokens: int, num_hyp: int, layout: str, inner: int, hypothe
     if layout == "batch_major":
         return tokens * inner
     return tokens * (n // num_hyp)
+
+
+_LAST_CHECKED_IDS: list = [None, -1, -1]  # weakref to the ids tensor, its version counter, K
+
+
+def _check_id_values(hypothesis_ids: Tensor, num_hyp: int) -> None:
+    """ids in [-1, K). Reading them is a host sync, so it happens once per ids tensor: a model's
+    layers all receive the same tensor, and an in-place change bumps its version and re-checks.
+    Skipped while torch.compile traces (the values are not known there)."""
+    ref, version, checked_k = _LAST_CHECKED_IDS
+    if ref is not None and ref() is hypothesis_ids and version == hypothesis_ids._version and checked_k == num_hyp:
+        return
+    lo, hi = int(hypothesis_ids.min()), int(hypothesis_ids.max())
+    if lo < -1 or hi >= num_hyp:
+        raise ValueError(f"hypothesis_ids must lie in [-1, K) = [-1, {num_hyp}), got values in [{lo}, {hi}]")
+    _LAST_CHECKED_IDS[:] = [weakref.ref(hypothesis_ids), hypothesis_ids._version, num_hyp]
 
 
 def _check_layout(n, num_hyp, layout, inner, hypothesis_ids, shared_input, device):
@@ -765,11 +883,8 @@ def _check_layout(n, num_hyp, layout, inner, hypothesis_ids, shared_input, devic
             raise TypeError(f"hypothesis_ids must hold integers, got {hypothesis_ids.dtype}")
         if hypothesis_ids.device != device:
             raise ValueError(f"hypothesis_ids is on {hypothesis_ids.device} but x is on {device}")
-        # A value check needs the values on the host: it is skipped while torch.compile traces.
         if not torch.compiler.is_compiling() and n > 0:
-            lo, hi = int(hypothesis_ids.min()), int(hypothesis_ids.max())
-            if lo < -1 or hi >= num_hyp:
-                raise ValueError(f"hypothesis_ids must lie in [-1, K) = [-1, {num_hyp}), got values in [{lo}, {hi}]")
+            _check_id_values(hypothesis_ids, num_hyp)
         return
     if shared_input:
         if layout == "batch_major" and n % inner:
@@ -827,8 +942,8 @@ def multi_lora_linear(
     tokens = x2.shape[0] // n if n else 1
     if shared_input:
         num_groups = n // inner if layout == "batch_major" else 1
-        y2, _ = _multi_lora_linear_shared_op(x2, weight, bias, lora_A, lora_B, scale, max(num_groups, 1), chosen)
+        y2, _ = _run_shared_op(x2, weight, bias, lora_A, lora_B, scale, max(num_groups, 1), chosen)
         return y2.view(n * num_hyp, *lead[1:], d_out)
     row_div = max(_row_div(n, tokens, num_hyp, layout, inner, hypothesis_ids), 1)
-    y2, _ = _multi_lora_linear_op(x2, weight, bias, lora_A, lora_B, scale, hypothesis_ids, row_div, chosen)
+    y2, _ = _run_op(x2, weight, bias, lora_A, lora_B, scale, hypothesis_ids, row_div, chosen)
     return y2.view(*lead, d_out)

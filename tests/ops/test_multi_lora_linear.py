@@ -289,6 +289,51 @@ def test_torch_compile_fullgraph_matches_eager(backend, shared):
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_eager_path_equals_registered_op(backend, shared):
+    """Eagerly the public function skips the dispatcher (autograd.Function, or a direct call when
+    nothing needs a gradient); it must give bit-identical outputs and gradients to the registered op."""
+    device = "cpu" if backend == "reference" else TRITON_DEVICE
+    x, w, b, a, bb, s = make_inputs(6, (3,), 16, 12, 4, 3, torch.float32, device)
+    x2 = x.reshape(-1, 16)
+
+    def via_public(x2, w, b, a, bb):
+        return multi_lora_linear(x2.view(6, 3, 16), w, b, a, bb, s, shared_input=shared, backend=backend)
+
+    def via_op(x2, w, b, a, bb):
+        if shared:
+            y, _ = mll._multi_lora_linear_shared_op(x2, w, b, a, bb, s.float(), 6, backend)
+            return y.view(18, 3, 12)
+        y, _ = mll._multi_lora_linear_op(x2, w, b, a, bb, s.float(), None, 3, backend)
+        return y.view(6, 3, 12)
+
+    public = forward_and_grads(via_public, x2, w, b, a, bb)
+    op = forward_and_grads(via_op, x2, w, b, a, bb)
+    assert len(public) == len(op) == 6
+    for p_, o in zip(public, op):
+        assert torch.equal(p_, o)
+    with torch.no_grad():
+        y = via_public(x2, w, b, a, bb)
+    assert y.grad_fn is None and torch.equal(y, public[0])
+
+
+def test_float_scaling_is_cached_and_usable_after_inference_mode():
+    x, w, b, a, bb, _ = make_inputs(4, (), 8, 8, 2, 2, torch.float32, "cpu")
+    with torch.inference_mode():  # the first call may come from generation
+        y_inf = multi_lora_linear(x, w, b, a, bb, 0.75 + 1e-3, backend="reference")
+    first = mll._scaling_vector(0.75 + 1e-3, 2, x)
+    assert first is mll._scaling_vector(0.75 + 1e-3, 2, x)
+    assert not first.is_inference() and torch.equal(first, torch.full((2,), 0.75 + 1e-3))
+    leaves = [t.clone().requires_grad_() for t in (x, a, bb)]
+    y = multi_lora_linear(leaves[0], w, b, leaves[1], leaves[2], 0.75 + 1e-3, backend="reference")
+    y.sum().backward()  # the cached vector is saved for backward: it must not be an inference tensor
+    assert torch.equal(y.detach(), y_inf)
+    expected = naive(x.double(), w.double(), b.double(), a.double(), bb.double(),
+                     torch.full((2,), 0.75 + 1e-3, dtype=torch.float64), hypotheses_of_rows(4, 2))
+    torch.testing.assert_close(y.detach().double(), expected, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input and backend selection
 # ----------------------------------------------------------------------------------------------
@@ -332,6 +377,27 @@ def test_bad_input_raises(over, err, match):
     args, kwargs = _good(**over)
     with pytest.raises(err, match=match):
         multi_lora_linear(**args, **kwargs)
+
+
+def test_hypothesis_ids_values_read_once_per_tensor(monkeypatch):
+    """Checking ids reads them on the host (a sync): once per ids tensor and version, not per layer."""
+    x, w, b, a, bb, s = make_inputs(6, (), 8, 4, 2, 3, torch.float32, "cpu")
+    ids = torch.tensor([0, 1, 2, -1, 1, 0])
+    reads = []
+    real_min = torch.Tensor.min
+    monkeypatch.setattr(torch.Tensor, "min", lambda self, *args, **kw: reads.append(1) or real_min(self, *args, **kw))
+    y1 = multi_lora_linear(x, w, b, a, bb, s, hypothesis_ids=ids, backend="reference")
+    y2 = multi_lora_linear(x, w, b, a, bb, s, hypothesis_ids=ids, backend="reference")
+    assert len(reads) == 1 and torch.equal(y1, y2)
+    expected = naive(x.double(), w.double(), b.double(), a.double(), bb.double(), s.double(),
+                     hypotheses_of_rows(6, 3, ids=ids))
+    torch.testing.assert_close(y1.double(), expected, rtol=1e-5, atol=1e-5)
+    ids[3] = 3  # changed in place: its version moves on and the values are read again
+    with pytest.raises(ValueError, match=r"hypothesis_ids must lie in \[-1, K\)"):
+        multi_lora_linear(x, w, b, a, bb, s, hypothesis_ids=ids, backend="reference")
+    with pytest.raises(ValueError, match=r"hypothesis_ids must lie in \[-1, K\)"):
+        multi_lora_linear(x, w, b, a, bb, s, hypothesis_ids=torch.tensor([0, 1, 2, 5, 1, 0]), backend="reference")
+    assert len(reads) == 3
 
 
 def test_device_mismatch_raises():
@@ -438,16 +504,20 @@ def test_gpu_matches_fp64_within_2x_plain_torch(case, dtype, path, monkeypatch):
 
 
 @requires_cuda
-def test_gpu_deterministic_and_free_of_host_syncs():
+@pytest.mark.parametrize("routing", ["batch_major", "ids", "shared", "float_scaling"])
+def test_gpu_deterministic_and_free_of_host_syncs(routing):
     x, w, b, a, bb, s = make_inputs(5, (200,), 4096, 4096, 8, 5, torch.bfloat16, "cuda")
     x, a, bb = (t.requires_grad_() for t in (x, a, bb))
-    grad_out = torch.randn(5, 200, 4096, device="cuda", dtype=torch.bfloat16)
+    kwargs = {"ids": dict(hypothesis_ids=torch.tensor([4, -1, 0, 2, 1], device="cuda")),
+              "shared": dict(shared_input=True)}.get(routing, {})
+    scaling = 0.5 if routing == "float_scaling" else s
+    grad_out = torch.randn(25 if routing == "shared" else 5, 200, 4096, device="cuda", dtype=torch.bfloat16)
 
     def step():
-        y = multi_lora_linear(x, w, b, a, bb, s, backend="triton")
+        y = multi_lora_linear(x, w, b, a, bb, scaling, backend="triton", **kwargs)
         return [y.detach(), *torch.autograd.grad(y, (x, a, bb), grad_out)]
 
-    first = step()  # compiles and autotunes (those sync)
+    first = step()  # compiles, autotunes and checks the ids once (those sync)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host sync in forward/backward now raises
     try:

@@ -88,6 +88,7 @@ class MultiLoRALinear(nn.Module):
         inner: int = 1,
         backend: str | None = None,
         init_lora_weights: bool = True,
+        adapter_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         if not supported_base_layer(base_layer):
@@ -125,7 +126,9 @@ class MultiLoRALinear(nn.Module):
         self.active_hypothesis: int | None = None
         self.shared_input = False
         self.backend = backend
-        factory = dict(device=weight.device, dtype=weight.dtype)
+        if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
+            raise TypeError(f"adapter_dtype must be a floating torch.dtype or None, got {adapter_dtype!r}")
+        factory = dict(device=weight.device, dtype=adapter_dtype or weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(num_hypotheses, r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(num_hypotheses, self.out_features, r, **factory))
         self.reset_lora_parameters(init_lora_weights)
@@ -175,13 +178,24 @@ class MultiLoRALinear(nn.Module):
             raise ValueError(f"hypothesis must be an int in [0, {self.num_hypotheses}), got {k!r}")
 
     # -- forward ----------------------------------------------------------------------------
+    def _adapters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """lora_A, lora_B in the base layer's dtype: adapters kept in another dtype (fp32 master
+        weights, as PEFT keeps them) are cast for the fused op; gradients reach them through the cast.
+        Under autocast the op casts every operand to the autocast dtype itself."""
+        lora_A, lora_B = self.lora_A, self.lora_B
+        dtype = self.base_layer.weight.dtype
+        if lora_A.dtype != dtype and not torch.is_autocast_enabled(lora_A.device.type):
+            lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
+        return lora_A, lora_B
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
         dropout = self.training and self.lora_dropout_p > 0
         k = self.active_hypothesis
+        all_A, all_B = self._adapters()
         if k is not None:
             # Single-adapter mode: every row through adapter k.
-            lora_A, lora_B = self.lora_A[k : k + 1], self.lora_B[k : k + 1]
+            lora_A, lora_B = all_A[k : k + 1], all_B[k : k + 1]
             kw = dict(num_hypotheses=1, layout="batch_major", inner=1, backend=self.backend)
             if not dropout:
                 return _multi_lora_linear(x, weight, bias, lora_A, lora_B, self.scaling, **kw)
@@ -196,15 +210,13 @@ class MultiLoRALinear(nn.Module):
             backend=self.backend,
         )
         if not dropout:
-            return _multi_lora_linear(
-                x, weight, bias, self.lora_A, self.lora_B, self.scaling, shared_input=self.shared_input, **kw
-            )
+            return _multi_lora_linear(x, weight, bias, all_A, all_B, self.scaling, shared_input=self.shared_input, **kw)
         base = F.linear(x, weight, bias)
         if self.shared_input:
             # Each hypothesis draws its own dropout mask: repeat first, then drop.
             x = repeat_rows(x, self.num_hypotheses, self.layout)
             base = repeat_rows(base, self.num_hypotheses, self.layout)
-        delta = _multi_lora_linear(self.lora_dropout(x), None, None, self.lora_A, self.lora_B, self.scaling, **kw)
+        delta = _multi_lora_linear(self.lora_dropout(x), None, None, all_A, all_B, self.scaling, **kw)
         return base + delta
 
     def extra_repr(self) -> str:

@@ -173,3 +173,37 @@ def test_triton_backend_through_the_module():
     for got, want in zip(torch.autograd.grad(y, (x, m.lora_A, m.lora_B), g),
                          torch.autograd.grad(y_ref, (x_ref, m.lora_A, m.lora_B), g)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fp32_master_adapters_on_a_16_bit_base(dropout):
+    """adapter_dtype=float32 keeps the trainable adapters in fp32 on a bf16 base (as PEFT does): the
+    forward casts them to bf16, and their gradients arrive in fp32."""
+    torch.manual_seed(0)
+    base = nn.Linear(D_IN, D_OUT).to(torch.bfloat16)
+    m = MultiLoRALinear(base, K, R, lora_alpha=8, lora_dropout=dropout, adapter_dtype=torch.float32,
+                        backend="reference", init_lora_weights=False)
+    assert m.lora_A.dtype == m.lora_B.dtype == torch.float32
+    m16 = MultiLoRALinear(base, K, R, lora_alpha=8, lora_dropout=dropout, backend="reference")
+    with torch.no_grad():
+        m16.lora_A.copy_(m.lora_A)
+        m16.lora_B.copy_(m.lora_B)
+    x = torch.randn(2 * K, 5, D_IN, dtype=torch.bfloat16)
+    g = torch.randn(2 * K, 5, D_OUT, dtype=torch.bfloat16)
+    torch.manual_seed(1)
+    y = m(x)
+    y.backward(g)
+    torch.manual_seed(1)
+    y16 = m16(x)
+    y16.backward(g)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y16)
+    assert m.lora_A.grad.dtype == torch.float32
+    assert torch.equal(m.lora_A.grad, m16.lora_A.grad.float())
+    assert torch.equal(m.lora_B.grad, m16.lora_B.grad.float())
+    hyp = [n % K for n in range(2 * K)]
+    if dropout == 0.0:
+        expected = _per_row(m16.double(), x.double(), hyp)
+        torch.testing.assert_close(y.double(), expected, rtol=2e-2, atol=2e-2)
+    with pytest.raises(TypeError, match="adapter_dtype"):
+        MultiLoRALinear(base, K, R, adapter_dtype=torch.int32)
+

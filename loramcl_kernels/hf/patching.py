@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
+import torch
 import torch.nn as nn
 
 from loramcl_kernels.modules import LAYOUTS, MultiLoRALinear, _check_positive_int, supported_base_layer
@@ -77,11 +78,14 @@ def patch_model(
     use_rslora: bool = False,
     backend: str | None = None,
     init_lora_weights: bool = True,
+    adapter_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Put K LoRA adapters on every module of `model` matching `target_modules`; returns `model`.
 
     Matching modules must be nn.Linear or transformers' Conv1D. lora_alpha defaults to r
     (scaling 1). Every parameter of the model except the new lora_A / lora_B is frozen.
+    adapter_dtype: dtype of lora_A / lora_B (default: each base layer's); torch.float32 keeps fp32
+    master adapters on a bf16/fp16 base, as PEFT does: they are cast to the base dtype in the forward.
     """
     num_hypotheses = _check_positive_int("num_hypotheses", num_hypotheses)
     r = _check_positive_int("r", r)
@@ -135,6 +139,7 @@ def patch_model(
             layout=layout,
             backend=backend,
             init_lora_weights=init_lora_weights,
+            adapter_dtype=adapter_dtype,
         )
         module.train(base.training)  # an eval-mode model stays in eval mode (no LoRA dropout)
         _set_submodule(model, name, module)

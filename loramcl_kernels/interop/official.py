@@ -182,11 +182,14 @@ def _group_linear_forward(self, x: torch.Tensor, *args, _adapter_name: str = GRO
         scaling, num = 1.0, K  # the official multi-hypothesis path applies no alpha/r
     kw = dict(num_hypotheses=num, layout="batch_major", inner=getattr(self, "inner", 1))
     dropout = self.lora_dropout[name] if name in self.lora_dropout else nn.Identity()
-    x_lora = x.to(lora_A.dtype)
     fused_base = isinstance(base, nn.Linear) or is_conv1d(base)
     if fused_base and not args and not kwargs and (not self.training or isinstance(dropout, nn.Identity)):
+        # One fused call in the base layer's dtype (PEFT keeps adapters in fp32 on a 16-bit base).
         weight = base.weight.t() if is_conv1d(base) else base.weight
-        return _multi_lora_linear(x_lora, weight, base.bias, lora_A, lora_B, scaling, **kw).to(x.dtype)
+        dtype = weight.dtype
+        y = _multi_lora_linear(x.to(dtype), weight, base.bias, lora_A.to(dtype), lora_B.to(dtype), scaling, **kw)
+        return y.to(x.dtype)
+    x_lora = x.to(lora_A.dtype)
     result = self.base_layer(x, *args, **kwargs)
     delta = _multi_lora_linear(dropout(x_lora), None, None, lora_A, lora_B, scaling, **kw)
     return result + delta.to(result.dtype)

@@ -50,6 +50,7 @@ dispatcher (see the "Eager path" section).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import weakref
@@ -625,7 +626,19 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, lora_A, lora_B, scaling, hypothesis_ids, output[1])
 
 
+def _autocast_off(device: torch.device):
+    """A backward called inside an autocast region must keep its fp32 accumulation."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _backward_with(backward_impl, ctx, grad_y):
+    with _autocast_off(grad_y.device):
+        return _backward_formula(backward_impl, ctx, grad_y)
+
+
+def _backward_formula(backward_impl, ctx, grad_y):
     x, weight, lora_A, lora_B, scaling, hypothesis_ids, shrink_bd = ctx.saved_tensors
     grad_x, grad_A, grad_B = backward_impl(
         grad_y.contiguous(), x, weight, lora_A, lora_B, scaling, hypothesis_ids, ctx.row_div, shrink_bd, ctx.backend)
@@ -672,6 +685,11 @@ def _shared_setup_context(ctx, inputs, output):
 
 
 def _shared_backward_with(backward_impl, ctx, grad_y):
+    with _autocast_off(grad_y.device):
+        return _shared_backward_formula(backward_impl, ctx, grad_y)
+
+
+def _shared_backward_formula(backward_impl, ctx, grad_y):
     x, weight, lora_A, lora_B, scaling, shrink_all = ctx.saved_tensors
     grad_x, grad_A, grad_B = backward_impl(
         grad_y.contiguous(), x, weight, lora_A, lora_B, scaling, shrink_all, ctx.num_groups, ctx.backend)
@@ -930,6 +948,18 @@ def multi_lora_linear(
     hypothesis_ids[n] in [-1, K) (-1 = base only). shared_input=True: every hypothesis sees all N
     rows and the result has N*K rows in the layout. Returns (N, ..., d_out) or (N*K, ..., d_out).
     """
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        # Under autocast every floating operand runs in the autocast dtype, as for F.linear (fp32
+        # master adapters included; their gradients flow back through the cast). The op itself then
+        # runs with autocast off so that its fp32 accumulation stays fp32.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, bias, lora_A, lora_B = (
+            t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+            for t in (x, weight, bias, lora_A, lora_B))
+        with torch.autocast(x.device.type, enabled=False):
+            return multi_lora_linear(x, weight, bias, lora_A, lora_B, scaling, num_hypotheses=num_hypotheses,
+                                     layout=layout, inner=inner, hypothesis_ids=hypothesis_ids,
+                                     shared_input=shared_input, backend=backend)
     num_hyp, r, d_in, d_out = _check_inputs(x, weight, bias, lora_A, lora_B, num_hypotheses)
     n = x.shape[0]
     _check_layout(n, num_hyp, layout, inner, hypothesis_ids, shared_input, x.device)

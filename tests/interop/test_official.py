@@ -103,7 +103,7 @@ def _ids(B=2, T=6):
 def _run(model, ids, seed=0):
     torch.manual_seed(seed)
     out = model(input_ids=ids).logits
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=out.dtype)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(out.dtype)
     model.zero_grad()
     (out * w).sum().backward()
     grads = {n: (m.lora_A["lora0"].weight.grad.clone(), m.lora_B["lora0"].weight.grad.clone())
@@ -124,6 +124,27 @@ def test_patch_group_linear_matches_grouped_conv(patched_class, dropout):
     for n in want_grads:
         for g, w in zip(got_grads[n], want_grads[n]):
             assert_close_to_scale(g, w)
+
+
+def test_patch_group_linear_fp32_adapters_on_a_bf16_base(patched_class):
+    """PEFT keeps adapters in fp32 on a 16-bit base: the patched layer runs one fused call in the
+    base dtype, and the fp32 adapters get their gradients, close to the fp64 computation."""
+    model = official_model(0.0).train()
+    ids = _ids().repeat_interleave(K, 0)
+    unpatch_group_linear(GroupLinear)
+    want, want_grads = _run(model, ids)
+    patch_group_linear(GroupLinear)
+    model.to(torch.bfloat16)
+    for layer in group_layers(model).values():
+        layer.lora_A["lora0"].float()
+        layer.lora_B["lora0"].float()
+    got, got_grads = _run(model, ids)
+    assert got.dtype == torch.bfloat16
+    assert_close_to_scale(got.double(), want, rel=5e-2)
+    for n in want_grads:
+        for g, w in zip(got_grads[n], want_grads[n]):
+            assert g.dtype == torch.float32
+            assert_close_to_scale(g.double(), w, rel=5e-2)
 
 
 @pytest.mark.parametrize("how", ["attribute", "adapter_name"])

@@ -334,6 +334,41 @@ def test_float_scaling_is_cached_and_usable_after_inference_mode():
     torch.testing.assert_close(y.detach().double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend, dtype", [("reference", torch.bfloat16), ("triton", torch.float16)])
+def test_autocast_runs_in_the_autocast_dtype(backend, dtype):
+    """Under autocast fp32 operands (fp32 master adapters included) run in the autocast dtype, as
+    F.linear does: the same values and gradients as casting them by hand, also when backward runs
+    inside the autocast region."""
+    device = "cpu" if backend == "reference" else TRITON_DEVICE
+    x, w, b, a, bb, s = make_inputs(6, (3,), 16, 12, 4, 3, torch.float32, device)
+
+    def by_hand(x, w, b, a, bb):
+        return multi_lora_linear(x.to(dtype), w.to(dtype), b.to(dtype), a.to(dtype), bb.to(dtype), s,
+                                 backend=backend)
+
+    def autocast(x, w, b, a, bb):
+        with torch.autocast(torch.device(device).type, dtype=dtype):
+            return multi_lora_linear(x, w, b, a, bb, s, backend=backend)
+
+    def autocast_with_backward_inside(x, w, b, a, bb):
+        with torch.autocast(torch.device(device).type, dtype=dtype):
+            y = multi_lora_linear(x, w, b, a, bb, s, backend=backend)
+            grads = torch.autograd.grad(y, (x, a, bb), torch.ones_like(y))
+        return y, grads
+
+    expected = forward_and_grads(by_hand, x, w, b, a, bb)
+    got = forward_and_grads(autocast, x, w, b, a, bb)
+    assert got[0].dtype == dtype and all(g.dtype == torch.float32 for g in got[1:])
+    for e, g in zip(expected, got):
+        assert torch.equal(e, g)
+    leaves = [t.clone().requires_grad_() for t in (x, a, bb)]
+    y, grads_inside = autocast_with_backward_inside(leaves[0], w, b, leaves[1], leaves[2])
+    grads_by_hand = torch.autograd.grad(by_hand(leaves[0], w, b, leaves[1], leaves[2]), leaves,
+                                        torch.ones_like(y))
+    for e, g in zip(grads_by_hand, grads_inside):
+        assert torch.equal(e, g)
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input and backend selection
 # ----------------------------------------------------------------------------------------------

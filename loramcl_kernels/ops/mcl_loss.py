@@ -20,7 +20,7 @@ position predicts nothing (as in Hugging Face causal LMs).
 
 Gradient: d loss / d z[r,t,:] = c[r] * (softmax(z[r,t,:]) - onehot(target)), with
 c[r] = grad * w[k,b] / B (/ count[r] for "mean"); d hidden = that @ W, d W = that^T @ hidden,
-d bias = column sums. Rows with w = 0 (the losers of hard WTA) contribute nothing and are skipped.
+d bias = column sums. Rows with w = 0 contribute nothing; the losers of hard WTA are skipped.
 
 Design of the 'triton' backend
 ------------------------------
@@ -38,18 +38,26 @@ Design of the 'triton' backend
 3. A small Triton kernel, one program per sequence, sums nll over t for each k (fixed order),
    divides by the count, takes the argmin (ties -> lowest k) and writes the weights. The loss is
    a torch reduction of w * L. No host sync.
-4. Pass 2 (backward): only positions whose row weight is non-zero (hard WTA: the winners, 1/K of
-   the rows) are compacted the same way; logits are recomputed per chunk with cuBLAS, a Triton row
-   kernel turns them into c * (exp(z - lse) - onehot) (in the operand dtype for the next GEMM, and
-   in fp32 when lm_head grads are needed), then cuBLAS gives d hidden (accumulated in fp32 over
-   vocab chunks) and, when lm_head requires grad, d W (fp32 GEMM into an fp32 accumulator) and
-   d bias (fp32 column sums). d hidden rows are scattered into a zero (R*T, H) tensor (unique rows,
+4. Pass 2 (backward): with hard weights (wta, or relaxed with epsilon = 0; K > 1) only the
+   winners' supervised positions (1/K of the rows) are compacted the same way; with soft weights
+   (relaxed with epsilon > 0, annealed) or K = 1, every w > 0 in exact arithmetic, so pass 1's
+   supervised positions are compacted again and a row whose w underflowed to 0 contributes
+   through c[r] = 0. Logits are recomputed per chunk with cuBLAS, a Triton row kernel turns them
+   into c * (exp(z - lse) - onehot) (in the operand dtype for the next GEMM, and in fp32 when
+   lm_head grads are needed), then cuBLAS gives d hidden (accumulated in fp32 over vocab chunks)
+   and, when lm_head requires grad, d W (fp32 GEMM into an fp32 accumulator) and d bias (fp32
+   column sums). d hidden rows are scattered into a zero (R*T, H) tensor (unique rows,
    deterministic).
 
-Host syncs. cuBLAS needs the number of compacted rows on the host, so each pass reads one count:
-the forward reads (number of supervised positions, number of out-of-range labels) in one
-.tolist(), which also serves the label check; the backward reads the number of rows it processes.
-That is one sync per pass, outside every kernel, inside the custom op's body: the op is opaque to
+Host syncs. cuBLAS needs the number of compacted rows on the host. The forward reads (number of
+supervised positions n_rows, number of out-of-range labels) in one .tolist(), which also serves
+the label check, and returns n_rows as `pass1_rows`, an int64 CPU tensor of shape () that autograd
+saves for the backward. The backward reads it with int() (host memory, no device sync) and derives
+its own count: n_rows with soft weights or K = 1; n_rows // K with hard weights and labels (B, T)
+shared by the hypotheses (one winner row per sequence, whose supervised count is the sequence's).
+So a forward + backward costs one sync. The exception is hard weights with per-row labels (B*K, T),
+K > 1: the winners' supervised count is data-dependent and the backward reads it with one .item().
+Each sync sits outside every kernel, inside the custom op's body: the op is opaque to
 torch.compile, so torch.compile(fullgraph=True) traces through it (CUDA-graph capture of the op
 is not possible for that reason). Everything else (per-sequence reduction, argmin, weights, row
 coefficients) stays on the device.
@@ -224,13 +232,16 @@ def _mcl_loss_forward_reference(
     nll = _rows_to_kb(per_row, K, layout).contiguous()
     winners, weights = _sequence_weights(nll, mode, epsilon, temperature)
     loss = (weights * nll).sum(0).mean()
-    return loss, nll, winners, weights.contiguous(), position_lse, row_count
+    pass1_rows = torch.tensor(positions.numel(), dtype=torch.int64)  # CPU
+    return loss, nll, winners, weights.contiguous(), position_lse, row_count, pass1_rows
 
 
 def _mcl_loss_backward_reference(
-    grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, K, layout,
-    sequence_reduction, ignore_index, shift_labels, need_weight_grad, need_bias_grad,
+    grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, pass1_rows, K,
+    layout, sequence_reduction, ignore_index, shift_labels, hard_weights, need_weight_grad,
+    need_bias_grad,
 ):
+    # pass1_rows and hard_weights are unused: the reference finds its rows with a sync.
     R, T, H = hidden.shape
     V = weight.shape[0]
     cdt = _stat_dtype(hidden.dtype)
@@ -374,6 +385,10 @@ def _sequence_weights_kernel(
     seq_valid = tl.where(valid, seq, float("inf"))
     best = tl.min(seq_valid, 0)
     winner = tl.min(tl.where(seq_valid == best, ks, BLOCK_K), 0)
+    # torch.argmin semantics: a NaN loss is the minimum (first NaN wins), so every sequence has
+    # exactly one winner (pass 2 sizes itself on that).
+    is_nan = valid & (seq != seq)
+    winner = tl.where(tl.max(is_nan.to(tl.int32), 0) > 0, tl.min(tl.where(is_nan, ks, BLOCK_K), 0), winner)
     is_winner = ks == winner
     if MODE == 0:
         w = tl.where(is_winner, 1.0, 0.0)
@@ -533,21 +548,46 @@ def _mcl_loss_forward_triton(
         BLOCK_K=triton.next_power_of_2(K), BLOCK_T=min(1024, triton.next_power_of_2(T)),
     )
     loss = (weights * nll).sum(0).mean()
-    return loss, nll, winners, weights, position_lse, row_count
+    pass1_rows = torch.tensor(n_rows, dtype=torch.int64)  # CPU: the backward reads it sync-free
+    return loss, nll, winners, weights, position_lse, row_count, pass1_rows
+
+
+def _pass2_positions(targets, weights, pass1_rows, K, layout, T, ignore_index, shared_labels,
+                     hard_weights):
+    """-> (R*T,) int64 order whose first n_rows entries are pass 2's positions, and n_rows.
+
+    targets (R*T,); weights (K, B); pass1_rows: () int64 CPU tensor, the n_supervised of pass 1.
+    """
+    supervised = targets != ignore_index
+    n_supervised = int(pass1_rows)  # CPU tensor: no device sync
+    if not (hard_weights and K > 1):
+        # every w > 0 in exact arithmetic: all supervised positions; a row whose w underflowed to
+        # 0 gets c[r] = 0 (compacting on a row mask would take its unsupervised positions too)
+        return _compact(supervised), n_supervised
+    row_weight = _kb_to_rows(weights, layout)
+    active = supervised & (row_weight != 0).repeat_interleave(T)
+    if shared_labels:
+        # labels (B, T): the K rows of sequence b each have count_b supervised positions, so
+        # n_supervised = K * sum_b count_b, and one winner row per sequence (w[:, b] one-hot)
+        # leaves sum_b count_b = n_supervised // K active positions
+        return _compact(active), n_supervised // K
+    # per-row labels (B*K, T): the winners' supervised count is data-dependent, so this case
+    # reads it from the device (the backward's only host sync)
+    return _compact(active), int(active.sum().item())
 
 
 def _mcl_loss_backward_triton(
-    grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, K, layout,
-    sequence_reduction, ignore_index, shift_labels, need_weight_grad, need_bias_grad,
+    grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, pass1_rows, K,
+    layout, sequence_reduction, ignore_index, shift_labels, hard_weights, need_weight_grad,
+    need_bias_grad,
 ):
     R, T, H = hidden.shape
     V = weight.shape[0]
     device = hidden.device
     targets = _targets_per_row(labels, R, K, layout, shift_labels, ignore_index).reshape(-1)
-    row_weight = _kb_to_rows(weights, layout)
-    active = (targets != ignore_index) & (row_weight != 0).repeat_interleave(T)
-    order = _compact(active)
-    n_rows = int(active.sum().item())  # the backward's one host sync (sizes the GEMMs)
+    order, n_rows = _pass2_positions(
+        targets, weights, pass1_rows, K, layout, T, ignore_index, labels.shape[0] != R, hard_weights,
+    )
     KERNEL_STATS.pass2_rows = n_rows
     coef_row = _row_coefficients(grad_loss, weights, row_count, layout, sequence_reduction, torch.float32)
 
@@ -625,8 +665,9 @@ def _mcl_loss_forward_op(
     ignore_index: int,
     shift_labels: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> loss (), nll (K,B), winners (B,), weights (K,B), position_lse (R*T,), row_count (R,)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> loss (), nll (K,B), winners (B,), weights (K,B), position_lse (R*T,), row_count (R,),
+    pass1_rows () int64 on the CPU (number of supervised positions)."""
     impl = _mcl_loss_forward_triton if backend == "triton" else _mcl_loss_forward_reference
     return impl(
         hidden, weight, bias, labels, num_hypotheses, layout, mode, epsilon, temperature,
@@ -648,6 +689,7 @@ def _(hidden, weight, bias, labels, num_hypotheses, layout, mode, epsilon, tempe
         hidden.new_empty((K, B), dtype=sdt),
         hidden.new_empty((R * T,), dtype=sdt),
         hidden.new_empty((R,), dtype=torch.int32),
+        torch.empty((), dtype=torch.int64, device="cpu"),
     )
 
 
@@ -661,26 +703,34 @@ def _mcl_loss_backward_op(
     weights: torch.Tensor,
     position_lse: torch.Tensor,
     row_count: torch.Tensor,
+    pass1_rows: torch.Tensor,
     num_hypotheses: int,
     layout: str,
     sequence_reduction: str,
     ignore_index: int,
     shift_labels: bool,
+    hard_weights: bool,
     need_weight_grad: bool,
     need_bias_grad: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> d hidden (R,T,H), d weight (V,H) or (0,), d bias (V,) or (0,)."""
+    """-> d hidden (R,T,H), d weight (V,H) or (0,), d bias (V,) or (0,).
+
+    pass1_rows: the forward's () int64 CPU tensor; hard_weights: w[:, b] is one-hot (wta, or
+    relaxed with epsilon = 0).
+    """
     impl = _mcl_loss_backward_triton if backend == "triton" else _mcl_loss_backward_reference
     return impl(
-        grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, num_hypotheses,
-        layout, sequence_reduction, ignore_index, shift_labels, need_weight_grad, need_bias_grad,
+        grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, pass1_rows,
+        num_hypotheses, layout, sequence_reduction, ignore_index, shift_labels, hard_weights,
+        need_weight_grad, need_bias_grad,
     )
 
 
 @_mcl_loss_backward_op.register_fake
-def _(grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, num_hypotheses,
-      layout, sequence_reduction, ignore_index, shift_labels, need_weight_grad, need_bias_grad, backend):
+def _(grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, pass1_rows,
+      num_hypotheses, layout, sequence_reduction, ignore_index, shift_labels, hard_weights,
+      need_weight_grad, need_bias_grad, backend):
     grad_w = torch.empty_like(weight) if need_weight_grad else hidden.new_empty(0)
     grad_b = torch.empty_like(bias) if (need_bias_grad and bias is not None) else hidden.new_empty(0)
     return torch.empty_like(hidden), grad_w, grad_b
@@ -689,20 +739,30 @@ def _(grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count,
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, labels, K, layout, mode, epsilon, temperature, sequence_reduction,
      ignore_index, shift_labels, backend) = inputs
-    _, _, _, weights, position_lse, row_count = output
-    ctx.save_for_backward(hidden, weight, bias, labels, weights, position_lse, row_count)
-    ctx.config = (K, layout, sequence_reduction, ignore_index, shift_labels, backend)
+    _, _, _, weights, position_lse, row_count, pass1_rows = output
+    ctx.save_for_backward(hidden, weight, bias, labels, weights, position_lse, row_count, pass1_rows)
+    hard_weights = mode == "wta" or (mode == "relaxed" and epsilon == 0.0)
+    ctx.config = (K, layout, sequence_reduction, ignore_index, shift_labels, hard_weights, backend)
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, grad_loss, *unused_grads):
-    hidden, weight, bias, labels, weights, position_lse, row_count = ctx.saved_tensors
-    K, layout, sequence_reduction, ignore_index, shift_labels, backend = ctx.config
+    # A backward called inside an autocast region keeps the op's fp32 statistics.
+    if torch.is_autocast_enabled(grad_loss.device.type):
+        with torch.autocast(grad_loss.device.type, enabled=False):
+            return _backward_formula(ctx, grad_loss)
+    return _backward_formula(ctx, grad_loss)
+
+
+def _backward_formula(ctx, grad_loss):
+    hidden, weight, bias, labels, weights, position_lse, row_count, pass1_rows = ctx.saved_tensors
+    K, layout, sequence_reduction, ignore_index, shift_labels, hard_weights, backend = ctx.config
     need_w = bool(ctx.needs_input_grad[1])
     need_b = bool(bias is not None and ctx.needs_input_grad[2])
     grad_h, grad_w, grad_b = _mcl_loss_backward_op(
-        grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, K, layout,
-        sequence_reduction, ignore_index, shift_labels, need_w, need_b, backend,
+        grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, pass1_rows, K,
+        layout, sequence_reduction, ignore_index, shift_labels, hard_weights, need_w, need_b,
+        backend,
     )
     return (
         grad_h, grad_w if need_w else None, grad_b if need_b else None,
@@ -780,6 +840,19 @@ def mcl_loss(
     labels (B, T) shared by the hypotheses or (B*K, T). Returns MCLLossOutput(loss, nll (K,B),
     winners (B,), weights (K,B)); only `loss` is differentiable.
     """
+    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
+        # Under autocast the lm_head GEMM runs in the autocast dtype, as F.linear would, and the op
+        # runs with autocast off so that its fp32 statistics stay fp32.
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, lm_head_weight, lm_head_bias = (
+            t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in (hidden, lm_head_weight, lm_head_bias))
+        with torch.autocast(hidden.device.type, enabled=False):
+            return mcl_loss(
+                hidden, lm_head_weight, labels, num_hypotheses=num_hypotheses, lm_head_bias=lm_head_bias,
+                layout=layout, mode=mode, epsilon=epsilon, temperature=temperature,
+                sequence_reduction=sequence_reduction, ignore_index=ignore_index, shift_labels=shift_labels,
+                backend=backend)
     K = num_hypotheses
     _check_config(K, layout, mode, epsilon, temperature, sequence_reduction)
     if not isinstance(hidden, torch.Tensor) or not isinstance(lm_head_weight, torch.Tensor):
@@ -804,7 +877,7 @@ def mcl_loss(
         if backend is not None and backend.lower() == "triton":
             raise TypeError(f"the triton backend supports fp16/bf16/fp32, got {hidden.dtype}")
         chosen = "reference"
-    loss, nll, winners, weights, _, _ = _mcl_loss_forward_op(
+    loss, nll, winners, weights, _, _, _ = _mcl_loss_forward_op(
         hidden, lm_head_weight, lm_head_bias, labels, K, layout, mode, float(epsilon),
         float(temperature) if temperature is not None else 1.0, sequence_reduction,
         int(ignore_index), bool(shift_labels), chosen,

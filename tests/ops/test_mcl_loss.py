@@ -226,6 +226,46 @@ def test_ties_go_to_lowest_k(backend):
     torch.testing.assert_close(out.weights, torch.full((3, 2), 1 / 3, device=device))
 
 
+@pytest.mark.parametrize("backend, dtype", [("reference", torch.bfloat16), ("triton", torch.float16)])
+def test_autocast_runs_the_lm_head_in_the_autocast_dtype(backend, dtype):
+    """Under autocast, fp32 hidden states and lm_head run in the autocast dtype (as F.linear would):
+    the same loss and gradients as casting by hand, also with backward inside the region."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    hidden, weight, bias, labels = make_data(K=3, device=device, bias=True, seed=23)
+    by_hand, grads_by_hand = run_ours(hidden.to(dtype), weight.to(dtype), bias.to(dtype), labels, 3, backend)
+    h, w, b = leaf(hidden, weight, bias)
+    with torch.autocast(torch.device(device).type, dtype=dtype):
+        out = mcl_loss(h, w, labels, num_hypotheses=3, lm_head_bias=b, backend=backend)
+        grads = torch.autograd.grad(out.loss, (h, w, b))
+    assert torch.equal(out.loss, by_hand.loss) and torch.equal(out.nll, by_hand.nll)
+    for g, e in zip(grads, grads_by_hand):
+        assert g.dtype == torch.float32 and torch.equal(g, e.float())
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_nan_loss_wins_like_torch_argmin(backend):
+    """A NaN per-sequence loss is the argmin (torch.argmin semantics), so every sequence keeps
+    exactly one winner, and pass 2 processes that winner's supervised rows only."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    K, B = 3, 3
+    hidden, weight, _, labels = make_data(K=K, B=B, device=device, seed=19)
+    labels[-1] = labels[0]  # every sequence supervised
+    hidden = hidden.clone()
+    hidden[1 * K + 2, 3] = float("nan")  # sequence 1, hypothesis 2 (batch_major)
+    h = hidden.requires_grad_(True)
+    out = mcl_loss(h, weight, labels, num_hypotheses=K, backend=backend)
+    assert torch.isnan(out.nll[2, 1]) and not torch.isnan(out.nll[:, 0]).any()
+    assert out.winners[1].item() == 2
+    assert out.winners[0].item() == int(out.nll[:, 0].argmin()) and out.winners[2].item() == int(out.nll[:, 2].argmin())
+    assert torch.equal(out.weights, F.one_hot(out.winners, K).t().to(out.weights.dtype))
+    out.loss.backward()
+    assert KERNEL_STATS.pass2_rows == int((labels[:, 1:] != IGNORE).sum())
+    g = h.grad.view(B, K, *h.shape[1:])
+    for b in range(B):
+        for k in range(K):
+            assert torch.all(g[b, k] == 0) == (k != out.winners[b].item())
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("mode", list(MODE_KW))
 def test_single_hypothesis(backend, mode):
@@ -260,6 +300,136 @@ def test_hard_wta_pass2_processes_winners_only(backend, small_chunks):
                 for k in range(K):
                     if k != out.winners[b].item():
                         assert torch.all(g[b, k] == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 2 sized on the host from the forward's count: gradients, the count, no device reads
+# ---------------------------------------------------------------------------------------------
+
+WEIGHT_CASES = [  # (mode, kwargs): hard weights, soft weights, soft weights with exact zeros
+    ("wta", {}),
+    ("relaxed", {"epsilon": 0.0}),
+    ("relaxed", {"epsilon": 0.05}),
+    ("annealed", {"temperature": 0.7}),
+    ("annealed", {"temperature": 1e-5}),  # softmax_k(-L/tau) underflows to 0 for most losers
+]
+
+
+def _case_id(case):
+    return case[0] + "".join(f"-{k}{v}" for k, v in case[1].items())
+
+
+@pytest.mark.parametrize("per_row_labels", [False, True], ids=["shared_labels", "per_row_labels"])
+@pytest.mark.parametrize("layout", ["batch_major", "hypothesis_major"])
+@pytest.mark.parametrize("case", WEIGHT_CASES, ids=_case_id)
+def test_triton_gradients_match_reference_every_mode(case, layout, per_row_labels, small_chunks):
+    mode, mode_kw = case
+    K = 3
+    kw = dict(layout=layout, mode=mode, **mode_kw)
+    hidden, weight, bias, labels = make_data(K=K, device=TRITON_DEVICE, bias=True, seed=53,
+                                             per_row_labels=per_row_labels)
+    ref, grads_ref = run_ours(hidden, weight, bias, labels, K, "reference", **kw)
+    ref_pass2_rows = KERNEL_STATS.pass2_rows  # supervised positions of rows with w != 0
+    out, grads = run_ours(hidden, weight, bias, labels, K, "triton", **kw)
+    n_supervised = KERNEL_STATS.pass1_rows
+    torch.testing.assert_close(out.nll, ref.nll, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.winners, ref.winners)
+    torch.testing.assert_close(out.weights, ref.weights, rtol=1e-4, atol=1e-6)
+    for g, g_ref in zip(grads, grads_ref):
+        scale = g_ref.abs().max().item()
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5 * max(scale, 1e-3))
+
+    hard = mode == "wta" or mode_kw.get("epsilon") == 0.0
+    if hard:  # the winners' supervised positions only
+        assert KERNEL_STATS.pass2_rows == ref_pass2_rows < n_supervised
+        if not per_row_labels:
+            assert KERNEL_STATS.pass2_rows == n_supervised // K
+    else:  # every supervised position, zero-weight rows included
+        assert KERNEL_STATS.pass2_rows == n_supervised
+    if mode == "annealed" and mode_kw["temperature"] < 1e-3:
+        assert (out.weights == 0).any() and (ref.weights == 0).any()
+        assert ref_pass2_rows < n_supervised
+        row_weight = mcl_module._kb_to_rows(out.weights, layout)
+        assert torch.all(grads[0][row_weight == 0] == 0)  # through a zero coefficient
+    if not hard and not per_row_labels:
+        # the all-ignored sequence b = 2 ties at L = 0: its soft weights are all > 0
+        assert (out.weights[:, 2] > 0).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_forward_returns_pass1_rows_on_cpu(backend):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    for per_row_labels, shift in ((False, True), (True, False)):
+        hidden, weight, _, labels = make_data(K=3, device=device, per_row_labels=per_row_labels, seed=59)
+        outs = mcl_module._mcl_loss_forward_op(hidden, weight, None, labels, 3, "batch_major", "wta",
+                                               0.0, 1.0, "mean", IGNORE, shift, backend)
+        assert len(outs) == 7
+        pass1_rows = outs[6]
+        supervised = labels[:, 1:] if shift else labels
+        expected = int((supervised != IGNORE).sum()) * (1 if per_row_labels else 3)
+        assert pass1_rows.device.type == "cpu" and pass1_rows.dtype == torch.int64
+        assert pass1_rows.shape == ()
+        assert int(pass1_rows) == expected == KERNEL_STATS.pass1_rows
+        assert int(outs[5].sum()) == expected  # row_count
+
+
+HOST_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
+
+
+def _count_backward_host_reads(monkeypatch):
+    """Record (method, tensor) for every host read of a tensor inside _mcl_loss_backward_triton."""
+    calls, inside, pass1_rows = [], [False], []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            if inside[0]:
+                calls.append((name, self))
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    for name in HOST_READS:
+        counting(name)
+    backward = mcl_module._mcl_loss_backward_triton
+
+    def counted_backward(*args):
+        pass1_rows.append(args[8])
+        inside[0] = True
+        try:
+            return backward(*args)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(mcl_module, "_mcl_loss_backward_triton", counted_backward)
+    return calls, pass1_rows
+
+
+@pytest.mark.parametrize("case", WEIGHT_CASES[:4], ids=_case_id)
+def test_triton_backward_no_device_read_with_shared_labels(case, monkeypatch):
+    mode, mode_kw = case
+    hidden, weight, bias, labels = make_data(K=3, device=TRITON_DEVICE, bias=True, seed=61)
+    calls, pass1_rows = _count_backward_host_reads(monkeypatch)
+    run_ours(hidden, weight, bias, labels, 3, "triton", mode=mode, **mode_kw)
+    assert len(pass1_rows) == 1  # the backward ran once
+    # no .item() / .tolist(); the only int() is of the forward's CPU count
+    assert [name for name, _ in calls] == ["__int__"]
+    assert calls[0][1] is pass1_rows[0] and pass1_rows[0].device.type == "cpu"
+
+
+def test_triton_backward_reads_count_with_per_row_labels_and_hard_weights(monkeypatch):
+    hidden, weight, bias, labels = make_data(K=3, device=TRITON_DEVICE, bias=True, seed=61,
+                                             per_row_labels=True)
+    calls, _ = _count_backward_host_reads(monkeypatch)
+    for mode, mode_kw in WEIGHT_CASES[:2]:  # wta, relaxed with epsilon 0
+        calls.clear()
+        run_ours(hidden, weight, bias, labels, 3, "triton", mode=mode, **mode_kw)
+        assert [name for name, _ in calls].count("item") == 1
+        assert all(name in ("item", "__int__") for name, _ in calls)
+    calls.clear()  # soft weights: the forward's count suffices, per-row labels or not
+    run_ours(hidden, weight, bias, labels, 3, "triton", mode="relaxed", epsilon=0.05)
+    assert [name for name, _ in calls] == ["__int__"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,11 +499,13 @@ def test_opcheck(backend):
     for mode, eps, temp in (("wta", 0.0, 1.0), ("annealed", 0.0, 0.5)):
         args = (h, w, b, labels, 2, "hypothesis_major", mode, eps, temp, "mean", IGNORE, True, backend)
         torch.library.opcheck(mcl_module._mcl_loss_forward_op, args)
-    fwd = mcl_module._mcl_loss_forward_op(h, w, b, labels, 2, "batch_major", "relaxed", 0.1, 1.0,
-                                          "sum", IGNORE, True, backend)
-    bargs = (torch.ones((), dtype=fwd[0].dtype, device=device), hidden, weight, bias, labels, fwd[3],
-             fwd[4], fwd[5], 2, "batch_major", "sum", IGNORE, True, True, True, backend)
-    torch.library.opcheck(mcl_module._mcl_loss_backward_op, bargs)
+    for mode, eps, hard in (("relaxed", 0.1, False), ("wta", 0.0, True)):
+        fwd = mcl_module._mcl_loss_forward_op(h, w, b, labels, 2, "batch_major", mode, eps, 1.0,
+                                              "sum", IGNORE, True, backend)
+        bargs = (torch.ones((), dtype=fwd[0].dtype, device=device), hidden, weight, bias, labels,
+                 fwd[3], fwd[4], fwd[5], fwd[6], 2, "batch_major", "sum", IGNORE, True, hard, True,
+                 True, backend)
+        torch.library.opcheck(mcl_module._mcl_loss_backward_op, bargs)
 
 
 # annealed weights are detached functions of the inputs, so finite differences of the loss are

@@ -242,6 +242,28 @@ def test_autocast_runs_the_lm_head_in_the_autocast_dtype(backend, dtype):
         assert g.dtype == torch.float32 and torch.equal(g, e.float())
 
 
+@pytest.mark.parametrize("mode", ["wta", "annealed"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_eager_path_equals_registered_op(backend, mode):
+    """Eagerly mcl_loss skips the dispatcher (autograd.Function, or a direct call without grad):
+    bit-identical loss, statistics and gradients to the registered op."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    hidden, weight, bias, labels = make_data(K=3, device=device, bias=True, seed=29)
+    kw = MODE_KW[mode]
+    args = (labels, 3, "batch_major", mode, float(kw.get("epsilon", 0.0)), float(kw.get("temperature", 1.0)),
+            "mean", IGNORE, True, backend)
+    h, w, b = leaf(hidden, weight, bias)
+    op_out = mcl_module._mcl_loss_forward_op(h, w, b, *args)
+    op_grads = torch.autograd.grad(op_out[0], (h, w, b))
+    out, grads = run_ours(hidden, weight, bias, labels, 3, backend, mode=mode, **kw)
+    for got, want in zip((out.loss, out.nll, out.winners, out.weights, *grads), (*op_out[:4], *op_grads)):
+        assert torch.equal(got, want)
+    with torch.no_grad():
+        out_no_grad = mcl_loss(hidden, weight, labels, num_hypotheses=3, lm_head_bias=bias, backend=backend,
+                               mode=mode, **kw)
+    assert out_no_grad.loss.grad_fn is None and torch.equal(out_no_grad.loss, out.loss)
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_nan_loss_wins_like_torch_argmin(backend):
     """A NaN per-sequence loss is the argmin (torch.argmin semantics), so every sequence keeps

@@ -118,11 +118,6 @@ class MCLLossOutput(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 
 
-def _sequence_of_row(R: int, K: int, layout: str, device) -> torch.Tensor:
-    rows = torch.arange(R, device=device)
-    return rows // K if layout == "batch_major" else rows % (R // K)
-
-
 def _rows_to_kb(per_row: torch.Tensor, K: int, layout: str) -> torch.Tensor:
     """(R,) values in the row layout -> (K, B)."""
     R = per_row.shape[0]
@@ -142,10 +137,11 @@ def _targets_per_row(labels, R, K, layout, shift_labels, ignore_index) -> torch.
     """(R, T) int64: the label each hidden position predicts, ignore_index where none."""
     lab = labels.to(torch.int64)
     if shift_labels:
-        pad = lab.new_full((lab.shape[0], 1), ignore_index)
-        lab = torch.cat([lab[:, 1:], pad], dim=1)
-    if lab.shape[0] != R:  # shared (B, T) labels: row r reads sequence b(r)
-        lab = lab.index_select(0, _sequence_of_row(R, K, layout, lab.device))
+        lab = F.pad(lab[:, 1:], (0, 1), value=ignore_index)
+    if lab.shape[0] != R:  # shared (B, T) labels: row r reads sequence b(r), one copy
+        B, T = lab.shape
+        lab = lab[:, None].expand(B, K, T) if layout == "batch_major" else lab[None].expand(K, B, T)
+        lab = lab.reshape(R, T)
     return lab
 
 

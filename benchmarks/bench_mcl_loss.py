@@ -112,6 +112,22 @@ def available_libraries():
     return libs
 
 
+def with_env(name, value, fn):
+    """fn() with the environment variable `name` set to `value` for the call."""
+    def run():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+
+    return run
+
+
 def fwd_bwd(step, hidden):
     def run():
         hidden.grad = None
@@ -148,8 +164,11 @@ def main():
                   "soft": (fwd + 4 * K * n * H * V) / PEAK_TFLOPS / 1e9}
         for mode, kw in MODES:
             floor_ms = floors["wta" if mode == "wta" else "soft"]
-            cases = [("ours", lambda: mcl_loss(hidden, weight, labels, num_hypotheses=K, mode=mode,
-                                               backend=backend, **kw).loss)]
+            ours = lambda: mcl_loss(hidden, weight, labels, num_hypotheses=K, mode=mode,  # noqa: E731
+                                    backend=backend, **kw).loss
+            cases = [("ours", with_env("LORAMCL_MCL_PASS1", "chunked", ours))]
+            if HAS_CUDA:  # pass 1 as one fused Triton GEMM + log-sum-exp (auto takes "chunked" for now)
+                cases.append(("ours, fused pass 1", with_env("LORAMCL_MCL_PASS1", "fused", ours)))
             if mode == "wta" or not HAS_CUDA:
                 cases += [
                     ("official (full fp32 logits)", lambda: official_step(hidden, weight, labels, K, mode, kw)),

@@ -35,6 +35,11 @@ Design of the 'triton' backend
    target logit; after the last vocab chunk it writes lse and nll at the position's slot of
    (R*T,) arrays. Vocab chunks are the inner loop, so W is streamed once per row chunk. The
    combination order is fixed: deterministic, no atomics.
+   Or, fused (env LORAMCL_MCL_PASS1=fused; auto keeps the chunked path until both are measured
+   on a GPU): per row chunk the rows are gathered, then one persistent Triton GEMM (TMA
+   descriptors, as the multi-LoRA GEMM) computes each (BM, BN) logits tile in registers and
+   leaves only its rows' (max, sum exp(z - max), target logit), 3 values per row and vocab tile;
+   a second kernel combines the tiles in vocab order. The fp32 logits never reach memory.
 3. A small Triton kernel, one program per sequence, sums nll over t for each k (fixed order),
    divides by the count, takes the argmin (ties -> lowest k) and writes the weights. The loss is
    a torch reduction of w * L. No host sync.
@@ -73,6 +78,7 @@ caller already has and is a plain differentiable PyTorch composition.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -81,6 +87,7 @@ import triton
 import triton.language as tl
 
 from loramcl_kernels._backend import resolve_backend, triton_interpreting
+from loramcl_kernels.ops._triton_utils import device_facts, next_pow2, set_tma_allocator, tma_rows_ok
 
 LAYOUTS = ("batch_major", "hypothesis_major")
 MODES = ("wta", "relaxed", "annealed")
@@ -438,6 +445,100 @@ def _grad_logits_chunk_kernel(
             tl.store(grad_lowp_ptr + offset + cols, g.to(grad_lowp_ptr.dtype.element_ty), mask=in_range)
 
 
+@triton.jit
+def _logits_lse_tiles_kernel(
+    h_ptr,  # (n, H) the supervised rows, gathered, contiguous (TMA)
+    w_ptr,  # (V, H) lm_head weight, contiguous (TMA)
+    bias_ptr,  # (V,) or a dummy when HAS_BIAS is False
+    target_ptr,  # (n,) int64 target class of each row
+    part_ptr,  # (3, n, NUM_PN) fp32 out: per (row, vocab tile) max, sum-exp, target logit
+    n,
+    V,
+    H,
+    plane,  # n * NUM_PN, NUM_PN = cdiv(V, BN): the stride between the three planes of part_ptr
+    NUM_PROGRAMS,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Pass 1 fused: z = h W^T (+ bias) one (BM, BN) tile at a time, never stored; each tile leaves
+    its rows' max, sum exp(z - max) and the target logit (0 unless the target is in the tile).
+
+    A persistent GEMM: x and W through TMA descriptors, tiles visited round-robin by NUM_PROGRAMS
+    programs in grouped order (GM row tiles share each vocab panel while it is in L2).
+    """
+    pid = tl.program_id(0)
+    num_pm = tl.cdiv(n, BM)
+    num_pn = tl.cdiv(V, BN)
+    num_tiles = num_pm * num_pn
+    h_desc = tl.make_tensor_descriptor(h_ptr, shape=[n, H], strides=[H, 1], block_shape=[BM, BK])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[V, H], strides=[H, 1], block_shape=[BN, BK])
+    for tile in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=True):
+        group = tile // (GM * num_pn)
+        first_m = group * GM
+        group_size = min(num_pm - first_m, GM)
+        pm = first_m + (tile % (GM * num_pn)) % group_size
+        pn = (tile % (GM * num_pn)) // group_size
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for ki in range(tl.cdiv(H, BK)):
+            a = h_desc.load([pm * BM, ki * BK])
+            b = w_desc.load([pn * BN, ki * BK])
+            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+        offs_m = pm * BM + tl.arange(0, BM)
+        offs_n = pn * BN + tl.arange(0, BN)
+        mask_m = offs_m < n
+        mask_n = offs_n < V
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        z = tl.where(mask_n[None, :], acc, float("-inf"))  # TMA fills rows past V with zeros
+        tile_max = tl.max(z, 1)
+        tile_sum = tl.sum(tl.exp(z - tile_max[:, None]), 1)
+        target = tl.load(target_ptr + offs_m, mask=mask_m, other=-1)
+        tile_target = tl.sum(tl.where(offs_n[None, :] == target[:, None], acc, 0.0), 1)
+        out = part_ptr + offs_m.to(tl.int64) * num_pn + pn
+        tl.store(out, tile_max, mask=mask_m)
+        tl.store(out + plane, tile_sum, mask=mask_m)
+        tl.store(out + 2 * plane, tile_target, mask=mask_m)
+
+
+@triton.jit
+def _combine_lse_tiles_kernel(
+    part_ptr,  # (3, n, NUM_PN) fp32 from _logits_lse_tiles_kernel
+    position_ptr,  # (n,) int64 flat position r*T + t of each row
+    position_lse_ptr,  # (R*T,) fp32 out: lse per position
+    position_nll_ptr,  # (R*T,) fp32 out: nll per position
+    n,
+    NUM_PN,
+    plane,  # n * NUM_PN
+    BLOCK_R: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """lse = logsumexp over the vocab tiles' (max, sum-exp) pairs, combined in tile order
+    (deterministic); nll = lse - target logit."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < n
+    row_max = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    row_target = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for p0 in range(0, NUM_PN, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask = mask_r[:, None] & (offs_p < NUM_PN)[None, :]
+        ptrs = part_ptr + offs_r.to(tl.int64)[:, None] * NUM_PN + offs_p[None, :]
+        tile_max = tl.load(ptrs, mask=mask, other=-1.0e30)
+        tile_sum = tl.load(ptrs + plane, mask=mask, other=0.0)
+        row_target += tl.sum(tl.load(ptrs + 2 * plane, mask=mask, other=0.0), 1)
+        new_max = tl.maximum(row_max, tl.max(tile_max, 1))
+        row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tile_sum * tl.exp(tile_max - new_max[:, None]), 1)
+        row_max = new_max
+    lse = row_max + tl.log(tl.where(mask_r, row_sum, 1.0))
+    position = tl.load(position_ptr + offs_r, mask=mask_r, other=0)
+    tl.store(position_lse_ptr + position, lse, mask=mask_r)
+    tl.store(position_nll_ptr + position, lse - row_target, mask=mask_r)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -480,15 +581,67 @@ def _chunk_sizes(n_rows: int, V: int) -> tuple[int, int]:
     return rows, cols
 
 
-def _next_pow2(n: int) -> int:
-    """Plain Python: triton.next_power_of_2 called from Python goes through the JIT machinery."""
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _block_v(n_cols: int) -> tuple[int, int]:
     cap = 1024 if triton_interpreting() else 4096
-    block = min(cap, _next_pow2(max(n_cols, 16)))
+    block = min(cap, next_pow2(max(n_cols, 16)))
     return block, (8 if block >= 2048 else 4)
+
+
+PASS1_PATHS = ("auto", "chunked", "fused")
+
+
+def _pass1_path(hidden: torch.Tensor, weight: torch.Tensor) -> str:
+    """'chunked' (cuBLAS logits chunks + Triton row kernels) or 'fused' (one persistent Triton GEMM
+    whose epilogue folds each logits tile into per-row log-sum-exp partials); env
+    LORAMCL_MCL_PASS1 overrides auto. auto takes 'chunked' until both are measured on a GPU.
+    fused needs TMA (Hopper, or the interpreter), 16-byte aligned rows of H, and fp32 logits in pass 2."""
+    path = os.environ.get("LORAMCL_MCL_PASS1", "auto").lower()
+    if path not in PASS1_PATHS:
+        raise ValueError(f"LORAMCL_MCL_PASS1 must be one of {PASS1_PATHS}, got '{path}'")
+    tma = triton_interpreting() or (hidden.device.type == "cuda" and device_facts(hidden.device)[1] >= 9)
+    # pass 2 recomputes the logits with cuBLAS: its lse must come from logits of the same (fp32)
+    # precision, which 16-bit operands only get where mm can write fp32
+    same_logits = hidden.dtype == torch.float32 or _mm_out_dtype_supported(hidden.device)
+    eligible = tma and same_logits and (hidden.shape[-1] * hidden.element_size()) % 16 == 0
+    return "fused" if path == "fused" and eligible else "chunked"
+
+
+def _fused_config(device: torch.device) -> dict:
+    if device.type == "cpu":  # the interpreter: small tiles
+        return dict(BM=16, BN=32, BK=32, GM=4, num_warps=4, num_stages=1)
+    return dict(BM=128, BN=128, BK=64, GM=8, num_warps=8, num_stages=4)
+
+
+def _pass1_fused(h2, positions, targets, w, bias, position_lse, position_nll):
+    """lse and nll of the rows at `positions` into position_lse / position_nll, logits never stored.
+
+    Per row chunk: gather the rows (TMA needs them contiguous), one persistent GEMM that leaves
+    (max, sum-exp, target logit) per (row, vocab tile) in `part` (3 x rows x cdiv(V, BN) fp32,
+    1/BN of the logits), one kernel combining the tiles in order.
+    """
+    n_rows, (V, H), device = positions.numel(), w.shape, h2.device
+    config = _fused_config(device)
+    block_m, block_n = config["BM"], config["BN"]
+    num_pn = -(-V // block_n)
+    rows_per_chunk = min(n_rows, MAX_ROW_CHUNK)
+    part = torch.empty(3 * rows_per_chunk * num_pn, dtype=torch.float32, device=device)
+    set_tma_allocator(device)
+    num_sms = device_facts(device)[0]
+    for r0 in range(0, n_rows, rows_per_chunk):
+        pos = positions[r0 : r0 + rows_per_chunk]
+        nr = pos.numel()
+        rows = h2.index_select(0, pos)
+        tgt = targets.index_select(0, pos)
+        programs = min(num_sms, -(-nr // block_m) * num_pn)
+        _logits_lse_tiles_kernel[(programs,)](
+            rows, w, bias if bias is not None else rows, tgt, part, nr, V, H, nr * num_pn, programs,
+            HAS_BIAS=bias is not None, DOT_PRECISION="ieee", **config,
+        )
+        block_r = 16
+        _combine_lse_tiles_kernel[(-(-nr // block_r),)](
+            part, pos, position_lse, position_nll, nr, num_pn, nr * num_pn,
+            BLOCK_R=block_r, BLOCK_P=32 if device.type == "cpu" else 128,
+        )
 
 
 def _compact(mask: torch.Tensor) -> torch.Tensor:
@@ -515,7 +668,10 @@ def _mcl_loss_forward_triton(
 
     position_lse = torch.zeros(R * T, dtype=torch.float32, device=device)
     position_nll = torch.zeros(R * T, dtype=torch.float32, device=device)
-    if n_rows:
+    if n_rows and _pass1_path(hidden, weight) == "fused":
+        w = weight if weight.is_contiguous() else weight.contiguous()
+        _pass1_fused(hidden.reshape(R * T, H), order[:n_rows], targets, w, bias, position_lse, position_nll)
+    elif n_rows:
         positions = order[:n_rows]
         h2 = hidden.reshape(R * T, H)
         w = weight if weight.is_contiguous() else weight.contiguous()
@@ -550,7 +706,7 @@ def _mcl_loss_forward_triton(
         float(epsilon) if K > 1 else 0.0,
         1.0 / float(temperature) if mode == "annealed" else 1.0,
         BATCH_MAJOR=layout == "batch_major", MODE=mode_id, MEAN=sequence_reduction == "mean",
-        BLOCK_K=_next_pow2(K), BLOCK_T=min(1024, _next_pow2(T)),
+        BLOCK_K=next_pow2(K), BLOCK_T=min(1024, next_pow2(T)),
     )
     loss = (weights * nll).sum(0).mean()
     pass1_rows = torch.tensor(n_rows, dtype=torch.int64)  # CPU: the backward reads it sync-free

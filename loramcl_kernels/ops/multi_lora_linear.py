@@ -51,7 +51,6 @@ dispatcher (see the "Eager path" section).
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import weakref
 from typing import Optional
@@ -60,6 +59,10 @@ import torch
 from torch import Tensor
 
 from loramcl_kernels._backend import resolve_backend
+from loramcl_kernels.ops._triton_utils import device_facts as _device_facts
+from loramcl_kernels.ops._triton_utils import next_pow2 as _next_pow2
+from loramcl_kernels.ops._triton_utils import set_tma_allocator as _set_tma_allocator
+from loramcl_kernels.ops._triton_utils import tma_rows_ok as _tma_ok
 
 LAYOUTS = ("batch_major", "hypothesis_major")
 PATHS = ("auto", "fused", "cublas")
@@ -339,34 +342,12 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)  # plain Python: triton.cdiv called from Python goes through the JIT machinery
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _r_pad(r: int) -> int:
     return max(16, _next_pow2(r))
 
 
 # fp32 inputs must match fp32 PyTorch, so their dots use full fp32 (no tf32); 16-bit inputs ignore it.
 _DOT_PRECISION = "ieee"
-
-
-@functools.lru_cache(maxsize=None)
-def _device_facts(device: torch.device) -> tuple[int, int]:
-    """(number of SMs, major compute capability); CPU (interpreter): (4, 0)."""
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return props.multi_processor_count, props.major
-    return 4, 0
-
-
-def _set_tma_allocator(device: torch.device) -> None:
-    """Device-side tensor descriptors need scratch memory from a Triton allocator. Triton keeps it in
-    a context variable, so it is set on every launch: the autograd engine runs backward on its own thread."""
-    def alloc(size: int, alignment: int, stream):
-        return torch.empty(size, dtype=torch.int8, device=device)
-
-    triton.set_allocator(alloc)
 
 
 def _interpreting() -> bool:
@@ -410,14 +391,6 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
         num_warps=4, num_stages=1 if on_cpu else 3,
     )
     return out
-
-
-def _tma_ok(*tensors: Tensor) -> bool:
-    """TMA descriptors need contiguous rows, 16-byte aligned base pointers and row strides."""
-    for t in tensors:
-        if not t.is_contiguous() or t.data_ptr() % 16 or (t.shape[-1] * t.element_size()) % 16:
-            return False
-    return True
 
 
 def _choose_path(x: Tensor, weight: Optional[Tensor], shared: bool = False) -> str:

@@ -130,6 +130,10 @@ VARIANTS = [  # (shift_labels, sequence_reduction, bias)
 @pytest.mark.parametrize("mode", list(MODE_KW))
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_matches_fp64_official(backend, mode, layout, variant, small_chunks):
+    check_against_official(backend, mode, layout, variant)
+
+
+def check_against_official(backend, mode, layout, variant):
     shift, reduction, has_bias = variant
     kw = dict(layout=layout, mode=mode, sequence_reduction=reduction, shift_labels=shift, **MODE_KW[mode])
     device = TRITON_DEVICE if backend == "triton" else "cpu"
@@ -168,6 +172,46 @@ def test_per_row_labels(backend, small_chunks):
     out_shared, _ = run_ours(hidden, weight, None, shared, 3, backend)
     out_rows, _ = run_ours(hidden, weight, None, shared.repeat_interleave(3, 0), 3, backend)
     torch.testing.assert_close(out_rows.nll, out_shared.nll, rtol=0, atol=0)
+
+
+@pytest.fixture
+def fused_pass1(monkeypatch):
+    """Pass 1 through the fused GEMM + log-sum-exp kernel; records the rows it sees, and makes any
+    use of the chunked path's row kernel fail."""
+    monkeypatch.setenv("LORAMCL_MCL_PASS1", "fused")
+    rows = []
+    fused = mcl_module._pass1_fused
+    monkeypatch.setattr(mcl_module, "_pass1_fused", lambda *args: (rows.append(args[1].numel()), fused(*args))[1])
+    monkeypatch.setattr(mcl_module, "_lse_chunk_kernel", None)
+    return rows
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"shift{int(v[0])}-{v[1]}-bias{int(v[2])}")
+@pytest.mark.parametrize("layout", ["batch_major", "hypothesis_major"])
+@pytest.mark.parametrize("mode", ["wta", "annealed"])
+def test_fused_pass1_matches_fp64_official(mode, layout, variant, small_chunks, fused_pass1):
+    """The fused pass 1 (V = 203: the last vocab tile partial; several row chunks) against the oracle."""
+    check_against_official("triton", mode, layout, variant)
+    assert fused_pass1 and fused_pass1[0] == KERNEL_STATS.pass1_rows > mcl_module.MAX_ROW_CHUNK
+
+
+def test_fused_pass1_path_choice(monkeypatch):
+    h = torch.zeros(3, 2, 20, dtype=torch.float16)
+    w = torch.zeros(7, 20, dtype=torch.float16)
+    monkeypatch.setenv("LORAMCL_MCL_PASS1", "fused")
+    assert mcl_module._pass1_path(h.float(), w.float()) == "fused"
+    assert mcl_module._pass1_path(h, w) == "chunked"  # rows of 40 bytes: no TMA
+    monkeypatch.setattr(mcl_module, "_mm_out_dtype_supported", lambda device: True)
+    assert mcl_module._pass1_path(h.float(), w.float()) == "fused"
+    h32 = torch.zeros(3, 2, 24, dtype=torch.float16)
+    assert mcl_module._pass1_path(h32, w[:, :4].repeat(1, 6)) == "fused"
+    monkeypatch.setattr(mcl_module, "_mm_out_dtype_supported", lambda device: False)
+    assert mcl_module._pass1_path(h32, w) == "chunked"  # pass 2's logits would be rounded to fp16
+    monkeypatch.setenv("LORAMCL_MCL_PASS1", "auto")
+    assert mcl_module._pass1_path(h.float(), w.float()) == "chunked"
+    monkeypatch.setenv("LORAMCL_MCL_PASS1", "cuBLAS")
+    with pytest.raises(ValueError, match="LORAMCL_MCL_PASS1"):
+        mcl_module._pass1_path(h, w)
 
 
 def test_fp16_triton_within_budget(small_chunks):
@@ -623,11 +667,14 @@ def test_module():
 @requires_cuda
 @pytest.mark.parametrize("mode", list(MODE_KW))
 @pytest.mark.parametrize("layout", ["batch_major", "hypothesis_major"])
-def test_gpu_bf16_within_budget(mode, layout):
+@pytest.mark.parametrize("pass1", ["chunked", "fused"])
+def test_gpu_bf16_within_budget(mode, layout, pass1, monkeypatch):
+    monkeypatch.setenv("LORAMCL_MCL_PASS1", pass1)
     hidden, weight, bias, labels = make_data(K=4, B=3, T=65, H=256, V=5003, bias=True, seed=41)
     hb, wb, bb = (t.cuda().bfloat16() for t in (hidden, weight, bias))
     labels = labels.cuda()
     kw = dict(mode=mode, layout=layout, **MODE_KW[mode])
+    assert mcl_module._pass1_path(hb, wb) == pass1  # H100 / H200: both paths can run
     out, grads = run_ours(hb, wb, bb, labels, 4, "triton", **kw)
     oracle = run_official(hb, wb, bb, labels, 4, torch.float64, torch.float64, **kw)
     plain = run_official(hb, wb, bb, labels, 4, torch.bfloat16, torch.float32, **kw)
@@ -639,7 +686,9 @@ def test_gpu_bf16_within_budget(mode, layout):
 
 
 @requires_cuda
-def test_gpu_deterministic_and_chunked(monkeypatch):
+@pytest.mark.parametrize("pass1", ["chunked", "fused"])
+def test_gpu_deterministic_and_chunked(monkeypatch, pass1):
+    monkeypatch.setenv("LORAMCL_MCL_PASS1", pass1)
     hidden, weight, _, labels = make_data(K=5, B=4, T=97, H=512, V=32003, seed=43)
     hb, wb, labels = hidden.cuda().bfloat16(), weight.cuda().bfloat16(), labels.cuda()
     first, g1 = run_ours(hb, wb, None, labels, 5, "triton")

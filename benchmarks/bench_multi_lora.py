@@ -192,11 +192,14 @@ class Impl:
         return env_var(PATH_ENV, self.path_env) if self.ours else contextlib.nullcontext()
 
 
-def ours_impls(mode, *, shared_input=False):
+def ours_impls(mode, *, shared_input=False, decode=False):
     """Our op's rows. mode 'gpu': auto, and the Triton backend forced onto each path;
     'reference' (CPU smoke run): the reference backend; 'triton' (CPU smoke run, interpreter):
-    the reference backend and the Triton backend forced onto each path."""
+    the reference backend and the Triton backend forced onto each path. decode: also the
+    one-kernel decode path."""
     fused_and_cublas = [("ours-fused", "triton", "fused"), ("ours-cublas", "triton", "cublas")]
+    if decode:
+        fused_and_cublas.append(("ours-decode", "triton", "decode"))
     variants = {"gpu": [("ours-auto", None, None), *fused_and_cublas],
                 "reference": [("ours-reference", "reference", None)],
                 "triton": [("ours-reference", "reference", None), *fused_and_cublas]}[mode]
@@ -388,7 +391,7 @@ def bench_decode(case, d_in, d_out, dtype, device, ours_mode, timing):
     A, Bm = A.detach(), Bm.detach()
     x = torch.randn(Bsz * K, T, d_in, device=device, dtype=dtype)
     impls = [Impl("base_only", lambda x, W, A, Bm: base_only(x, W), checked=False), Impl("bmm", bmm_lora),
-             Impl("loop", loop_peft), *ours_impls(ours_mode)]
+             Impl("loop", loop_peft), *ours_impls(ours_mode, decode=True)]
     fields = shape_fields(K, Bsz, T, r, d_in, d_out)
     rows = []
     with torch.no_grad():

@@ -17,8 +17,10 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "bench_multi_lora.py")
 
 # Our rows per --cpu-backend: the reference backend, plus, under the Triton interpreter, the
-# Triton backend forced onto each of its two paths (the rows the GPU run reports).
+# Triton backend forced onto each of its paths (the rows the GPU run reports); the decode table
+# also has the one-kernel decode path.
 OURS = {"reference": {"ours-reference"}, "triton": {"ours-reference", "ours-fused", "ours-cublas"}}
+OURS_DECODE = {"reference": OURS["reference"], "triton": OURS["triton"] | {"ours-decode"}}
 TRAINING_IMPLS = {"base_only", "loop", "bmm", "bmm_compiled", "group_conv"}
 SHARED_IMPLS = {"base_once", "shared_repeat", "shared_once"}
 DECODE_IMPLS = {"base_only", "bmm", "loop"}
@@ -64,7 +66,7 @@ def test_every_implementation_has_a_finite_time_at_every_shape(smoke_run):
     shapes = {(r["K"], r["B"], r["T"], r["r"]) for r in rows if r["what"] == "multilora_fwdbwd"}
     assert len(shapes) == 2
     for what, baselines in BASELINES.items():
-        impls = baselines | OURS[backend]
+        impls = baselines | (OURS_DECODE if what == "multilora_decode_fwd" else OURS)[backend]
         for shape in shapes:
             found = {r["impl"]: r for r in rows if r["what"] == what and (r["K"], r["r"]) == (shape[0], shape[3])}
             assert set(found) == impls, f"{what} {shape}: implementations {sorted(found)}"
@@ -88,11 +90,11 @@ def test_every_row_computes_the_reference_function(smoke_run):
         assert row["max_rel_err"] <= tol
         checked += 1
     ours = [r for r in result["rows"] if r["impl"].startswith("ours")]
-    assert {r["impl"] for r in ours} == OURS[backend]
+    assert {r["impl"] for r in ours} == OURS_DECODE[backend]
     assert all(r.get("matched") is True for r in ours)
-    n_ours = len(OURS[backend])
+    n_ours, n_decode = len(OURS[backend]), len(OURS_DECODE[backend])
     # per shape: fwd, bwd, fwd+bwd of loop, bmm, group_conv and ours; shared 2 + ours; decode 2 + ours
-    assert checked == 2 * (3 * (3 + n_ours) + (2 + n_ours) + (2 + n_ours))
+    assert checked == 2 * (3 * (3 + n_ours) + (2 + n_ours) + (2 + n_decode))
 
 
 def test_backward_rows_say_how_they_were_timed(smoke_run):

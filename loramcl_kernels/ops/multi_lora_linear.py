@@ -39,7 +39,10 @@ overrides):
           are 16-byte aligned, else a per-hypothesis epilogue), bias in the epilogue; with shared
           input the epilogue writes the K outputs of each tile;
   cublas  cuBLAS for x W^T (+ bias), then a Triton epilogue kernel that adds the expand in place
-          (or writes the K shared-input outputs).
+          (or writes the K shared-input outputs);
+  decode  (opt-in, forward of at most DECODE_MAX_ROWS distinct rows) one kernel per forward: each
+          (rows, outputs) tile accumulates x W^T and the shrink x A_all^T in one pass over d_in,
+          masks the shrink block-diagonally and adds its expand; no separate shrink launch.
 Both use the Triton shrink kernel; dA and dB are deterministic cuBLAS GEMMs over the
 block-diagonal matrices (no atomics). Neither path syncs with the host.
 
@@ -65,7 +68,8 @@ from loramcl_kernels.ops._triton_utils import set_tma_allocator as _set_tma_allo
 from loramcl_kernels.ops._triton_utils import tma_rows_ok as _tma_ok
 
 LAYOUTS = ("batch_major", "hypothesis_major")
-PATHS = ("auto", "fused", "cublas")
+PATHS = ("auto", "fused", "cublas", "decode")
+DECODE_MAX_ROWS = 256  # the decode path runs one non-persistent tile grid: few rows only
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -333,6 +337,65 @@ if triton is not None:
                          acc.to(out_ptr.dtype.element_ty), mask=mask_mn)
 
 
+    @triton.jit
+    def _decode_kernel(
+        x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, scale_ptr, ids_ptr, out_ptr, shrink_ptr,
+        M, N, D, R, NUM_HYP, ROW_DIV,
+        stride_xm, stride_wn, stride_wd, stride_ak, stride_aj, stride_bk, stride_bn, stride_om, stride_sm,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, R_PAD: tl.constexpr,
+        HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """Few rows (decoding): y = x W^T + bias + s_h (x A_h^T) B_h^T in one launch, one pass over d_in.
+
+        One program: BM rows x BN outputs. Its loop over d_in accumulates x W^T and the shrink
+        x A_all^T together (BC = K * R_PAD columns: column c is (k, j) = (c // R_PAD, c % R_PAD));
+        the shrink is masked block-diagonally (row m keeps block h(m)), rounded to x's dtype like
+        S_bd of the other paths, scaled, and multiplied by its (BN, BC) slice of B. Every program
+        recomputes the tiny shrink (A is read from L2); those of output tile 0 store S_bd for backward.
+        """
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_c = tl.arange(0, BC)
+        blk = offs_c // R_PAD
+        j = offs_c % R_PAD
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        mask_c = (blk < NUM_HYP) & (j < R)
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        a_rows = a_ptr + (blk.to(tl.int64) * stride_ak + j * stride_aj)[:, None]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_s = tl.zeros((BM, BC), dtype=tl.float32)
+        for d0 in range(0, D, BK):
+            offs_d = d0 + tl.arange(0, BK)
+            mask_d = offs_d < D
+            xt = tl.load(x_rows + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            if HAS_BASE:
+                wt = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_d[None, :] * stride_wd,
+                             mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PRECISION)
+            at = tl.load(a_rows + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :], other=0.0)
+            acc_s = tl.dot(xt, tl.trans(at), acc_s, input_precision=DOT_PRECISION)
+        if HAS_IDS:
+            hyp = tl.load(ids_ptr + offs_m // ROW_DIV, mask=mask_m, other=-1)
+        else:
+            hyp = (offs_m // ROW_DIV) % NUM_HYP
+        s_bd = tl.where(blk[None, :] == hyp[:, None], acc_s, 0.0).to(shrink_ptr.dtype.element_ty)
+        if pid_n == 0:
+            tl.store(shrink_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + (blk * R + j)[None, :], s_bd,
+                     mask=mask_m[:, None] & mask_c[None, :])
+        scale = tl.load(scale_ptr + blk, mask=blk < NUM_HYP, other=0.0)
+        bt = tl.load(b_ptr + blk.to(tl.int64)[None, :] * stride_bk + offs_n[:, None] * stride_bn + j[None, :],
+                     mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+        s_op = (s_bd.to(tl.float32) * scale[None, :]).to(bt.dtype)
+        acc = tl.dot(s_op, tl.trans(bt), acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
@@ -394,7 +457,11 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
 
 
 def _choose_path(x: Tensor, weight: Optional[Tensor], shared: bool = False) -> str:
-    """'fused' or 'cublas' for this call; env LORAMCL_MULTI_LORA_PATH=fused|cublas overrides auto.
+    """'fused', 'cublas' or 'decode' for this call; env LORAMCL_MULTI_LORA_PATH overrides auto.
+
+    decode (opt-in until measured on a GPU): one kernel for the whole forward of a few rows,
+    see _decode_kernel; only the forward of distinct rows, with at most DECODE_MAX_ROWS rows and
+    K * R_PAD <= 256 shrink columns (_decode_applies), else cublas.
 
     auto follows benchmarks/bench_multi_lora.py on an H200 (eager, bf16, d=4096): with distinct
     rows per hypothesis cuBLAS + the Triton epilogue was faster at all four training shapes, with
@@ -405,6 +472,8 @@ def _choose_path(x: Tensor, weight: Optional[Tensor], shared: bool = False) -> s
     path = os.environ.get("LORAMCL_MULTI_LORA_PATH", "auto").lower()
     if path not in PATHS:
         raise ValueError(f"LORAMCL_MULTI_LORA_PATH must be one of {PATHS}, got '{path}'")
+    if path == "decode":  # where the decode kernel does not apply, its callers take cublas
+        return "decode"
     eligible = weight is not None and _tma_ok(x, weight)
     if path == "fused":
         return "fused" if eligible else "cublas"
@@ -495,9 +564,46 @@ def _a_as_expand(lora_A: Tensor):
     return lora_A, (lora_A.stride(0), lora_A.stride(2), lora_A.stride(1))
 
 
+def _decode_applies(x: Tensor, lora_A: Tensor) -> bool:
+    num_hyp, r, _ = lora_A.shape
+    return x.shape[0] <= DECODE_MAX_ROWS and _next_pow2(num_hyp * _r_pad(r)) <= 256
+
+
+def _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div):
+    """y (M, d_out) and S_bd (M, K*r) in one launch: a grid of (BM rows, BN outputs) tiles."""
+    m, d = x.shape
+    num_hyp, r, _ = lora_A.shape
+    n = lora_B.shape[1]
+    r_pad = _r_pad(r)
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    shrink_bd = torch.empty(m, num_hyp * r, device=x.device, dtype=x.dtype)
+    if m == 0 or n == 0:
+        return out, shrink_bd.zero_()
+    lora_A = _contig_rows(lora_A)  # loads along d_in
+    lora_B = _contig_rows(lora_B)  # loads along r
+    has_base = weight is not None
+    on_cpu = x.device.type == "cpu"  # the interpreter
+    block_m = max(16, min(64, _next_pow2(m)))
+    block_n, block_k = (16, 32) if on_cpu else (32, 128)
+    grid = (_cdiv(m, block_m), _cdiv(n, block_n))
+    _decode_kernel[grid](
+        x, weight if has_base else x, bias if bias is not None else x, lora_A, lora_B, scaling,
+        hypothesis_ids if hypothesis_ids is not None else x, out, shrink_bd,
+        m, n, d, r, num_hyp, row_div,
+        x.stride(0), weight.stride(0) if has_base else 0, weight.stride(1) if has_base else 0,
+        lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1), out.stride(0), shrink_bd.stride(0),
+        BM=block_m, BN=block_n, BK=block_k, BC=_next_pow2(num_hyp * r_pad), R_PAD=r_pad, HAS_BASE=has_base,
+        HAS_BIAS=bias is not None, HAS_IDS=hypothesis_ids is not None, DOT_PRECISION=_DOT_PRECISION,
+        num_warps=4, num_stages=1 if on_cpu else 3,
+    )
+    return out, shrink_bd
+
+
 def multi_lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div):
     num_hyp, r, _ = lora_A.shape
     x = _contig_rows(x)
+    if _choose_path(x, weight) == "decode" and _decode_applies(x, lora_A):
+        return _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div)
     shrink_bd = _launch_shrink(x, lora_A, None, hypothesis_ids, row_div, block_diag=True)  # (M, K*r)
     out = torch.empty(x.shape[0], lora_B.shape[1], device=x.device, dtype=x.dtype)
     y = _gemm_with_expand(x, weight, False, bias, shrink_bd, *_b_as_expand(lora_B), scaling, out, False, num_hyp, r,

@@ -161,7 +161,7 @@ def test_reference_fp64_is_exact(case):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["fused", "cublas"])
+@pytest.fixture(params=["fused", "cublas", "decode"])
 def triton_path(request, monkeypatch):
     monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", request.param)
     return request.param
@@ -187,6 +187,46 @@ def test_triton_fused_path_taken_when_eligible(monkeypatch):
     monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "bogus")
     with pytest.raises(ValueError, match="LORAMCL_MULTI_LORA_PATH"):
         mll._choose_path(x, w)
+
+
+@pytest.mark.parametrize("r, num_hyp, rows, expect", [
+    (3, 3, 8, True),  # K * R_PAD = 48 -> 64 shrink columns
+    (64, 4, 8, True),  # 256 columns: the most the decode kernel holds
+    (64, 5, 8, False),  # 512 columns
+    (4, 2, mll.DECODE_MAX_ROWS + 2, False),  # too many rows for one tile grid
+])
+def test_decode_path_one_launch_when_it_applies(monkeypatch, r, num_hyp, rows, expect):
+    """LORAMCL_MULTI_LORA_PATH=decode: the whole forward is one launch of _decode_kernel where it
+    applies (else cublas); values and gradients as the reference, with ids and a Conv1D-style W view."""
+    monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "decode")
+    launches = []
+    for name in ("_decode_kernel", "_shrink_kernel", "_gemm_expand_kernel"):
+        kernel = getattr(mll, name)
+        monkeypatch.setattr(mll, name, _Counting(kernel, name, launches))
+    x, w, b, a, bb, s = make_inputs(rows, (), 32, 24, r, num_hyp, torch.float32, TRITON_DEVICE)
+    w_view = w.t().contiguous().t()  # (d_out, d_in) with stride (1, d_out), as a Conv1D base passes it
+    ids = torch.arange(rows, device=TRITON_DEVICE) % (num_hyp + 1) - 1  # includes -1: base only
+    fn = lambda *t, backend: multi_lora_linear(*t, s, hypothesis_ids=ids, backend=backend)  # noqa: E731
+    with torch.no_grad():
+        launches.clear()
+        y = fn(x, w_view, b, a, bb, backend="triton")
+    assert launches == (["_decode_kernel"] if expect else ["_shrink_kernel", "_gemm_expand_kernel"])
+    got = forward_and_grads(lambda *t: fn(*t, backend="triton"), x, w_view, b, a, bb)
+    want = forward_and_grads(lambda *t: fn(*t, backend="reference"), x, w, b, a, bb)
+    assert torch.equal(got[0], y)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+class _Counting:
+    """A kernel whose launches (kernel[grid](...)) are recorded by name."""
+
+    def __init__(self, kernel, name, launches):
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        self.launches.append(self.name)
+        return self.kernel[grid]
 
 
 @pytest.mark.parametrize("r, expect_tma", [(4, True), (3, False)])
@@ -531,7 +571,7 @@ def _plain_torch(x, w, b, a, bb, s, n, num_hyp, kwargs):
 
 
 @requires_cuda
-@pytest.mark.parametrize("path", ["fused", "cublas"])
+@pytest.mark.parametrize("path", ["fused", "cublas", "decode"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
 def test_gpu_matches_fp64_within_2x_plain_torch(case, dtype, path, monkeypatch):

@@ -40,3 +40,9 @@ def tma_rows_ok(*tensors: torch.Tensor) -> bool:
         if not t.is_contiguous() or t.data_ptr() % 16 or (t.shape[-1] * t.element_size()) % 16:
             return False
     return True
+
+
+# sm_90 allows 227 KB of shared memory per block; the rest of this budget is room for the
+# epilogue's scratch. Launchers size their pipelines (tiles loaded ahead) to fit it.
+SHARED_MEMORY_BUDGET = 200 * 1024
+

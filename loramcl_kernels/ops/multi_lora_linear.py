@@ -64,6 +64,7 @@ from torch import Tensor
 from loramcl_kernels._backend import resolve_backend
 from loramcl_kernels.ops._triton_utils import device_facts as _device_facts
 from loramcl_kernels.ops._triton_utils import next_pow2 as _next_pow2
+from loramcl_kernels.ops._triton_utils import SHARED_MEMORY_BUDGET
 from loramcl_kernels.ops._triton_utils import set_tma_allocator as _set_tma_allocator
 from loramcl_kernels.ops._triton_utils import tma_rows_ok as _tma_ok
 
@@ -443,7 +444,10 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
     block_c = r_pad * min(_next_pow2(num_hyp), max(1, 256 // r_pad))
     # x is read once; many row tiles keep every SM streaming (P, K*r x D, is re-read from L2)
     on_cpu = x.device.type == "cpu"  # CPU tensors only run under the Triton interpreter
-    block_m, block_d = (16, 32) if on_cpu else (32, 128)
+    block_m, block_d = (16, 32) if on_cpu else (32, 256 // x.element_size())
+    # shared memory: (stages - 1) buffers of the x and P tiles (measured by tests/sm90_compile.py)
+    stage_bytes = (block_m + block_c) * block_d * x.element_size()
+    stages = 1 if on_cpu else (3 if 2 * stage_bytes <= SHARED_MEMORY_BUDGET else 2)
     grid = (_cdiv(m, block_m), _cdiv(num_hyp, block_c // r_pad))
     _shrink_kernel[grid](
         x, p, scaling if scaling is not None else x, hypothesis_ids if hypothesis_ids is not None else x, out,
@@ -451,7 +455,7 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
         x.stride(0), p.stride(0), p.stride(1), p.stride(2), out.stride(0),
         BM=block_m, BD=block_d, BC=block_c, R_PAD=r_pad, BLOCK_DIAG=block_diag,
         HAS_IDS=hypothesis_ids is not None, HAS_SCALE=scaling is not None, DOT_PRECISION=_DOT_PRECISION,
-        num_warps=4, num_stages=1 if on_cpu else 3,
+        num_warps=4, num_stages=stages,
     )
     return out
 
@@ -584,7 +588,11 @@ def _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row
     has_base = weight is not None
     on_cpu = x.device.type == "cpu"  # the interpreter
     block_m = max(16, min(64, _next_pow2(m)))
-    block_n, block_k = (16, 32) if on_cpu else (32, 128)
+    block_n, block_k = (16, 32) if on_cpu else (32, 256 // x.element_size())
+    block_c = _next_pow2(num_hyp * r_pad)
+    # shared memory: a buffer of the x, W and A tiles per stage (measured by tests/sm90_compile.py)
+    stage_bytes = (block_m + block_n + block_c) * block_k * x.element_size()
+    stages = 1 if on_cpu else max(1, min(3, SHARED_MEMORY_BUDGET // stage_bytes))
     grid = (_cdiv(m, block_m), _cdiv(n, block_n))
     _decode_kernel[grid](
         x, weight if has_base else x, bias if bias is not None else x, lora_A, lora_B, scaling,
@@ -592,9 +600,9 @@ def _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row
         m, n, d, r, num_hyp, row_div,
         x.stride(0), weight.stride(0) if has_base else 0, weight.stride(1) if has_base else 0,
         lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1), out.stride(0), shrink_bd.stride(0),
-        BM=block_m, BN=block_n, BK=block_k, BC=_next_pow2(num_hyp * r_pad), R_PAD=r_pad, HAS_BASE=has_base,
+        BM=block_m, BN=block_n, BK=block_k, BC=block_c, R_PAD=r_pad, HAS_BASE=has_base,
         HAS_BIAS=bias is not None, HAS_IDS=hypothesis_ids is not None, DOT_PRECISION=_DOT_PRECISION,
-        num_warps=4, num_stages=1 if on_cpu else 3,
+        num_warps=4, num_stages=stages,
     )
     return out, shrink_bd
 

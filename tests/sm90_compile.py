@@ -1,0 +1,133 @@
+"""Compile every Triton kernel of the package for an H100/H200 (sm_90) without a GPU.
+
+Run as a script in a process without TRITON_INTERPRET (tests/test_sm90_compile.py does): a stand-in
+Triton driver reports an sm_90 target, launches become compile-only (`warmup=True`), and the
+launchers run on meta tensors, so each kernel is compiled with the block sizes, specialisations
+and constexprs its GPU launches use. Prints one JSON line per compiled kernel variant: name,
+shared memory, warps, stages. A compile error fails the script.
+"""
+import json
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+H100_SHARED_BYTES = 232448  # the most dynamic shared memory one block may use on sm_90
+
+
+class Sm90Driver:
+    """The part of Triton's driver the JIT uses before launching: device, stream, target."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+COMPILED = []
+NO_CONFIG_FITS = []  # autotuned launches none of whose configs fits in shared memory
+
+
+def _compile_only(kernel, grid, args, kwargs, autotuned=False):
+    compiled = kernel.run(*args, grid=grid, warmup=True, **kwargs)
+    dtype = next((str(a.dtype).replace("torch.", "") for a in args if isinstance(a, torch.Tensor)), None)
+    record = dict(kernel=kernel.__name__, dtype=dtype, shared=compiled.metadata.shared,
+                  num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
+                  autotuned=autotuned, constexprs={k: v for k, v in kwargs.items() if k.isupper()})
+    if record not in COMPILED:
+        COMPILED.append(record)
+        print(json.dumps(record), flush=True)
+    return record
+
+
+def _jit_getitem(self, grid):
+    return lambda *args, **kwargs: _compile_only(self, grid, args, kwargs)
+
+
+def _autotuner_getitem(self, grid):
+    def launch(*args, **kwargs):
+        # every config the autotuner could pick; it skips those that do not fit, so one must fit
+        records = [_compile_only(self.fn, grid, args, {**kwargs, **config.all_kwargs()}, autotuned=True)
+                   for config in self.configs]
+        if all(r["shared"] > H100_SHARED_BYTES for r in records):
+            NO_CONFIG_FITS.append(records[0])
+    return launch
+
+
+def main():
+    driver.set_active(Sm90Driver())
+    JITFunction.__getitem__ = _jit_getitem
+    Autotuner.__getitem__ = _autotuner_getitem
+    triton.set_allocator(lambda size, alignment, stream: None)
+
+    from loramcl_kernels.ops import mcl_loss as mcl
+    from loramcl_kernels.ops import multi_lora_linear as mll
+
+    h100 = lambda device: (132, 9)  # noqa: E731
+    mll._device_facts = h100
+    mcl.device_facts = h100
+    meta = torch.device("meta")
+
+    # multi_lora_linear: (dtype, path, K, r, rows, explicit ids); every kernel and each family of
+    # constexprs once; r = 64 and fp32 are the shared-memory-heavy variants.
+    cases = [
+        (torch.bfloat16, "fused", 5, 8, 3900, False), (torch.bfloat16, "cublas", 5, 8, 3900, True),
+        (torch.bfloat16, "fused", 4, 64, 256, True), (torch.bfloat16, "decode", 5, 8, 40, False),
+        (torch.bfloat16, "decode", 4, 64, 40, True), (torch.float32, "fused", 4, 64, 256, False),
+        (torch.float32, "decode", 4, 64, 40, False),
+    ]
+    for dtype, path, num_hyp, r, m, ids in cases:
+        os.environ["LORAMCL_MULTI_LORA_PATH"] = path
+        x = torch.empty(m, 4096, dtype=dtype, device=meta)
+        w = torch.empty(4096, 4096, dtype=dtype, device=meta)
+        a = torch.empty(num_hyp, r, 4096, dtype=dtype, device=meta)
+        b = torch.empty(num_hyp, 4096, r, dtype=dtype, device=meta)
+        s = torch.empty(num_hyp, dtype=torch.float32, device=meta)
+        hyp = torch.empty(m, dtype=torch.int64, device=meta) if ids else None
+        y, shrink = mll.multi_lora_linear_triton(x, w, None, a, b, s, hyp, 1)
+        if path == "decode":
+            continue
+        mll.multi_lora_linear_triton_backward(y, x, w, a, b, s, hyp, 1, shrink)
+        if path == "cublas":
+            mll.multi_lora_linear_triton(x, None, None, a, b, s, hyp, 1)  # LoRA delta only
+        if not ids:
+            y, shrink = mll.multi_lora_linear_shared_triton(x, w, None, a, b, s, 1)
+            mll.multi_lora_linear_shared_triton_backward(y, x, w, a, b, s, shrink, 1)
+
+    # mcl_loss: both pass-1 paths, pass 2 with and without lm_head gradients, the per-sequence kernel
+    real_tolist = torch.Tensor.tolist
+    torch.Tensor.tolist = lambda self: [640, 0] if self.is_meta else real_tolist(self)
+    mcl._mm_out_dtype_supported = lambda device: True
+    mcl._pass1_path = lambda hidden, weight: os.environ["LORAMCL_MCL_PASS1"]  # meta tensors: no TMA check
+    for dtype, path in ((torch.bfloat16, "chunked"), (torch.bfloat16, "fused"), (torch.float32, "fused")):
+        os.environ["LORAMCL_MCL_PASS1"] = path
+        hidden = torch.empty(20, 780, 4096, dtype=dtype, device=meta)
+        weight = torch.empty(32000, 4096, dtype=dtype, device=meta)
+        bias = torch.empty(32000, dtype=dtype, device=meta)
+        labels = torch.empty(4, 780, dtype=torch.int64, device=meta)
+        out = mcl._mcl_loss_forward_triton(hidden, weight, bias, labels, 5, "batch_major", "wta", 0.0, 1.0,
+                                           "mean", -100, True)
+        loss, nll, winners, weights, position_lse, row_count, pass1_rows = out
+        if path == "chunked":
+            for lm_head_grads in (True, False):
+                mcl._mcl_loss_backward_triton(loss, hidden, weight, bias, labels, weights, position_lse,
+                                              row_count, pass1_rows, 5, "batch_major", "mean", -100, True, True,
+                                              lm_head_grads, lm_head_grads)
+    too_big = [c for c in COMPILED if c["shared"] > H100_SHARED_BYTES and not c["autotuned"]] + NO_CONFIG_FITS
+    print(json.dumps(dict(variants=len(COMPILED), over_shared_memory=too_big)))
+    return 1 if too_big else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Every Triton kernel compiles for an H100/H200 (sm_90) at the configurations its GPU launches
+use, and fits in its shared memory: tests/sm90_compile.py compiles them on the CPU (no GPU needed),
+so a kernel that would not build or launch on the GPU machine fails here first."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import triton
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO_ROOT, "tests", "sm90_compile.py")
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+KERNELS = {
+    "_shrink_kernel", "_gemm_expand_kernel", "_decode_kernel",  # multi_lora_linear
+    "_lse_chunk_kernel", "_sequence_weights_kernel", "_grad_logits_chunk_kernel",  # mcl_loss, chunked
+    "_logits_lse_tiles_kernel", "_combine_lse_tiles_kernel",  # mcl_loss, fused pass 1
+}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the GPU tests build and run the kernels")
+@pytest.mark.skipif(not os.path.exists(PTXAS), reason="this triton install has no ptxas for the NVIDIA backend")
+def test_every_kernel_compiles_for_sm90_within_shared_memory():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, SCRIPT], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=1500)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    summary, variants = records[-1], records[:-1]
+    assert summary["over_shared_memory"] == []
+    assert {v["kernel"] for v in variants} == KERNELS
+    assert {v["dtype"] for v in variants} == {"bfloat16", "float32"}
+    assert summary["variants"] == len(variants) >= 40

@@ -598,12 +598,14 @@ def _pass1_path(hidden: torch.Tensor, weight: torch.Tensor) -> str:
     path = os.environ.get("LORAMCL_MCL_PASS1", "auto").lower()
     if path not in PASS1_PATHS:
         raise ValueError(f"LORAMCL_MCL_PASS1 must be one of {PASS1_PATHS}, got '{path}'")
+    if path != "fused":
+        return "chunked"
     tma = triton_interpreting() or (hidden.device.type == "cuda" and device_facts(hidden.device)[1] >= 9)
     # pass 2 recomputes the logits with cuBLAS: its lse must come from logits of the same (fp32)
     # precision, which 16-bit operands only get where mm can write fp32
     same_logits = hidden.dtype == torch.float32 or _mm_out_dtype_supported(hidden.device)
     eligible = tma and same_logits and (hidden.shape[-1] * hidden.element_size()) % 16 == 0
-    return "fused" if path == "fused" and eligible else "chunked"
+    return "fused" if eligible else "chunked"
 
 
 def _fused_config(device: torch.device, dtype: torch.dtype) -> dict:

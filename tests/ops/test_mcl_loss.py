@@ -195,6 +195,20 @@ def test_fused_pass1_matches_fp64_official(mode, layout, variant, small_chunks, 
     assert fused_pass1 and fused_pass1[0] == KERNEL_STATS.pass1_rows > mcl_module.MAX_ROW_CHUNK
 
 
+@pytest.mark.parametrize("K, H, V, bias", [(3, 24, 1000, True), (1, 40, 77, False), (2, 8, 33, True)])
+def test_fused_pass1_odd_shapes(K, H, V, bias, fused_pass1):
+    """H not a multiple of the K-step (TMA fills the tail with zeros), V not a multiple of the vocab
+    tile, a single vocab tile, K = 1."""
+    hidden, weight, b, labels = make_data(K=K, V=V, H=H, T=5, bias=bias, device=TRITON_DEVICE, seed=7)
+    out, grads = run_ours(hidden, weight, b, labels, K, "triton")
+    loss64, L64, win64, _, grads64 = run_official(hidden, weight, b, labels, K, torch.float64, torch.float64)
+    assert fused_pass1 == [KERNEL_STATS.pass1_rows]
+    torch.testing.assert_close(out.nll.double(), L64, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.winners.cpu(), win64.cpu())
+    for g, g64 in zip(grads, grads64):
+        torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-5)
+
+
 def test_fused_pass1_path_choice(monkeypatch):
     h = torch.zeros(3, 2, 20, dtype=torch.float16)
     w = torch.zeros(7, 20, dtype=torch.float16)

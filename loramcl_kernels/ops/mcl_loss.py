@@ -594,7 +594,8 @@ def _pass1_path(hidden: torch.Tensor, weight: torch.Tensor) -> str:
     """'chunked' (cuBLAS logits chunks + Triton row kernels) or 'fused' (one persistent Triton GEMM
     whose epilogue folds each logits tile into per-row log-sum-exp partials); env
     LORAMCL_MCL_PASS1 overrides auto. auto takes 'chunked' until both are measured on a GPU.
-    fused needs TMA (Hopper, or the interpreter), 16-byte aligned rows of H, and fp32 logits in pass 2."""
+    fused needs TMA (Hopper, or the interpreter), 16-byte aligned rows of H and a 16-byte aligned W
+    (contiguous), and fp32 logits in pass 2."""
     path = os.environ.get("LORAMCL_MCL_PASS1", "auto").lower()
     if path not in PASS1_PATHS:
         raise ValueError(f"LORAMCL_MCL_PASS1 must be one of {PASS1_PATHS}, got '{path}'")
@@ -604,7 +605,7 @@ def _pass1_path(hidden: torch.Tensor, weight: torch.Tensor) -> str:
     # pass 2 recomputes the logits with cuBLAS: its lse must come from logits of the same (fp32)
     # precision, which 16-bit operands only get where mm can write fp32
     same_logits = hidden.dtype == torch.float32 or _mm_out_dtype_supported(hidden.device)
-    eligible = tma and same_logits and (hidden.shape[-1] * hidden.element_size()) % 16 == 0
+    eligible = tma and same_logits and (hidden.shape[-1] * hidden.element_size()) % 16 == 0 and tma_rows_ok(weight)
     return "fused" if eligible else "chunked"
 
 
@@ -672,8 +673,8 @@ def _mcl_loss_forward_triton(
 
     position_lse = torch.zeros(R * T, dtype=torch.float32, device=device)
     position_nll = torch.zeros(R * T, dtype=torch.float32, device=device)
-    if n_rows and _pass1_path(hidden, weight) == "fused":
-        w = weight if weight.is_contiguous() else weight.contiguous()
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    if n_rows and _pass1_path(hidden, w) == "fused":
         _pass1_fused(hidden.reshape(R * T, H), order[:n_rows], targets, w, bias, position_lse, position_nll)
     elif n_rows:
         positions = order[:n_rows]

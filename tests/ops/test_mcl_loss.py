@@ -215,6 +215,8 @@ def test_fused_pass1_path_choice(monkeypatch):
     monkeypatch.setenv("LORAMCL_MCL_PASS1", "fused")
     assert mcl_module._pass1_path(h.float(), w.float()) == "fused"
     assert mcl_module._pass1_path(h, w) == "chunked"  # rows of 40 bytes: no TMA
+    w_flat = torch.zeros(7 * 20 + 1)
+    assert mcl_module._pass1_path(h.float(), w_flat[1:].view(7, 20)) == "chunked"  # W 4 bytes off alignment
     monkeypatch.setattr(mcl_module, "_mm_out_dtype_supported", lambda device: True)
     assert mcl_module._pass1_path(h.float(), w.float()) == "fused"
     h32 = torch.zeros(3, 2, 24, dtype=torch.float16)

@@ -209,9 +209,9 @@ if triton is not None:
     @triton.jit
     def _shrink_kernel(
         x_ptr, p_ptr, scale_ptr, ids_ptr, out_ptr,
-        M, D, R, NUM_HYP, ROW_DIV,
+        M, D, NUM_HYP, ROW_DIV,
         stride_xm, stride_pk, stride_pj, stride_pd, stride_om,
-        BM: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, R_PAD: tl.constexpr,
+        R: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, R_PAD: tl.constexpr,
         BLOCK_DIAG: tl.constexpr, HAS_IDS: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         """out (M, K*r) = x P^T, P (K, r, D) addressed by strides, block k scaled by s_k.
@@ -253,9 +253,9 @@ if triton is not None:
     @triton.jit
     def _gemm_expand_kernel(
         x_ptr, w_ptr, init_ptr, s_ptr, e_ptr, scale_ptr, bias_ptr, out_ptr,
-        M, N, KD, R, NUM_HYP, L, NUM_PROGRAMS,
+        M, N, KD, NUM_HYP, L, NUM_PROGRAMS,
         stride_init, stride_sm, stride_ek, stride_en, stride_ej, stride_om,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GM: tl.constexpr, R_PAD: tl.constexpr,
+        R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GM: tl.constexpr, R_PAD: tl.constexpr,
         HAS_BASE: tl.constexpr, W_KN: tl.constexpr, HAS_INIT: tl.constexpr, SHARED_OUT: tl.constexpr,
         EXPAND_TMA: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
@@ -285,7 +285,9 @@ if triton is not None:
                                                block_shape=[BN, BK])
         offs_j = tl.arange(0, R_PAD)
         mask_j = offs_j < R
-        for tile in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=True):
+        # flatten pipelines the persistent GEMM; the expand-only epilogue runs one tile per program,
+        # and flattening its loop compiled to scalar 2-byte stores (sm_90 PTX)
+        for tile in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=HAS_BASE):
             group = tile // (GM * num_pn)
             first_m = group * GM
             group_size = min(num_pm - first_m, GM)
@@ -341,9 +343,9 @@ if triton is not None:
     @triton.jit
     def _decode_kernel(
         x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, scale_ptr, ids_ptr, out_ptr, shrink_ptr,
-        M, N, D, R, NUM_HYP, ROW_DIV,
+        M, N, D, NUM_HYP, ROW_DIV,
         stride_xm, stride_wn, stride_wd, stride_ak, stride_aj, stride_bk, stride_bn, stride_om, stride_sm,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, R_PAD: tl.constexpr,
+        R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, R_PAD: tl.constexpr,
         HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
         """Few rows (decoding): y = x W^T + bias + s_h (x A_h^T) B_h^T in one launch, one pass over d_in.
@@ -451,9 +453,9 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
     grid = (_cdiv(m, block_m), _cdiv(num_hyp, block_c // r_pad))
     _shrink_kernel[grid](
         x, p, scaling if scaling is not None else x, hypothesis_ids if hypothesis_ids is not None else x, out,
-        m, d, r, num_hyp, row_div,
+        m, d, num_hyp, row_div,
         x.stride(0), p.stride(0), p.stride(1), p.stride(2), out.stride(0),
-        BM=block_m, BD=block_d, BC=block_c, R_PAD=r_pad, BLOCK_DIAG=block_diag,
+        R=r, BM=block_m, BD=block_d, BC=block_c, R_PAD=r_pad, BLOCK_DIAG=block_diag,
         HAS_IDS=hypothesis_ids is not None, HAS_SCALE=scaling is not None, DOT_PRECISION=_DOT_PRECISION,
         num_warps=4, num_stages=stages,
     )
@@ -498,11 +500,11 @@ def _launch_gemm_expand(x, weight, w_kn, init, shrink, e, e_strides, scaling, bi
     if m == 0 or n == 0:
         return out
     has_base = weight is not None
-    common = dict(R_PAD=_r_pad(r), HAS_BASE=has_base, W_KN=w_kn, HAS_INIT=init is not None, SHARED_OUT=shared_out,
+    common = dict(R=r, R_PAD=_r_pad(r), HAS_BASE=has_base, W_KN=w_kn, HAS_INIT=init is not None, SHARED_OUT=shared_out,
                   EXPAND_TMA=expand_tma, HAS_SCALE=scaling is not None, HAS_BIAS=bias is not None, DOT_PRECISION=_DOT_PRECISION)
     args = [x if has_base else out, weight if has_base else out, init if init is not None else out,
             shrink, e, scaling if scaling is not None else shrink, bias if bias is not None else out, out,
-            m, n, x.shape[1] if has_base else 1, r, num_hyp, rows_per_group]
+            m, n, x.shape[1] if has_base else 1, num_hyp, rows_per_group]
     strides = [init.stride(0) if init is not None else 0, shrink.stride(0), *e_strides, out.stride(0)]
     if has_base:
         _set_tma_allocator(out.device)
@@ -597,10 +599,10 @@ def _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row
     _decode_kernel[grid](
         x, weight if has_base else x, bias if bias is not None else x, lora_A, lora_B, scaling,
         hypothesis_ids if hypothesis_ids is not None else x, out, shrink_bd,
-        m, n, d, r, num_hyp, row_div,
+        m, n, d, num_hyp, row_div,
         x.stride(0), weight.stride(0) if has_base else 0, weight.stride(1) if has_base else 0,
         lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1), out.stride(0), shrink_bd.stride(0),
-        BM=block_m, BN=block_n, BK=block_k, BC=block_c, R_PAD=r_pad, HAS_BASE=has_base,
+        R=r, BM=block_m, BN=block_n, BK=block_k, BC=block_c, R_PAD=r_pad, HAS_BASE=has_base,
         HAS_BIAS=bias is not None, HAS_IDS=hypothesis_ids is not None, DOT_PRECISION=_DOT_PRECISION,
         num_warps=4, num_stages=stages,
     )

@@ -258,6 +258,7 @@ if triton is not None:
         R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GM: tl.constexpr, R_PAD: tl.constexpr,
         HAS_BASE: tl.constexpr, W_KN: tl.constexpr, HAS_INIT: tl.constexpr, SHARED_OUT: tl.constexpr,
         EXPAND_TMA: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        E_ROWS_OF_R: tl.constexpr = False,
     ):
         """out = [x W^T] + [init] + [bias] + expand, tiles of (BM, BN) visited round-robin by NUM_PROGRAMS.
 
@@ -320,7 +321,10 @@ if triton is not None:
                 acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             if not EXPAND_TMA:  # per-hypothesis expand from strided loads (epilogue / shared outputs)
                 s_rows = s_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + offs_j[None, :]
-                e_rows = e_ptr + offs_n[:, None] * stride_en + offs_j[None, :] * stride_ej
+                if E_ROWS_OF_R:  # E_k rows are r contiguous elements (B_k): a row stride known when compiling
+                    e_rows = e_ptr + offs_n[:, None] * R + offs_j[None, :]
+                else:
+                    e_rows = e_ptr + offs_n[:, None] * stride_en + offs_j[None, :] * stride_ej
                 mask_s = mask_m[:, None] & mask_j[None, :]
                 mask_e = mask_n[:, None] & mask_j[None, :]
                 for k in range(NUM_HYP):
@@ -501,7 +505,8 @@ def _launch_gemm_expand(x, weight, w_kn, init, shrink, e, e_strides, scaling, bi
         return out
     has_base = weight is not None
     common = dict(R=r, R_PAD=_r_pad(r), HAS_BASE=has_base, W_KN=w_kn, HAS_INIT=init is not None, SHARED_OUT=shared_out,
-                  EXPAND_TMA=expand_tma, HAS_SCALE=scaling is not None, HAS_BIAS=bias is not None, DOT_PRECISION=_DOT_PRECISION)
+                  EXPAND_TMA=expand_tma, HAS_SCALE=scaling is not None, HAS_BIAS=bias is not None, DOT_PRECISION=_DOT_PRECISION,
+                  E_ROWS_OF_R=not expand_tma and tuple(e_strides[1:]) == (r, 1))
     args = [x if has_base else out, weight if has_base else out, init if init is not None else out,
             shrink, e, scaling if scaling is not None else shrink, bias if bias is not None else out, out,
             m, n, x.shape[1] if has_base else 1, num_hyp, rows_per_group]

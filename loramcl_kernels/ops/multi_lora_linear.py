@@ -348,7 +348,7 @@ if triton is not None:
     def _decode_kernel(
         x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, scale_ptr, ids_ptr, out_ptr, shrink_ptr,
         M, N, D, NUM_HYP, ROW_DIV,
-        stride_xm, stride_wn, stride_wd, stride_ak, stride_aj, stride_bk, stride_bn, stride_om, stride_sm,
+        stride_xm, stride_wn, stride_wd, stride_ak, stride_aj, stride_om, stride_sm,
         R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, R_PAD: tl.constexpr,
         HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
@@ -393,7 +393,8 @@ if triton is not None:
             tl.store(shrink_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + (blk * R + j)[None, :], s_bd,
                      mask=mask_m[:, None] & mask_c[None, :])
         scale = tl.load(scale_ptr + blk, mask=blk < NUM_HYP, other=0.0)
-        bt = tl.load(b_ptr + blk.to(tl.int64)[None, :] * stride_bk + offs_n[:, None] * stride_bn + j[None, :],
+        # B contiguous (K, d_out, r): row stride r, known when compiling, so rows load as vectors
+        bt = tl.load(b_ptr + blk.to(tl.int64)[None, :] * (N * R) + offs_n[:, None] * R + j[None, :],
                      mask=mask_n[:, None] & mask_c[None, :], other=0.0)
         s_op = (s_bd.to(tl.float32) * scale[None, :]).to(bt.dtype)
         acc = tl.dot(s_op, tl.trans(bt), acc, input_precision=DOT_PRECISION)
@@ -591,7 +592,7 @@ def _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row
     if m == 0 or n == 0:
         return out, shrink_bd.zero_()
     lora_A = _contig_rows(lora_A)  # loads along d_in
-    lora_B = _contig_rows(lora_B)  # loads along r
+    lora_B = lora_B.contiguous()  # addressed as (K, d_out, r) contiguous
     has_base = weight is not None
     on_cpu = x.device.type == "cpu"  # the interpreter
     block_m = max(16, min(64, _next_pow2(m)))
@@ -606,7 +607,7 @@ def _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row
         hypothesis_ids if hypothesis_ids is not None else x, out, shrink_bd,
         m, n, d, num_hyp, row_div,
         x.stride(0), weight.stride(0) if has_base else 0, weight.stride(1) if has_base else 0,
-        lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1), out.stride(0), shrink_bd.stride(0),
+        lora_A.stride(0), lora_A.stride(1), out.stride(0), shrink_bd.stride(0),
         R=r, BM=block_m, BN=block_n, BK=block_k, BC=block_c, R_PAD=r_pad, HAS_BASE=has_base,
         HAS_BIAS=bias is not None, HAS_IDS=hypothesis_ids is not None, DOT_PRECISION=_DOT_PRECISION,
         num_warps=4, num_stages=stages,

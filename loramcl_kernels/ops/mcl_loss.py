@@ -953,12 +953,13 @@ def _backward_direct(*args):
 
 
 class _MCLLossFunction(torch.autograd.Function):
+    # forward / setup_context split, as torch.func transforms require
     @staticmethod
-    def forward(ctx, *inputs):
+    def forward(*inputs):
         impl = _mcl_loss_forward_triton if inputs[-1] == "triton" else _mcl_loss_forward_reference
-        output = impl(*inputs[:-1])
-        _setup_context(ctx, inputs, output)
-        return output
+        return impl(*inputs[:-1])
+
+    setup_context = staticmethod(_setup_context)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

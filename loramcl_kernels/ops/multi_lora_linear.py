@@ -823,12 +823,15 @@ def _shared_backward_direct(*args):
 
 
 class _MultiLoRALinearFunction(torch.autograd.Function):
+    # forward / setup_context split (as torch.func transforms require); S_bd is not differentiable
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div, backend):
-        output = _FORWARD[backend](x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div)
-        _setup_context(ctx, (x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div, backend), output)
+    def forward(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div, backend):
+        return _FORWARD[backend](x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
         ctx.mark_non_differentiable(output[1])
-        return output
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -838,11 +841,13 @@ class _MultiLoRALinearFunction(torch.autograd.Function):
 
 class _MultiLoRALinearSharedFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, num_groups, backend):
-        output = _SHARED_FORWARD[backend](x, weight, bias, lora_A, lora_B, scaling, num_groups)
-        _shared_setup_context(ctx, (x, weight, bias, lora_A, lora_B, scaling, num_groups, backend), output)
+    def forward(x, weight, bias, lora_A, lora_B, scaling, num_groups, backend):
+        return _SHARED_FORWARD[backend](x, weight, bias, lora_A, lora_B, scaling, num_groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _shared_setup_context(ctx, inputs, output)
         ctx.mark_non_differentiable(output[1])
-        return output
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -953,13 +953,12 @@ def _backward_direct(*args):
 
 
 class _MCLLossFunction(torch.autograd.Function):
-    # forward / setup_context split, as torch.func transforms require
     @staticmethod
-    def forward(*inputs):
+    def forward(ctx, *inputs):
         impl = _mcl_loss_forward_triton if inputs[-1] == "triton" else _mcl_loss_forward_reference
-        return impl(*inputs[:-1])
-
-    setup_context = staticmethod(_setup_context)
+        output = impl(*inputs[:-1])
+        _setup_context(ctx, inputs, output)
+        return output
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -324,20 +324,6 @@ def test_eager_path_equals_registered_op(backend, mode):
     assert out_no_grad.loss.grad_fn is None and torch.equal(out_no_grad.loss, out.loss)
 
 
-def test_torch_func_grad_reference():
-    """torch.func.grad through the eager autograd.Function agrees with autograd (reference backend)."""
-    hidden, weight, bias, labels = make_data(K=3, bias=True, seed=31)
-    hidden, weight, bias = hidden.double(), weight.double(), bias.double()
-
-    def f(h):
-        return mcl_loss(h, weight, labels, num_hypotheses=3, lm_head_bias=bias, backend="reference").loss
-
-    got = torch.func.grad(f)(hidden)
-    h = hidden.clone().requires_grad_()
-    want, = torch.autograd.grad(f(h), h)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-
-
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_nan_loss_wins_like_torch_argmin(backend):
     """A NaN per-sequence loss is the argmin (torch.argmin semantics), so every sequence keeps

@@ -358,21 +358,6 @@ def test_eager_path_equals_registered_op(backend, shared):
     assert y.grad_fn is None and torch.equal(y, public[0])
 
 
-def test_torch_func_grad_reference():
-    """The eager autograd.Function is written in the forward / setup_context form that torch.func
-    transforms need: torch.func.grad agrees with autograd (reference backend)."""
-    x, w, b, a, bb, s = make_inputs(6, (3,), 16, 12, 4, 3, torch.float64, "cpu")
-
-    def f(a, bb):
-        return multi_lora_linear(x, w, b, a, bb, s, backend="reference").square().sum()
-
-    got = torch.func.grad(f, argnums=(0, 1))(a, bb)
-    leaves = [t.clone().requires_grad_() for t in (a, bb)]
-    want = torch.autograd.grad(f(*leaves), leaves)
-    for g, e in zip(got, want):
-        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
-
-
 def test_float_scaling_is_cached_and_usable_after_inference_mode():
     x, w, b, a, bb, _ = make_inputs(4, (), 8, 8, 2, 2, torch.float32, "cpu")
     with torch.inference_mode():  # the first call may come from generation

@@ -4,7 +4,8 @@ Run as a script in a process without TRITON_INTERPRET (tests/test_sm90_compile.p
 Triton driver reports an sm_90 target, launches become compile-only (`warmup=True`), and the
 launchers run on meta tensors, so each kernel is compiled with the block sizes, specialisations
 and constexprs its GPU launches use. Prints one JSON line per compiled kernel variant: name,
-shared memory, warps, stages. A compile error fails the script.
+shared memory, warps, stages, and the number of scalar 2-byte global loads and stores in the PTX
+(16-bit tiles that did not vectorise). A compile error fails the script.
 """
 import json
 import os
@@ -42,7 +43,10 @@ NO_CONFIG_FITS = []  # autotuned launches none of whose configs fits in shared m
 def _compile_only(kernel, grid, args, kwargs, autotuned=False):
     compiled = kernel.run(*args, grid=grid, warmup=True, **kwargs)
     dtype = next((str(a.dtype).replace("torch.", "") for a in args if isinstance(a, torch.Tensor)), None)
+    ptx = compiled.asm["ptx"]
     record = dict(kernel=kernel.__name__, dtype=dtype, shared=compiled.metadata.shared,
+                  # element-wise 2-byte global loads / stores: 16-bit tiles that did not vectorise
+                  scalar_b16_loads=ptx.count("ld.global.b16"), scalar_b16_stores=ptx.count("st.global.b16"),
                   num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
                   autotuned=autotuned, constexprs={k: v for k, v in kwargs.items() if k.isupper()})
     if record not in COMPILED:

@@ -34,3 +34,12 @@ def test_every_kernel_compiles_for_sm90_within_shared_memory():
     assert {v["kernel"] for v in variants} == KERNELS
     assert {v["dtype"] for v in variants} == {"bfloat16", "float32"}
     assert summary["variants"] == len(variants) >= 40
+    # Vectorised 16-bit tiles: scalar 2-byte stores in the cublas-path epilogue once made it 4.6x
+    # slower than its byte floor on an H200; the decode kernel's big loads (x, W, A, B) vectorise.
+    # (S_bd rows of K*r elements vectorise only when K*r is a multiple of 16, which is not checked.)
+    epilogues = [v for v in variants if v["kernel"] == "_gemm_expand_kernel" and not v["constexprs"]["HAS_BASE"]]
+    decodes = [v for v in variants if v["kernel"] == "_decode_kernel"]
+    assert epilogues and decodes
+    for v in epilogues + decodes:
+        if v["dtype"] == "bfloat16":
+            assert v["scalar_b16_stores" if v in epilogues else "scalar_b16_loads"] == 0, v

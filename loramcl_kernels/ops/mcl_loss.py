@@ -679,7 +679,6 @@ def _mcl_loss_forward_triton(
     elif n_rows:
         positions = order[:n_rows]
         h2 = hidden.reshape(R * T, H)
-        w = weight if weight.is_contiguous() else weight.contiguous()
         has_bias = bias is not None
         rows_per_chunk, cols_per_chunk = _chunk_sizes(n_rows, V)
         buffer = torch.empty(rows_per_chunk * cols_per_chunk, dtype=torch.float32, device=device)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (  # noqa: E402
-    HAS_CUDA, device_name, peak_extra_gib, print_table, run_meta, time_ms, write_json,
+    HAS_CUDA, device_name, env_var, peak_extra_gib, print_table, run_meta, time_ms, write_json,
 )
 from loramcl_kernels.ops.mcl_loss import mcl_loss  # noqa: E402
 
@@ -115,15 +115,8 @@ def available_libraries():
 def with_env(name, value, fn):
     """fn() with the environment variable `name` set to `value` for the call."""
     def run():
-        old = os.environ.get(name)
-        os.environ[name] = value
-        try:
+        with env_var(name, value):
             return fn()
-        finally:
-            if old is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = old
 
     return run
 

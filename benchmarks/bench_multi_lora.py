@@ -163,23 +163,6 @@ def compiled_bmm_lora(x, W, A, Bm):
 # ----------------------------------------------------------------------------------------------
 # Implementations as rows
 # ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def env_var(name, value):
-    """Set (or, with None, unset) an environment variable for the duration of the block."""
-    old = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 class Impl:
     """One row of a table: fn(x, W, A, Bm) -> y, which inputs get gradients, the env it runs in."""
 
@@ -189,7 +172,7 @@ class Impl:
         self.checked = checked  # False for the base GEMM alone: it computes a different function
 
     def context(self):
-        return env_var(PATH_ENV, self.path_env) if self.ours else contextlib.nullcontext()
+        return common.env_var(PATH_ENV, self.path_env) if self.ours else contextlib.nullcontext()
 
 
 def ours_impls(mode, *, shared_input=False, decode=False):

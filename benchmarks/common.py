@@ -5,6 +5,7 @@ scripts run a small, labelled CPU smoke run of the same tables with wall-clock m
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -118,4 +119,21 @@ def host_us(fn, *, calls: int = 20) -> float:
     elapsed = time.perf_counter() - start
     torch.cuda.synchronize()
     return elapsed * 1e6 / calls
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str | None):
+    """Set (or, with None, unset) an environment variable for the duration of the block."""
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 

@@ -7,6 +7,7 @@ import torch
 
 try:
     import triton
+    import triton.language as tl
 except Exception:  # pragma: no cover - the reference backend still works without triton
     triton = None
 
@@ -29,6 +30,11 @@ def set_tma_allocator(device: torch.device) -> None:
     triton.set_allocator(alloc)
 
 
+def cdiv(a: int, b: int) -> int:
+    """Plain Python: triton.cdiv called from Python goes through the JIT machinery."""
+    return -(-a // b)
+
+
 def next_pow2(n: int) -> int:
     """Plain Python: triton.next_power_of_2 called from Python goes through the JIT machinery."""
     return 1 << max(0, (n - 1).bit_length())
@@ -45,4 +51,18 @@ def tma_rows_ok(*tensors: torch.Tensor) -> bool:
 # sm_90 allows 227 KB of shared memory per block; the rest of this budget is room for the
 # epilogue's scratch. Launchers size their pipelines (tiles loaded ahead) to fit it.
 SHARED_MEMORY_BUDGET = 200 * 1024
+
+
+if triton is not None:
+
+    @triton.jit
+    def grouped_tile(tile, num_pm, num_pn, GM: tl.constexpr):
+        """(pm, pn) of tile `tile` of a num_pm x num_pn grid visited in grouped order: GM row tiles
+        walk the column tiles together, so each column panel of the right operand stays in L2."""
+        group = tile // (GM * num_pn)
+        first_m = group * GM
+        group_size = min(num_pm - first_m, GM)
+        pm = first_m + (tile % (GM * num_pn)) % group_size
+        pn = (tile % (GM * num_pn)) // group_size
+        return pm, pn
 

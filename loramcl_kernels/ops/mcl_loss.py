@@ -87,7 +87,9 @@ import triton
 import triton.language as tl
 
 from loramcl_kernels._backend import resolve_backend, triton_interpreting
-from loramcl_kernels.ops._triton_utils import device_facts, next_pow2, set_tma_allocator, tma_rows_ok
+from loramcl_kernels.ops._triton_utils import (
+    cdiv, device_facts, grouped_tile, next_pow2, set_tma_allocator, tma_rows_ok,
+)
 
 LAYOUTS = ("batch_major", "hypothesis_major")
 MODES = ("wta", "relaxed", "annealed")
@@ -477,11 +479,7 @@ def _logits_lse_tiles_kernel(
     h_desc = tl.make_tensor_descriptor(h_ptr, shape=[n, H], strides=[H, 1], block_shape=[BM, BK])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[V, H], strides=[H, 1], block_shape=[BN, BK])
     for tile in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=True):
-        group = tile // (GM * num_pn)
-        first_m = group * GM
-        group_size = min(num_pm - first_m, GM)
-        pm = first_m + (tile % (GM * num_pn)) % group_size
-        pn = (tile % (GM * num_pn)) // group_size
+        pm, pn = grouped_tile(tile, num_pm, num_pn, GM)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for ki in range(tl.cdiv(H, BK)):
             a = h_desc.load([pm * BM, ki * BK])
@@ -627,7 +625,7 @@ def _pass1_fused(h2, positions, targets, w, bias, position_lse, position_nll):
     n_rows, (V, H), device = positions.numel(), w.shape, h2.device
     config = _fused_config(device, h2.dtype)
     block_m, block_n = config["BM"], config["BN"]
-    num_pn = -(-V // block_n)
+    num_pn = cdiv(V, block_n)
     rows_per_chunk = min(n_rows, MAX_ROW_CHUNK)
     part = torch.empty(3 * rows_per_chunk * num_pn, dtype=torch.float32, device=device)
     set_tma_allocator(device)
@@ -637,13 +635,13 @@ def _pass1_fused(h2, positions, targets, w, bias, position_lse, position_nll):
         nr = pos.numel()
         rows = h2.index_select(0, pos)
         tgt = targets.index_select(0, pos)
-        programs = min(num_sms, -(-nr // block_m) * num_pn)
+        programs = min(num_sms, cdiv(nr, block_m) * num_pn)
         _logits_lse_tiles_kernel[(programs,)](
             rows, w, bias if bias is not None else rows, tgt, part, nr, V, H, nr * num_pn, programs,
             HAS_BIAS=bias is not None, DOT_PRECISION="ieee", **config,
         )
         block_r = 16
-        _combine_lse_tiles_kernel[(-(-nr // block_r),)](
+        _combine_lse_tiles_kernel[(cdiv(nr, block_r),)](
             part, pos, position_lse, position_nll, nr, num_pn, nr * num_pn,
             BLOCK_R=block_r, BLOCK_P=32 if device.type == "cpu" else 128,
         )

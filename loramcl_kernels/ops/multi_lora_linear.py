@@ -64,7 +64,7 @@ from torch import Tensor
 from loramcl_kernels._backend import resolve_backend
 from loramcl_kernels.ops._triton_utils import device_facts as _device_facts
 from loramcl_kernels.ops._triton_utils import next_pow2 as _next_pow2
-from loramcl_kernels.ops._triton_utils import SHARED_MEMORY_BUDGET
+from loramcl_kernels.ops._triton_utils import SHARED_MEMORY_BUDGET, cdiv
 from loramcl_kernels.ops._triton_utils import set_tma_allocator as _set_tma_allocator
 from loramcl_kernels.ops._triton_utils import tma_rows_ok as _tma_ok
 
@@ -205,6 +205,7 @@ except Exception:  # pragma: no cover - the reference backend still works withou
     triton = None
 
 if triton is not None:
+    from loramcl_kernels.ops._triton_utils import grouped_tile
 
     @triton.jit
     def _shrink_kernel(
@@ -289,11 +290,7 @@ if triton is not None:
         # flatten pipelines the persistent GEMM; the expand-only epilogue runs one tile per program,
         # and flattening its loop compiled to scalar 2-byte stores (sm_90 PTX)
         for tile in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=HAS_BASE):
-            group = tile // (GM * num_pn)
-            first_m = group * GM
-            group_size = min(num_pm - first_m, GM)
-            pm = first_m + (tile % (GM * num_pn)) % group_size
-            pn = (tile % (GM * num_pn)) // group_size
+            pm, pn = grouped_tile(tile, num_pm, num_pn, GM)
             offs_m = pm * BM + tl.arange(0, BM)
             offs_n = pn * BN + tl.arange(0, BN)
             mask_m = offs_m < M
@@ -409,10 +406,6 @@ if triton is not None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)  # plain Python: triton.cdiv called from Python goes through the JIT machinery
-
-
 def _r_pad(r: int) -> int:
     return max(16, _next_pow2(r))
 
@@ -455,7 +448,7 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
     # shared memory: (stages - 1) buffers of the x and P tiles (measured by tests/sm90_compile.py)
     stage_bytes = (block_m + block_c) * block_d * x.element_size()
     stages = 1 if on_cpu else (3 if 2 * stage_bytes <= SHARED_MEMORY_BUDGET else 2)
-    grid = (_cdiv(m, block_m), _cdiv(num_hyp, block_c // r_pad))
+    grid = (cdiv(m, block_m), cdiv(num_hyp, block_c // r_pad))
     _shrink_kernel[grid](
         x, p, scaling if scaling is not None else x, hypothesis_ids if hypothesis_ids is not None else x, out,
         m, d, num_hyp, row_div,
@@ -517,12 +510,12 @@ def _launch_gemm_expand(x, weight, w_kn, init, shrink, e, e_strides, scaling, bi
         num_sms = _device_facts(out.device)[0]
 
         def grid(meta):
-            return (min(num_sms, _cdiv(m, meta["BM"]) * _cdiv(n, meta["BN"])),)
+            return (min(num_sms, cdiv(m, meta["BM"]) * cdiv(n, meta["BN"])),)
 
         _gemm_kernel[grid](*args, num_sms, *strides, **common)
     else:
         block_m, block_n = (16, 32) if out.device.type == "cpu" else (64, 128)
-        tiles = _cdiv(m, block_m) * _cdiv(n, block_n)
+        tiles = cdiv(m, block_m) * cdiv(n, block_n)
         _gemm_expand_kernel[(tiles,)](*args, tiles, *strides, BM=block_m, BN=block_n, BK=16, GM=8, **common,
                                       num_warps=4, num_stages=1)
     return out
@@ -601,7 +594,7 @@ def _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row
     # shared memory: a buffer of the x, W and A tiles per stage (measured by tests/sm90_compile.py)
     stage_bytes = (block_m + block_n + block_c) * block_k * x.element_size()
     stages = 1 if on_cpu else max(1, min(3, SHARED_MEMORY_BUDGET // stage_bytes))
-    grid = (_cdiv(m, block_m), _cdiv(n, block_n))
+    grid = (cdiv(m, block_m), cdiv(n, block_n))
     _decode_kernel[grid](
         x, weight if has_base else x, bias if bias is not None else x, lora_A, lora_B, scaling,
         hypothesis_ids if hypothesis_ids is not None else x, out, shrink_bd,

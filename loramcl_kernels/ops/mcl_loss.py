@@ -87,6 +87,7 @@ import triton
 import triton.language as tl
 
 from loramcl_kernels._backend import resolve_backend, triton_interpreting
+from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
 from loramcl_kernels.ops._triton_utils import (
     cdiv, device_facts, grouped_tile, next_pow2, set_tma_allocator, tma_rows_ok,
 )
@@ -910,11 +911,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *unused_grads, backward_impl=None):
-    # A backward called inside an autocast region keeps the op's fp32 statistics.
-    if torch.is_autocast_enabled(grad_loss.device.type):
-        with torch.autocast(grad_loss.device.type, enabled=False):
-            return _backward_formula(ctx, grad_loss, backward_impl)
-    return _backward_formula(ctx, grad_loss, backward_impl)
+    with autocast_off(grad_loss.device):
+        return _backward_formula(ctx, grad_loss, backward_impl)
 
 
 def _backward_formula(ctx, grad_loss, backward_impl=None):
@@ -1041,14 +1039,11 @@ def mcl_loss(
     labels (B, T) shared by the hypotheses or (B*K, T). Returns MCLLossOutput(loss, nll (K,B),
     winners (B,), weights (K,B)); only `loss` is differentiable.
     """
-    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
-        # Under autocast the lm_head GEMM runs in the autocast dtype, as F.linear would, and the op
-        # runs with autocast off so that its fp32 statistics stay fp32.
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, lm_head_weight, lm_head_bias = (
-            t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-            for t in (hidden, lm_head_weight, lm_head_bias))
-        with torch.autocast(hidden.device.type, enabled=False):
+    cast = (autocast_operands(hidden.device, hidden, lm_head_weight, lm_head_bias)
+            if isinstance(hidden, torch.Tensor) else None)
+    if cast is not None:  # the lm_head GEMM in the autocast dtype
+        hidden, lm_head_weight, lm_head_bias = cast
+        with autocast_off(hidden.device):
             return mcl_loss(
                 hidden, lm_head_weight, labels, num_hypotheses=num_hypotheses, lm_head_bias=lm_head_bias,
                 layout=layout, mode=mode, epsilon=epsilon, temperature=temperature,

@@ -53,7 +53,6 @@ dispatcher (see the "Eager path" section).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import weakref
 from typing import Optional
@@ -62,6 +61,7 @@ import torch
 from torch import Tensor
 
 from loramcl_kernels._backend import resolve_backend
+from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
 from loramcl_kernels.ops._triton_utils import device_facts as _device_facts
 from loramcl_kernels.ops._triton_utils import next_pow2 as _next_pow2
 from loramcl_kernels.ops._triton_utils import SHARED_MEMORY_BUDGET, cdiv
@@ -714,15 +714,8 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, lora_A, lora_B, scaling, hypothesis_ids, output[1])
 
 
-def _autocast_off(device: torch.device):
-    """A backward called inside an autocast region must keep its fp32 accumulation."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def _backward_with(backward_impl, ctx, grad_y):
-    with _autocast_off(grad_y.device):
+    with autocast_off(grad_y.device):
         return _backward_formula(backward_impl, ctx, grad_y)
 
 
@@ -773,7 +766,7 @@ def _shared_setup_context(ctx, inputs, output):
 
 
 def _shared_backward_with(backward_impl, ctx, grad_y):
-    with _autocast_off(grad_y.device):
+    with autocast_off(grad_y.device):
         return _shared_backward_formula(backward_impl, ctx, grad_y)
 
 
@@ -1038,18 +1031,11 @@ def multi_lora_linear(
     hypothesis_ids[n] in [-1, K) (-1 = base only). shared_input=True: every hypothesis sees all N
     rows and the result has N*K rows in the layout. Returns (N, ..., d_out) or (N*K, ..., d_out).
     """
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
-        # Under autocast every floating operand runs in the autocast dtype, as for F.linear (fp32
-        # master adapters included; their gradients flow back through the cast). The op itself then
-        # runs with autocast off so that its fp32 accumulation stays fp32.
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight, bias, lora_A, lora_B = (
-            t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
-            for t in (x, weight, bias, lora_A, lora_B))
-        with torch.autocast(x.device.type, enabled=False):
-            return multi_lora_linear(x, weight, bias, lora_A, lora_B, scaling, num_hypotheses=num_hypotheses,
-                                     layout=layout, inner=inner, hypothesis_ids=hypothesis_ids,
-                                     shared_input=shared_input, backend=backend)
+    cast = autocast_operands(x.device, x, weight, bias, lora_A, lora_B) if isinstance(x, Tensor) else None
+    if cast is not None:  # fp32 master adapters included: their gradients flow back through the cast
+        with autocast_off(x.device):
+            return multi_lora_linear(*cast, scaling, num_hypotheses=num_hypotheses, layout=layout, inner=inner,
+                                     hypothesis_ids=hypothesis_ids, shared_input=shared_input, backend=backend)
     num_hyp, r, d_in, d_out = _check_inputs(x, weight, bias, lora_A, lora_B, num_hypotheses)
     n = x.shape[0]
     _check_layout(n, num_hyp, layout, inner, hypothesis_ids, shared_input, x.device)

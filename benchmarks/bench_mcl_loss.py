@@ -5,7 +5,10 @@ Baselines: the official approach (full fp32 logits, CE reduction='none', per-seq
 torch), torch on the supervised rows only (same math on the compacted rows), and, when importable,
 Cut Cross-Entropy and Liger's fused linear CE with reduction='none' plus the WTA in torch.
 Reported: median ms, peak extra GiB, and the ratio to the floor (GEMM FLOPs at 781 TFLOP/s:
-forward 2*K*n*H*V, backward 4*n*H*V for hard WTA, 4*K*n*H*V for soft weights).
+forward 2*K*n*H*V, plus 4*n*H*V for hard WTA's backward over the winners; for soft weights, whose
+d hidden rows are formed in pass 1 as (softmax - onehot) W, one more 2*K*n*H*V and no backward
+GEMM). Soft modes also time "ours, recompute" (LORAMCL_MCL_SOFT_BACKWARD=recompute: pass 2
+recomputes the logits of every supervised row, 6*K*n*H*V in all).
 
     python benchmarks/bench_mcl_loss.py [--out results/mcl_loss.json]
 
@@ -14,6 +17,7 @@ Without a GPU: a small, labelled CPU smoke run of the same tables on the referen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -25,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (  # noqa: E402
     HAS_CUDA, device_name, env_var, peak_extra_gib, print_table, run_meta, time_ms, write_json,
 )
+from loramcl_kernels.ops import mcl_loss as mcl_module  # noqa: E402
 from loramcl_kernels.ops.mcl_loss import mcl_loss  # noqa: E402
 
 PEAK_TFLOPS = 781.0  # dense bf16 GEMM ceiling of the H200 (DESIGN.md section 3)
@@ -112,10 +117,12 @@ def available_libraries():
     return libs
 
 
-def with_env(name, value, fn):
-    """fn() with the environment variable `name` set to `value` for the call."""
+def with_env(settings, fn):
+    """fn() with the environment variables in `settings` (name -> value) set for the call."""
     def run():
-        with env_var(name, value):
+        with contextlib.ExitStack() as stack:
+            for name, value in settings.items():
+                stack.enter_context(env_var(name, value))
             return fn()
 
     return run
@@ -142,6 +149,9 @@ def main():
         print("No CUDA device: CPU smoke run of the same tables (reference backend, small shapes, "
               "wall-clock; figures say nothing about GPU performance).")
     print(f"device: {device_name()}")
+    if HAS_CUDA:  # which fp32-output GEMMs the loss gets from this torch (else a 16-bit round or an extra add)
+        print(f"mm / addmm with out_dtype=float32: {mcl_module._mm_out_dtype_supported(torch.device(device))} / "
+              f"{mcl_module._addmm_out_dtype_supported(torch.device(device))}")
     libs = available_libraries() if HAS_CUDA else []
     rows_out, table = [], []
     for name, K, B, T, n_sup, H, V in regimes:
@@ -154,14 +164,17 @@ def main():
         n = int((tgt != IGNORE).sum()) // K
         fwd = 2 * K * n * H * V
         floors = {"wta": (fwd + 4 * n * H * V) / PEAK_TFLOPS / 1e9,
-                  "soft": (fwd + 4 * K * n * H * V) / PEAK_TFLOPS / 1e9}
+                  "soft": 2 * fwd / PEAK_TFLOPS / 1e9}
         for mode, kw in MODES:
             floor_ms = floors["wta" if mode == "wta" else "soft"]
             ours = lambda: mcl_loss(hidden, weight, labels, num_hypotheses=K, mode=mode,  # noqa: E731
                                     backend=backend, **kw).loss
-            cases = [("ours", with_env("LORAMCL_MCL_PASS1", "chunked", ours))]
+            chunked, recompute = {"LORAMCL_MCL_PASS1": "chunked"}, {"LORAMCL_MCL_SOFT_BACKWARD": "recompute"}
+            cases = [("ours", with_env(chunked, ours))]
+            if mode != "wta":  # soft weights: the pass-2 recompute next to the default one-pass gradient
+                cases.append(("ours, recompute", with_env({**chunked, **recompute}, ours)))
             if HAS_CUDA:  # pass 1 as one fused Triton GEMM + log-sum-exp (auto takes "chunked" for now)
-                cases.append(("ours, fused pass 1", with_env("LORAMCL_MCL_PASS1", "fused", ours)))
+                cases.append(("ours, fused pass 1", with_env({"LORAMCL_MCL_PASS1": "fused", **recompute}, ours)))
             if mode == "wta" or not HAS_CUDA:
                 cases += [
                     ("official (full fp32 logits)", lambda: official_step(hidden, weight, labels, K, mode, kw)),

@@ -113,6 +113,7 @@ def main():
     real_tolist = torch.Tensor.tolist
     torch.Tensor.tolist = lambda self: [640, 0] if self.is_meta else real_tolist(self)
     mcl._mm_out_dtype_supported = lambda device: True
+    mcl._addmm_out_dtype_supported = lambda device: True
     mcl._pass1_path = lambda hidden, weight: os.environ["LORAMCL_MCL_PASS1"]  # meta tensors: no TMA check
     for dtype, path in ((torch.bfloat16, "chunked"), (torch.bfloat16, "fused"), (torch.float32, "fused")):
         os.environ["LORAMCL_MCL_PASS1"] = path
@@ -122,12 +123,17 @@ def main():
         labels = torch.empty(4, 780, dtype=torch.int64, device=meta)
         out = mcl._mcl_loss_forward_triton(hidden, weight, bias, labels, 5, "batch_major", "wta", 0.0, 1.0,
                                            "mean", -100, True)
-        loss, nll, winners, weights, position_lse, row_count, pass1_rows = out
+        loss, nll, winners, weights, position_lse, row_count, pass1_rows, nll_grad = out
         if path == "chunked":
             for lm_head_grads in (True, False):
                 mcl._mcl_loss_backward_triton(loss, hidden, weight, bias, labels, weights, position_lse,
-                                              row_count, pass1_rows, 5, "batch_major", "mean", -100, True, True,
-                                              lm_head_grads, lm_head_grads)
+                                              row_count, pass1_rows, nll_grad, 5, "batch_major", "mean", -100,
+                                              True, True, lm_head_grads, lm_head_grads)
+            # the one-pass gradient of soft weights: the P-writing lse kernel, then the row scaling
+            out = mcl._mcl_loss_forward_triton(hidden, weight, bias, labels, 5, "batch_major", "annealed", 0.0,
+                                               1.0, "mean", -100, True, keep_nll_grad=True)
+            mcl._mcl_loss_backward_triton(out[0], hidden, weight, bias, labels, *out[3:8], 5, "batch_major", "mean",
+                                          -100, True, False, False, False)
     too_big = [c for c in COMPILED if c["shared"] > H100_SHARED_BYTES and not c["autotuned"]] + NO_CONFIG_FITS
     print(json.dumps(dict(variants=len(COMPILED), over_shared_memory=too_big)))
     return 1 if too_big else 0

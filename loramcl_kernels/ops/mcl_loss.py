@@ -43,11 +43,17 @@ Design of the 'triton' backend
 3. A small Triton kernel, one program per sequence, sums nll over t for each k (fixed order),
    divides by the count, takes the argmin (ties -> lowest k) and writes the weights. The loss is
    a torch reduction of w * L. No host sync.
-4. Pass 2 (backward): with hard weights (wta, or relaxed with epsilon = 0; K > 1) only the
+4. Soft weights (relaxed with epsilon > 0, annealed, or K = 1) with a frozen lm_head: every
+   w > 0, so every supervised row needs d hidden, and d hidden[p] = c[r] * (softmax(z_p) -
+   onehot) W where only the scalar c[r] waits for the weights. Pass 1 therefore also forms
+   (softmax - onehot) W per supervised row (one more GEMM per chunk, P W_c, with a flash-style
+   rescale of the running sum; see _pass1_with_nll_grad) and keeps it in the input dtype; the
+   backward only scales and scatters it: 4 n H V GEMM FLOPs in all instead of 6, no logits
+   recomputed (env LORAMCL_MCL_SOFT_BACKWARD=recompute keeps pass 2).
+5. Pass 2 (backward): with hard weights (wta, or relaxed with epsilon = 0; K > 1) only the
    winners' supervised positions (1/K of the rows) are compacted the same way; with soft weights
-   (relaxed with epsilon > 0, annealed) or K = 1, every w > 0 in exact arithmetic, so pass 1's
-   supervised positions are compacted again and a row whose w underflowed to 0 contributes
-   through c[r] = 0. Logits are recomputed per chunk with cuBLAS, a Triton row kernel turns them
+   and a trainable lm_head (or the recompute switch), pass 1's supervised positions are
+   compacted again and a row whose w underflowed to 0 contributes through c[r] = 0. Logits are recomputed per chunk with cuBLAS, a Triton row kernel turns them
    into c * (exp(z - lse) - onehot) (in the operand dtype for the next GEMM, and in fp32 when
    lm_head grads are needed), then cuBLAS gives d hidden (accumulated in fp32 over vocab chunks)
    and, when lm_head requires grad, d W (fp32 GEMM into an fp32 accumulator) and d bias (fp32
@@ -58,7 +64,8 @@ Host syncs. cuBLAS needs the number of compacted rows on the host. The forward r
 supervised positions n_rows, number of out-of-range labels) in one .tolist(), which also serves
 the label check, and returns n_rows as `pass1_rows`, an int64 CPU tensor of shape () that autograd
 saves for the backward. The backward reads it with int() (host memory, no device sync) and derives
-its own count: n_rows with soft weights or K = 1; n_rows // K with hard weights and labels (B, T)
+its own count (or, with the one-pass gradient of soft weights, reads nothing: the kept rows carry
+their count): n_rows with soft weights or K = 1; n_rows // K with hard weights and labels (B, T)
 shared by the hypotheses (one winner row per sequence, whose supervised count is the sequence's).
 So a forward + backward costs one sync. The exception is hard weights with per-row labels (B*K, T),
 K > 1: the winners' supervised count is data-dependent and the backward reads it with one .item().
@@ -102,6 +109,9 @@ SEQUENCE_REDUCTIONS = ("mean", "sum")
 LOGITS_CHUNK_ELEMENTS = 1 << 24
 # Most rows one GEMM sees; with LOGITS_CHUNK_ELEMENTS this keeps vocab chunks >= 4096 wide.
 MAX_ROW_CHUNK = 4096
+# Pass 1 with the one-pass gradient rescales a (rows x H) fp32 accumulator once per vocab chunk:
+# fewer rows per chunk mean wider vocab chunks (16384 with the default buffer) and fewer rescales.
+ONE_PASS_ROW_CHUNK = 1024
 
 
 @dataclasses.dataclass
@@ -205,7 +215,7 @@ def _reference_rows_per_chunk(V: int) -> int:
 
 def _mcl_loss_forward_reference(
     hidden, weight, bias, labels, K, layout, mode, epsilon, temperature, sequence_reduction,
-    ignore_index, shift_labels,
+    ignore_index, shift_labels, keep_nll_grad=False,
 ):
     R, T, H = hidden.shape
     V = weight.shape[0]
@@ -222,6 +232,8 @@ def _mcl_loss_forward_reference(
     h2 = hidden.reshape(R * T, H)
     lse_sup = torch.empty(positions.numel(), dtype=cdt, device=hidden.device)
     tgt_logit = torch.empty_like(lse_sup)
+    one_pass = keep_nll_grad and _soft_backward_path() == "one_pass"
+    nll_grad = hidden.new_empty(positions.numel() if one_pass else 0, H)
     step = _reference_rows_per_chunk(V)
     for i0 in range(0, positions.numel(), step):
         pos = positions[i0 : i0 + step]
@@ -229,7 +241,11 @@ def _mcl_loss_forward_reference(
         if b is not None:
             z = z + b
         lse_sup[i0 : i0 + step] = torch.logsumexp(z, dim=1)
-        tgt_logit[i0 : i0 + step] = z.gather(1, targets[pos].unsqueeze(1)).squeeze(1)
+        tgt = targets[pos].unsqueeze(1)
+        tgt_logit[i0 : i0 + step] = z.gather(1, tgt).squeeze(1)
+        if one_pass:  # (softmax - onehot) W per row, p_target - 1 = -(sum of the other p)
+            p_other = torch.softmax(z, dim=1).scatter_(1, tgt, 0.0)
+            nll_grad[i0 : i0 + step] = p_other @ w - p_other.sum(1, keepdim=True) * w[tgt.squeeze(1)]
 
     position_lse = torch.zeros(R * T, dtype=cdt, device=hidden.device)
     position_lse.index_copy_(0, positions, lse_sup)
@@ -243,12 +259,12 @@ def _mcl_loss_forward_reference(
     winners, weights = _sequence_weights(nll, mode, epsilon, temperature)
     loss = (weights * nll).sum(0).mean()
     pass1_rows = torch.tensor(positions.numel(), dtype=torch.int64)  # CPU
-    return loss, nll, winners, weights.contiguous(), position_lse, row_count, pass1_rows
+    return loss, nll, winners, weights.contiguous(), position_lse, row_count, pass1_rows, nll_grad
 
 
 def _mcl_loss_backward_reference(
-    grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, pass1_rows, K,
-    layout, sequence_reduction, ignore_index, shift_labels, hard_weights, need_weight_grad,
+    grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, pass1_rows, nll_grad,
+    K, layout, sequence_reduction, ignore_index, shift_labels, hard_weights, need_weight_grad,
     need_bias_grad,
 ):
     # pass1_rows and hard_weights are unused: the reference finds its rows with a sync.
@@ -256,11 +272,17 @@ def _mcl_loss_backward_reference(
     V = weight.shape[0]
     cdt = _stat_dtype(hidden.dtype)
     targets = _targets_per_row(labels, R, K, layout, shift_labels, ignore_index).reshape(-1)
+    coef = _row_coefficients(grad_loss, weights, row_count, layout, sequence_reduction, cdt)
+    if nll_grad.shape[0] and not (need_weight_grad or need_bias_grad):  # the one-pass gradient
+        KERNEL_STATS.pass2_rows = 0
+        positions = (targets != ignore_index).nonzero().squeeze(1)  # pass 1's rows, in its order
+        grad_h = torch.zeros(R * T, H, dtype=cdt, device=hidden.device)
+        grad_h.index_copy_(0, positions, nll_grad.to(cdt) * coef[positions // T].unsqueeze(1))
+        return grad_h.view(R, T, H).to(hidden.dtype), hidden.new_empty(0), hidden.new_empty(0)
     row_weight = _kb_to_rows(weights, layout)
     active = (targets != ignore_index) & (row_weight != 0).repeat_interleave(T)
     positions = active.nonzero().squeeze(1)
     KERNEL_STATS.pass2_rows = positions.numel()
-    coef = _row_coefficients(grad_loss, weights, row_count, layout, sequence_reduction, cdt)
 
     w = weight.to(cdt)
     b = bias.to(cdt) if bias is not None else None
@@ -305,14 +327,23 @@ def _lse_chunk_kernel(
     target_logit_ptr,  # (rows,) fp32 running target logit (one chunk contributes)
     position_lse_ptr,  # (R*T,) fp32 lse per position, written after the last chunk
     position_nll_ptr,  # (R*T,) fp32 nll per position, written after the last chunk
+    p_ptr,  # KEEP_P: (rows, n_cols) out, exp(z - new max) in the GEMM operand dtype, 0 at the target
+    alpha_ptr,  # KEEP_P: (rows,) fp32 out, exp(old max - new max): the rescale of earlier chunks
+    sum_nt_ptr,  # KEEP_P: (rows,) fp32 running sum of exp(z - max) over the non-target classes
     n_cols,
     v_start,
     stride_row,
     HAS_BIAS: tl.constexpr,
     IS_LAST: tl.constexpr,
+    KEEP_P: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """One program per row: fold one vocab chunk of logits into the row's online logsumexp."""
+    """One program per row: fold one vocab chunk of logits into the row's online logsumexp.
+
+    KEEP_P (the one-pass gradient of soft weights): also write the chunk's unnormalised softmax
+    P = exp(z - new max) without the target column, for u <- alpha u + P W_chunk, and keep the
+    running state after the last chunk too (the caller finishes u with the final sums).
+    """
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     # Lanes start at a finite floor so that masked lanes (z = -inf) give exp(-inf) = 0, never NaN.
@@ -343,12 +374,29 @@ def _lse_chunk_kernel(
         z_target += tl.load(bias_ptr + v_start + col, mask=in_chunk, other=0.0).to(tl.float32)
     target_logit = tl.load(target_logit_ptr + row) + z_target
 
+    if KEEP_P:
+        # second sweep over the chunk (in L2): P in the frame of the new running max
+        p_row = p_ptr + row.to(tl.int64) * stride_row
+        p_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
+        for c0 in range(0, n_cols, BLOCK_V):
+            cols = c0 + tl.arange(0, BLOCK_V)
+            in_range = cols < n_cols
+            z = tl.load(row_ptr + cols, mask=in_range, other=float("-inf")).to(tl.float32)
+            if HAS_BIAS:
+                z += tl.load(bias_ptr + v_start + cols, mask=in_range, other=0.0).to(tl.float32)
+            p = tl.where(cols == target - v_start, 0.0, tl.exp(z - new_max))
+            p_sum += p
+            tl.store(p_row + cols, p.to(p_ptr.dtype.element_ty), mask=in_range)
+        alpha = tl.exp(old_max - new_max)
+        tl.store(alpha_ptr + row, alpha)
+        tl.store(sum_nt_ptr + row, tl.load(sum_nt_ptr + row) * alpha + tl.sum(p_sum, 0))
+
     if IS_LAST:
         lse = new_max + tl.log(new_sum)
         position = tl.load(position_ptr + row)
         tl.store(position_lse_ptr + position, lse)
         tl.store(position_nll_ptr + position, lse - target_logit)
-    else:
+    if KEEP_P or not IS_LAST:
         tl.store(max_ptr + row, new_max)
         tl.store(sumexp_ptr + row, new_sum)
         tl.store(target_logit_ptr + row, target_logit)
@@ -446,6 +494,26 @@ def _grad_logits_chunk_kernel(
             tl.store(logits_ptr + offset + cols, g, mask=in_range)
         if STORE_LOWP:
             tl.store(grad_lowp_ptr + offset + cols, g.to(grad_lowp_ptr.dtype.element_ty), mask=in_range)
+
+
+@triton.jit
+def _scale_rows_kernel(
+    rows_ptr,  # (n, H) kept gradient rows (softmax - onehot) W, in the input dtype
+    position_ptr,  # (n,) int64 flat position r*T + t of each row
+    coef_ptr,  # (R,) fp32 c[r]
+    out_ptr,  # (R*T, H) d hidden, zero-initialised; row position[i] <- c[r] * rows[i]
+    H,
+    T,
+    BLOCK_H: tl.constexpr,
+):
+    """The one-pass backward: one program per (kept row, BLOCK_H columns), fp32 product, one rounding."""
+    i = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = cols < H
+    position = tl.load(position_ptr + i)
+    coef = tl.load(coef_ptr + position // T)
+    g = tl.load(rows_ptr + i.to(tl.int64) * H + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + position * H + cols, (coef * g).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -572,8 +640,38 @@ def _mm_fp32_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.
     return out
 
 
-def _chunk_sizes(n_rows: int, V: int) -> tuple[int, int]:
-    rows = max(1, min(n_rows, MAX_ROW_CHUNK))
+_ADDMM_OUT_DTYPE_OK: dict = {}
+
+
+def _addmm_out_dtype_supported(device: torch.device) -> bool:
+    """Does torch.addmm(c, a, b, out_dtype=float32, out=c) add 16-bit a @ b into fp32 c in place (CUDA)?"""
+    key = str(device)
+    if key not in _ADDMM_OUT_DTYPE_OK:
+        ok = False
+        if device.type == "cuda":
+            try:
+                a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
+                c = torch.ones(16, 16, dtype=torch.float32, device=device)
+                torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+                ok = bool((c == 17.0).all())  # one-time probe
+            except Exception:
+                ok = False
+        _ADDMM_OUT_DTYPE_OK[key] = ok
+    return _ADDMM_OUT_DTYPE_OK[key]
+
+
+def _addmm_fp32_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch) -> torch.Tensor:
+    """out (fp32, contiguous) += a @ b with fp32 accumulation, in one GEMM where cuBLAS can read out
+    (beta = 1); else through `scratch` (an fp32 tensor of out's shape): mm, then add."""
+    if a.dtype == out.dtype:
+        return out.addmm_(a, b)
+    if _addmm_out_dtype_supported(a.device):
+        return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+    return out.add_(_mm_fp32_into(scratch, a, b))
+
+
+def _chunk_sizes(n_rows: int, V: int, max_rows: Optional[int] = None) -> tuple[int, int]:
+    rows = max(1, min(n_rows, max_rows or MAX_ROW_CHUNK))
     cols = min(V, max(16, LOGITS_CHUNK_ELEMENTS // rows))
     if cols < V:
         cols = max(16, cols // 128 * 128 if cols >= 128 else cols // 16 * 16)
@@ -606,6 +704,21 @@ def _pass1_path(hidden: torch.Tensor, weight: torch.Tensor) -> str:
     same_logits = hidden.dtype == torch.float32 or _mm_out_dtype_supported(hidden.device)
     eligible = tma and same_logits and (hidden.shape[-1] * hidden.element_size()) % 16 == 0 and tma_rows_ok(weight)
     return "fused" if eligible else "chunked"
+
+
+SOFT_BACKWARD_PATHS = ("auto", "one_pass", "recompute")
+
+
+def _soft_backward_path() -> str:
+    """How d hidden is formed for soft weights with a frozen lm_head (the forward was asked to keep
+    it): 'one_pass' leaves (softmax - onehot) W of every supervised row in pass 1, and the backward
+    only scales it by c[r] (4 n H V GEMM FLOPs in all instead of 6: no logits recomputed);
+    'recompute' runs pass 2 over every supervised row. Env LORAMCL_MCL_SOFT_BACKWARD; auto picks
+    one_pass."""
+    path = os.environ.get("LORAMCL_MCL_SOFT_BACKWARD", "auto").lower()
+    if path not in SOFT_BACKWARD_PATHS:
+        raise ValueError(f"LORAMCL_MCL_SOFT_BACKWARD must be one of {SOFT_BACKWARD_PATHS}, got '{path}'")
+    return "recompute" if path == "recompute" else "one_pass"
 
 
 def _fused_config(device: torch.device, dtype: torch.dtype) -> dict:
@@ -655,7 +768,7 @@ def _compact(mask: torch.Tensor) -> torch.Tensor:
 
 def _mcl_loss_forward_triton(
     hidden, weight, bias, labels, K, layout, mode, epsilon, temperature, sequence_reduction,
-    ignore_index, shift_labels,
+    ignore_index, shift_labels, keep_nll_grad=False,
 ):
     R, T, H = hidden.shape
     V = weight.shape[0]
@@ -673,7 +786,12 @@ def _mcl_loss_forward_triton(
     position_lse = torch.zeros(R * T, dtype=torch.float32, device=device)
     position_nll = torch.zeros(R * T, dtype=torch.float32, device=device)
     w = weight if weight.is_contiguous() else weight.contiguous()
-    if n_rows and _pass1_path(hidden, w) == "fused":
+    one_pass = keep_nll_grad and _soft_backward_path() == "one_pass"
+    nll_grad = hidden.new_empty(n_rows if one_pass else 0, H)
+    if n_rows and one_pass:
+        _pass1_with_nll_grad(hidden.reshape(R * T, H), order[:n_rows], targets, w, bias, position_lse,
+                             position_nll, nll_grad)
+    elif n_rows and _pass1_path(hidden, w) == "fused":
         _pass1_fused(hidden.reshape(R * T, H), order[:n_rows], targets, w, bias, position_lse, position_nll)
     elif n_rows:
         positions = order[:n_rows]
@@ -696,8 +814,8 @@ def _mcl_loss_forward_triton(
                 _mm_fp32_into(logits, rows, w[v0 : v0 + nc].t())
                 _lse_chunk_kernel[(nr,)](
                     logits, bias if has_bias else logits, tgt, pos, run_max, run_sum, tgt_logit,
-                    position_lse, position_nll, nc, v0, nc,
-                    HAS_BIAS=has_bias, IS_LAST=v0 + nc >= V, BLOCK_V=block_v, num_warps=warps,
+                    position_lse, position_nll, logits, run_max, run_max, nc, v0, nc,
+                    HAS_BIAS=has_bias, IS_LAST=v0 + nc >= V, KEEP_P=False, BLOCK_V=block_v, num_warps=warps,
                 )
 
     nll = torch.empty(K, B, dtype=torch.float32, device=device)
@@ -713,7 +831,59 @@ def _mcl_loss_forward_triton(
     )
     loss = (weights * nll).sum(0).mean()
     pass1_rows = torch.tensor(n_rows, dtype=torch.int64)  # CPU: the backward reads it sync-free
-    return loss, nll, winners, weights, position_lse, row_count, pass1_rows
+    return loss, nll, winners, weights, position_lse, row_count, pass1_rows, nll_grad
+
+
+def _pass1_with_nll_grad(h2, positions, targets, w, bias, position_lse, position_nll, nll_grad):
+    """Pass 1 that also leaves nll_grad[i] = (softmax(z_i) - onehot(target_i)) W for every row i at
+    `positions` (the one-pass gradient of soft weights: d hidden = c[r] * nll_grad, no pass 2).
+
+    Per row chunk, over vocab chunks c with the running max m and sums s (all classes), s' (all
+    but the target), online as in flash attention:
+        P_c = exp(z_c - m_new) with the target column zeroed   (Triton, operand dtype)
+        u   = exp(m_old - m_new) u + P_c W_c                    (cuBLAS, fp32 accumulation)
+    and at the end nll_grad = (u - s' W_target) / s. Keeping the target out of P and of s' keeps
+    p_target - 1 = -s'/s exact when the softmax is peaked (no 1 - p cancellation in 16 bits).
+    """
+    n_rows, (V, H), device = positions.numel(), w.shape, h2.device
+    has_bias = bias is not None
+    rows_per_chunk, cols_per_chunk = _chunk_sizes(n_rows, V, ONE_PASS_ROW_CHUNK)
+    buffer = torch.empty(rows_per_chunk * cols_per_chunk, dtype=torch.float32, device=device)
+    # fp32 inputs: P overwrites the logits it is computed from (each lane reads, then writes)
+    p_buffer = buffer if h2.dtype == torch.float32 else torch.empty(
+        rows_per_chunk * cols_per_chunk, dtype=h2.dtype, device=device)
+    u_chunk = torch.empty(rows_per_chunk * H, dtype=torch.float32, device=device)
+    u_part = torch.empty(rows_per_chunk * H, dtype=torch.float32, device=device)
+    block_v, warps = _block_v(cols_per_chunk)
+    for r0 in range(0, n_rows, rows_per_chunk):
+        pos = positions[r0 : r0 + rows_per_chunk]
+        nr = pos.numel()
+        rows = h2.index_select(0, pos)
+        tgt = targets.index_select(0, pos)
+        run_max = torch.full((nr,), -1.0e30, dtype=torch.float32, device=device)
+        run_sum = torch.zeros(nr, dtype=torch.float32, device=device)
+        tgt_logit = torch.zeros(nr, dtype=torch.float32, device=device)
+        sum_nt = torch.zeros(nr, dtype=torch.float32, device=device)
+        alpha = torch.empty(nr, dtype=torch.float32, device=device)
+        u = u_chunk[: nr * H].view(nr, H)
+        for v0 in range(0, V, cols_per_chunk):
+            nc = min(cols_per_chunk, V - v0)
+            logits = buffer[: nr * nc].view(nr, nc)
+            p = p_buffer[: nr * nc].view(nr, nc)
+            w_chunk = w[v0 : v0 + nc]
+            _mm_fp32_into(logits, rows, w_chunk.t())
+            _lse_chunk_kernel[(nr,)](
+                logits, bias if has_bias else logits, tgt, pos, run_max, run_sum, tgt_logit,
+                position_lse, position_nll, p, alpha, sum_nt, nc, v0, nc,
+                HAS_BIAS=has_bias, IS_LAST=v0 + nc >= V, KEEP_P=True, BLOCK_V=block_v, num_warps=warps,
+            )
+            if v0 == 0:
+                _mm_fp32_into(u, p, w_chunk)
+            else:  # u = alpha u + P W_c in one elementwise pass
+                part = _mm_fp32_into(u_part[: nr * H].view(nr, H), p, w_chunk)
+                torch.addcmul(part, u, alpha[:, None], out=u)
+        u.addcmul_(sum_nt[:, None], w.index_select(0, tgt), value=-1.0).div_(run_sum[:, None])
+        nll_grad[r0 : r0 + nr] = u
 
 
 def _pass2_positions(targets, weights, pass1_rows, K, layout, T, ignore_index, shared_labels,
@@ -741,14 +911,17 @@ def _pass2_positions(targets, weights, pass1_rows, K, layout, T, ignore_index, s
 
 
 def _mcl_loss_backward_triton(
-    grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, pass1_rows, K,
-    layout, sequence_reduction, ignore_index, shift_labels, hard_weights, need_weight_grad,
+    grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, pass1_rows, nll_grad,
+    K, layout, sequence_reduction, ignore_index, shift_labels, hard_weights, need_weight_grad,
     need_bias_grad,
 ):
     R, T, H = hidden.shape
     V = weight.shape[0]
     device = hidden.device
     targets = _targets_per_row(labels, R, K, layout, shift_labels, ignore_index).reshape(-1)
+    if nll_grad.shape[0] and not (need_weight_grad or need_bias_grad):
+        return _scale_nll_grad(grad_loss, hidden, targets, weights, row_count, nll_grad, layout,
+                               sequence_reduction, ignore_index)
     order, n_rows = _pass2_positions(
         targets, weights, pass1_rows, K, layout, T, ignore_index, labels.shape[0] != R, hard_weights,
     )
@@ -771,7 +944,8 @@ def _mcl_loss_backward_triton(
             torch.empty(rows_per_chunk * cols_per_chunk, dtype=hidden.dtype, device=device) if lowp else None
         )
         dh_chunk = torch.empty(rows_per_chunk * H, dtype=torch.float32, device=device)
-        dh_part = torch.empty(rows_per_chunk * H, dtype=torch.float32, device=device) if lowp else None
+        fallback = lowp and not _addmm_out_dtype_supported(device)  # mm into dh_part, then add
+        dh_part = torch.empty(rows_per_chunk * H, dtype=torch.float32, device=device) if fallback else None
         block_v, warps = _block_v(cols_per_chunk)
         for r0 in range(0, n_rows, rows_per_chunk):
             pos = positions[r0 : r0 + rows_per_chunk]
@@ -796,8 +970,7 @@ def _mcl_loss_backward_triton(
                 if v0 == 0:
                     _mm_fp32_into(dh, grad_lowp, w_chunk)
                 else:
-                    part = dh_part[: nr * H].view(nr, H) if lowp else torch.empty_like(dh)
-                    dh += _mm_fp32_into(part, grad_lowp, w_chunk)
+                    _addmm_fp32_(dh, grad_lowp, w_chunk, dh_part[: nr * H].view(nr, H) if fallback else None)
                 if grad_w is not None:  # fp32 GEMM into the fp32 accumulator
                     grad_w[v0 : v0 + nc].addmm_(logits.t(), rows.float())
                 if grad_b is not None:
@@ -807,6 +980,22 @@ def _mcl_loss_backward_triton(
     grad_w = grad_w.to(weight.dtype) if grad_w is not None else hidden.new_empty(0)
     grad_b = grad_b.to(bias.dtype) if grad_b is not None else hidden.new_empty(0)
     return grad_h, grad_w, grad_b
+
+
+def _scale_nll_grad(grad_loss, hidden, targets, weights, row_count, nll_grad, layout, sequence_reduction,
+                    ignore_index):
+    """The one-pass backward: d hidden[p] = c[r(p)] * nll_grad[i] for pass 1's i-th supervised
+    position p (the same compaction, so the same order), zero elsewhere. No GEMM, no pass 2."""
+    R, T, H = hidden.shape
+    KERNEL_STATS.pass2_rows = 0
+    positions = _compact(targets != ignore_index)[: nll_grad.shape[0]]
+    coef_row = _row_coefficients(grad_loss, weights, row_count, layout, sequence_reduction, torch.float32)
+    grad_h = torch.zeros(R * T, H, dtype=hidden.dtype, device=hidden.device)
+    block_h = min(1024, next_pow2(H))
+    _scale_rows_kernel[(positions.numel(), cdiv(H, block_h))](
+        nll_grad, positions, coef_row.contiguous(), grad_h, H, T, BLOCK_H=block_h,
+    )
+    return grad_h.view(R, T, H), hidden.new_empty(0), hidden.new_empty(0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -828,24 +1017,30 @@ def _mcl_loss_forward_op(
     sequence_reduction: str,
     ignore_index: int,
     shift_labels: bool,
+    keep_nll_grad: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
     """-> loss (), nll (K,B), winners (B,), weights (K,B), position_lse (R*T,), row_count (R,),
-    pass1_rows () int64 on the CPU (number of supervised positions)."""
+    pass1_rows () int64 on the CPU (number of supervised positions), nll_grad (n, H): with
+    keep_nll_grad and the one-pass soft backward, (softmax - onehot) W of pass 1's n supervised
+    positions in their compaction order, else (0, H)."""
     impl = _mcl_loss_forward_triton if backend == "triton" else _mcl_loss_forward_reference
     return impl(
         hidden, weight, bias, labels, num_hypotheses, layout, mode, epsilon, temperature,
-        sequence_reduction, ignore_index, shift_labels,
+        sequence_reduction, ignore_index, shift_labels, keep_nll_grad,
     )
 
 
 @_mcl_loss_forward_op.register_fake
 def _(hidden, weight, bias, labels, num_hypotheses, layout, mode, epsilon, temperature,
-      sequence_reduction, ignore_index, shift_labels, backend):
-    R, T, _ = hidden.shape
+      sequence_reduction, ignore_index, shift_labels, keep_nll_grad, backend):
+    R, T, H = hidden.shape
     K = num_hypotheses
     B = R // K
     sdt = _stat_dtype(hidden.dtype)
+    # nll_grad has one row per supervised position (data-dependent) when kept
+    n_grad_rows = torch.library.get_ctx().new_dynamic_size() if keep_nll_grad else 0
     return (
         hidden.new_empty((), dtype=sdt),
         hidden.new_empty((K, B), dtype=sdt),
@@ -854,6 +1049,7 @@ def _(hidden, weight, bias, labels, num_hypotheses, layout, mode, epsilon, tempe
         hidden.new_empty((R * T,), dtype=sdt),
         hidden.new_empty((R,), dtype=torch.int32),
         torch.empty((), dtype=torch.int64, device="cpu"),
+        hidden.new_empty((n_grad_rows, H)),
     )
 
 
@@ -868,6 +1064,7 @@ def _mcl_loss_backward_op(
     position_lse: torch.Tensor,
     row_count: torch.Tensor,
     pass1_rows: torch.Tensor,
+    nll_grad: torch.Tensor,
     num_hypotheses: int,
     layout: str,
     sequence_reduction: str,
@@ -880,19 +1077,20 @@ def _mcl_loss_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> d hidden (R,T,H), d weight (V,H) or (0,), d bias (V,) or (0,).
 
-    pass1_rows: the forward's () int64 CPU tensor; hard_weights: w[:, b] is one-hot (wta, or
-    relaxed with epsilon = 0).
+    pass1_rows: the forward's () int64 CPU tensor; nll_grad: the forward's (n, H) one-pass gradient
+    rows, used when it has rows and the lm_head is frozen (else pass 2 recomputes the logits);
+    hard_weights: w[:, b] is one-hot (wta, or relaxed with epsilon = 0).
     """
     impl = _mcl_loss_backward_triton if backend == "triton" else _mcl_loss_backward_reference
     return impl(
         grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, pass1_rows,
-        num_hypotheses, layout, sequence_reduction, ignore_index, shift_labels, hard_weights,
+        nll_grad, num_hypotheses, layout, sequence_reduction, ignore_index, shift_labels, hard_weights,
         need_weight_grad, need_bias_grad,
     )
 
 
 @_mcl_loss_backward_op.register_fake
-def _(grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, pass1_rows,
+def _(grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, pass1_rows, nll_grad,
       num_hypotheses, layout, sequence_reduction, ignore_index, shift_labels, hard_weights,
       need_weight_grad, need_bias_grad, backend):
     grad_w = torch.empty_like(weight) if need_weight_grad else hidden.new_empty(0)
@@ -902,9 +1100,10 @@ def _(grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count,
 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, labels, K, layout, mode, epsilon, temperature, sequence_reduction,
-     ignore_index, shift_labels, backend) = inputs
-    _, _, _, weights, position_lse, row_count, pass1_rows = output
-    ctx.save_for_backward(hidden, weight, bias, labels, weights, position_lse, row_count, pass1_rows)
+     ignore_index, shift_labels, _, backend) = inputs
+    _, _, _, weights, position_lse, row_count, pass1_rows, nll_grad = output
+    ctx.save_for_backward(hidden, weight, bias, labels, weights, position_lse, row_count, pass1_rows,
+                          nll_grad)
     hard_weights = mode == "wta" or (mode == "relaxed" and epsilon == 0.0)
     ctx.config = (K, layout, sequence_reduction, ignore_index, shift_labels, hard_weights, backend)
     ctx.mark_non_differentiable(*output[1:])
@@ -916,18 +1115,18 @@ def _backward(ctx, grad_loss, *unused_grads, backward_impl=None):
 
 
 def _backward_formula(ctx, grad_loss, backward_impl=None):
-    hidden, weight, bias, labels, weights, position_lse, row_count, pass1_rows = ctx.saved_tensors
+    hidden, weight, bias, labels, weights, position_lse, row_count, pass1_rows, nll_grad = ctx.saved_tensors
     K, layout, sequence_reduction, ignore_index, shift_labels, hard_weights, backend = ctx.config
     need_w = bool(ctx.needs_input_grad[1])
     need_b = bool(bias is not None and ctx.needs_input_grad[2])
     grad_h, grad_w, grad_b = (backward_impl or _mcl_loss_backward_op)(
-        grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, pass1_rows, K,
-        layout, sequence_reduction, ignore_index, shift_labels, hard_weights, need_w, need_b,
-        backend,
+        grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, pass1_rows,
+        nll_grad, K, layout, sequence_reduction, ignore_index, shift_labels, hard_weights, need_w,
+        need_b, backend,
     )
     return (
         grad_h, grad_w if need_w else None, grad_b if need_b else None,
-        None, None, None, None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None, None, None, None,
     )
 
 
@@ -1073,11 +1272,17 @@ def mcl_loss(
         if backend is not None and backend.lower() == "triton":
             raise TypeError(f"the triton backend supports fp16/bf16/fp32, got {hidden.dtype}")
         chosen = "reference"
-    loss, nll, winners, weights, _, _, _ = _run_forward(
+    # soft weights (every w > 0) with a frozen lm_head: pass 1 may form d hidden's rows up to the
+    # per-row scale, so the backward needs no second pass over the logits
+    soft_weights = K == 1 or mode == "annealed" or (mode == "relaxed" and epsilon > 0)
+    keep_nll_grad = (soft_weights and torch.is_grad_enabled() and hidden.requires_grad
+                     and not lm_head_weight.requires_grad
+                     and not (lm_head_bias is not None and lm_head_bias.requires_grad))
+    loss, nll, winners, weights = _run_forward(
         hidden, lm_head_weight, lm_head_bias, labels, K, layout, mode, float(epsilon),
         float(temperature) if temperature is not None else 1.0, sequence_reduction,
-        int(ignore_index), bool(shift_labels), chosen,
-    )
+        int(ignore_index), bool(shift_labels), keep_nll_grad, chosen,
+    )[:4]
     return MCLLossOutput(loss, nll.detach(), winners.detach(), weights.detach())
 
 

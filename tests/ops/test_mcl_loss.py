@@ -311,7 +311,7 @@ def test_eager_path_equals_registered_op(backend, mode):
     hidden, weight, bias, labels = make_data(K=3, device=device, bias=True, seed=29)
     kw = MODE_KW[mode]
     args = (labels, 3, "batch_major", mode, float(kw.get("epsilon", 0.0)), float(kw.get("temperature", 1.0)),
-            "mean", IGNORE, True, backend)
+            "mean", IGNORE, True, False, backend)
     h, w, b = leaf(hidden, weight, bias)
     op_out = mcl_module._mcl_loss_forward_op(h, w, b, *args)
     op_grads = torch.autograd.grad(op_out[0], (h, w, b))
@@ -368,15 +368,16 @@ def test_hard_wta_pass2_processes_winners_only(backend, small_chunks):
     K = 3
     hidden, weight, _, labels = make_data(K=K, device=device, seed=17)
     n_supervised = int((labels[:, 1:] != IGNORE).sum()) * K
+    # soft weights with this frozen lm_head: the one-pass gradient, no pass 2 at all
     cases = [("wta", {}, n_supervised // K), ("relaxed", {"epsilon": 0.0}, n_supervised // K),
-             ("relaxed", {"epsilon": 0.1}, n_supervised), ("annealed", {"temperature": 1.0}, n_supervised)]
+             ("relaxed", {"epsilon": 0.1}, 0), ("annealed", {"temperature": 1.0}, 0)]
     for mode, kw, expected in cases:
         h = hidden.detach().clone().requires_grad_(True)
         out = mcl_loss(h, weight, labels, num_hypotheses=K, backend=backend, mode=mode, **kw)
         assert KERNEL_STATS.pass1_rows == n_supervised
         out.loss.backward()
         assert KERNEL_STATS.pass2_rows == expected, (mode, kw)
-        if expected < n_supervised:  # losers' hidden rows get exactly zero gradient
+        if 0 < expected < n_supervised:  # losers' hidden rows get exactly zero gradient
             g = h.grad.view(-1, K, *h.shape[1:])  # batch_major
             for b in range(g.shape[0]):
                 for k in range(K):
@@ -444,8 +445,8 @@ def test_forward_returns_pass1_rows_on_cpu(backend):
     for per_row_labels, shift in ((False, True), (True, False)):
         hidden, weight, _, labels = make_data(K=3, device=device, per_row_labels=per_row_labels, seed=59)
         outs = mcl_module._mcl_loss_forward_op(hidden, weight, None, labels, 3, "batch_major", "wta",
-                                               0.0, 1.0, "mean", IGNORE, shift, backend)
-        assert len(outs) == 7
+                                               0.0, 1.0, "mean", IGNORE, shift, False, backend)
+        assert len(outs) == 8 and outs[7].shape == (0, hidden.shape[-1])
         pass1_rows = outs[6]
         supervised = labels[:, 1:] if shift else labels
         expected = int((supervised != IGNORE).sum()) * (1 if per_row_labels else 3)
@@ -515,6 +516,137 @@ def test_triton_backward_reads_count_with_per_row_labels_and_hard_weights(monkey
 
 
 # ---------------------------------------------------------------------------------------------
+# Soft weights with a frozen lm_head: d hidden's rows formed in pass 1, no pass 2
+# ---------------------------------------------------------------------------------------------
+
+SOFT_CASES = [("relaxed", {"epsilon": 0.05}, 3), ("annealed", {"temperature": 0.7}, 3), ("wta", {}, 1)]
+
+
+def _soft_id(case):
+    return f"{case[0]}-K{case[2]}"
+
+
+@pytest.fixture
+def small_one_pass_chunks(small_chunks, monkeypatch):
+    monkeypatch.setattr(mcl_module, "ONE_PASS_ROW_CHUNK", 8)
+
+
+def run_frozen_head(hidden, weight, bias, labels, K, backend, **kw):
+    """d hidden only (lm_head and its bias frozen), and pass 2's row count."""
+    h = hidden.detach().clone().requires_grad_(True)
+    out = mcl_loss(h, weight, labels, num_hypotheses=K, lm_head_bias=bias, backend=backend, **kw)
+    (grad,) = torch.autograd.grad(out.loss, (h,))
+    return out, grad, KERNEL_STATS.pass2_rows
+
+
+@pytest.mark.parametrize("layout", ["batch_major", "hypothesis_major"])
+@pytest.mark.parametrize("case", SOFT_CASES, ids=_soft_id)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_soft_one_pass_matches_fp64_official(backend, case, layout, small_one_pass_chunks, monkeypatch):
+    """Peaked softmax, bias, several row and vocab chunks: loss and d hidden against the fp64
+    official loss; no pass 2; the recompute path gives the same gradient."""
+    mode, mode_kw, K = case
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    hidden, weight, bias, labels = make_data(K=K, bias=True, device=device, seed=67)
+    kw = dict(layout=layout, mode=mode, **mode_kw)
+    out, grad, pass2_rows = run_frozen_head(hidden, weight, bias, labels, K, backend, **kw)
+    assert pass2_rows == 0 and KERNEL_STATS.pass1_rows > 0
+    h64 = hidden.detach().double().requires_grad_(True)
+    loss64, L64, _, _ = official_mcl_loss(h64, weight.double(), bias.double(), labels, K,
+                                          upcast=torch.float64, **kw)
+    (grad64,) = torch.autograd.grad(loss64, (h64,))
+    torch.testing.assert_close(out.loss.double(), loss64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.nll.double(), L64, rtol=1e-5, atol=1e-6)
+    scale = grad64.abs().max().item()
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-4, atol=1e-6 * scale)
+    monkeypatch.setenv("LORAMCL_MCL_SOFT_BACKWARD", "recompute")
+    _, grad_recompute, pass2_recompute = run_frozen_head(hidden, weight, bias, labels, K, backend, **kw)
+    assert pass2_recompute == KERNEL_STATS.pass1_rows
+    torch.testing.assert_close(grad, grad_recompute, rtol=1e-4, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_soft_one_pass_target_dominates(backend):
+    """1 - p_target ~ 1e-9: the gradient row (p - onehot) W is tiny and made of the non-target
+    classes only; forming it as softmax W - W_target (or p_target - 1 in fp32) would lose it to
+    rounding. In fp32 both backends match fp64 to 1e-3 of that small value. (K = 1: with K > 1 the winners of such equal,
+    ~1e-9 losses would be decided by fp32 rounding.)"""
+    K, B, T, H, V = 1, 2, 4, 16, 50
+    g = torch.Generator().manual_seed(71)
+    h0 = torch.randn(B, 1, T, H, generator=g)
+    hidden = (h0 + 0.05 * torch.randn(B, K, T, H, generator=g)).reshape(B * K, T, H)  # batch-major
+    weight = torch.randn(V, H, generator=g) * 0.1
+    labels = torch.arange(B * T).view(B, T)  # distinct targets
+    for b in range(B):
+        for t in range(1, T):  # position t - 1 predicts labels[b, t]
+            weight[labels[b, t]] = 6.0 * h0[b, 0, t - 1] / h0[b, 0, t - 1].norm()  # z_target = 6 |h|
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    hidden, weight, labels = hidden.to(device), weight.to(device), labels.to(device)
+    out, grad, pass2_rows = run_frozen_head(hidden, weight, None, labels, K, backend)
+    assert pass2_rows == 0
+    assert out.nll.max() < 1e-6  # that peaked
+    h64 = hidden.double().requires_grad_(True)
+    loss64 = official_mcl_loss(h64, weight.double(), None, labels, K, upcast=torch.float64)[0]
+    (grad64,) = torch.autograd.grad(loss64, (h64,))
+    err = (grad.double() - grad64).abs().max().item()
+    assert 0 < grad64.abs().max().item() < 1e-6 and err <= 1e-3 * grad64.abs().max().item()
+
+
+def test_soft_one_pass_only_where_it_applies(small_one_pass_chunks, monkeypatch):
+    """The one-pass gradient needs soft weights, a frozen lm_head (weight and bias) and a hidden
+    that requires grad; otherwise pass 2 runs as before. The env switch chooses it."""
+    K = 3
+    hidden, weight, bias, labels = make_data(K=K, bias=True, device=TRITON_DEVICE, seed=73)
+    n_supervised = int((labels[:, 1:] != IGNORE).sum()) * K
+    _, _, rows = run_frozen_head(hidden, weight, bias, labels, K, "triton", mode="annealed", temperature=0.5)
+    assert rows == 0
+    _, _, rows = run_frozen_head(hidden, weight, bias, labels, K, "triton", mode="relaxed", epsilon=0.0)
+    assert rows == n_supervised // K  # hard weights: the winners only
+    for trainable in ("weight", "bias"):
+        h, w, b = hidden.clone().requires_grad_(True), weight.clone(), bias.clone()
+        (w if trainable == "weight" else b).requires_grad_(True)
+        out = mcl_loss(h, w, labels, num_hypotheses=K, lm_head_bias=b, backend="triton", mode="annealed",
+                       temperature=0.5)
+        out.loss.backward()
+        assert KERNEL_STATS.pass2_rows == n_supervised, trainable
+    with torch.no_grad():  # no gradient wanted: pass 1 keeps nothing
+        outs = mcl_module._mcl_loss_forward_op(hidden, weight, bias, labels, K, "batch_major", "annealed",
+                                               0.0, 0.5, "mean", IGNORE, True, False, "triton")
+    assert outs[7].shape == (0, hidden.shape[-1])
+    outs = mcl_module._mcl_loss_forward_op(hidden, weight, bias, labels, K, "batch_major", "annealed",
+                                           0.0, 0.5, "mean", IGNORE, True, True, "triton")
+    assert outs[7].shape == (n_supervised, hidden.shape[-1])
+    monkeypatch.setenv("LORAMCL_MCL_SOFT_BACKWARD", "recompute")
+    _, _, rows = run_frozen_head(hidden, weight, bias, labels, K, "triton", mode="annealed", temperature=0.5)
+    assert rows == n_supervised
+    monkeypatch.setenv("LORAMCL_MCL_SOFT_BACKWARD", "twice")
+    with pytest.raises(ValueError, match="LORAMCL_MCL_SOFT_BACKWARD"):
+        run_frozen_head(hidden, weight, bias, labels, K, "triton", mode="annealed", temperature=0.5)
+
+
+def test_soft_one_pass_fp16_within_budget(small_one_pass_chunks):
+    hidden, weight, bias, labels = make_data(device=TRITON_DEVICE, bias=True, seed=79)
+    h16, w16, b16 = (t.half() for t in (hidden, weight, bias))
+    for mode, mode_kw, _ in SOFT_CASES[:2]:
+        _, grad, pass2_rows = run_frozen_head(h16, w16, b16, labels, 3, "triton", mode=mode, **mode_kw)
+        assert pass2_rows == 0
+        grads64, plain = [], []
+        for dtype, upcast in ((torch.float64, torch.float64), (torch.float16, torch.float32)):
+            h = h16.to(dtype).requires_grad_(True)
+            loss = official_mcl_loss(h, w16.to(dtype), b16.to(dtype), labels, 3, mode=mode, upcast=upcast,
+                                     **mode_kw)[0]
+            (grads64 if dtype == torch.float64 else plain).append(torch.autograd.grad(loss, (h,))[0])
+        assert_within_budget(grad, grads64[0], plain[0], atol=1e-4, name=f"d hidden {mode}")
+
+
+def test_soft_one_pass_backward_reads_nothing(monkeypatch):
+    hidden, weight, bias, labels = make_data(K=3, device=TRITON_DEVICE, bias=True, seed=83, per_row_labels=True)
+    calls, pass1_rows = _count_backward_host_reads(monkeypatch)
+    run_frozen_head(hidden, weight, bias, labels, 3, "triton", mode="relaxed", epsilon=0.05)
+    assert len(pass1_rows) == 1 and calls == []
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------
 
@@ -579,15 +711,24 @@ def test_opcheck(backend):
     hidden, weight, bias, labels = make_data(K=2, B=2, T=4, H=8, V=20, bias=True, dtype=dtype, device=device)
     h, w, b = leaf(hidden, weight, bias)
     for mode, eps, temp in (("wta", 0.0, 1.0), ("annealed", 0.0, 0.5)):
-        args = (h, w, b, labels, 2, "hypothesis_major", mode, eps, temp, "mean", IGNORE, True, backend)
+        args = (h, w, b, labels, 2, "hypothesis_major", mode, eps, temp, "mean", IGNORE, True, False, backend)
         torch.library.opcheck(mcl_module._mcl_loss_forward_op, args)
     for mode, eps, hard in (("relaxed", 0.1, False), ("wta", 0.0, True)):
         fwd = mcl_module._mcl_loss_forward_op(h, w, b, labels, 2, "batch_major", mode, eps, 1.0,
-                                              "sum", IGNORE, True, backend)
+                                              "sum", IGNORE, True, False, backend)
         bargs = (torch.ones((), dtype=fwd[0].dtype, device=device), hidden, weight, bias, labels,
-                 fwd[3], fwd[4], fwd[5], fwd[6], 2, "batch_major", "sum", IGNORE, True, hard, True,
+                 fwd[3], fwd[4], fwd[5], fwd[6], fwd[7], 2, "batch_major", "sum", IGNORE, True, hard, True,
                  True, backend)
         torch.library.opcheck(mcl_module._mcl_loss_backward_op, bargs)
+    # the one-pass gradient of soft weights: a data-dependent (n, H) output, then the backward
+    (h,) = leaf(hidden)
+    args = (h, weight, bias, labels, 2, "batch_major", "annealed", 0.0, 0.5, "mean", IGNORE, True, True, backend)
+    torch.library.opcheck(mcl_module._mcl_loss_forward_op, args)
+    fwd = mcl_module._mcl_loss_forward_op(*args)
+    assert fwd[7].shape == (int(fwd[6]), hidden.shape[-1]) and int(fwd[6]) > 0
+    bargs = (torch.ones((), dtype=fwd[0].dtype, device=device), hidden, weight, bias, labels, fwd[3], fwd[4],
+             fwd[5], fwd[6], fwd[7], 2, "batch_major", "mean", IGNORE, True, False, False, False, backend)
+    torch.library.opcheck(mcl_module._mcl_loss_backward_op, bargs)
 
 
 # annealed weights are detached functions of the inputs, so finite differences of the loss are
@@ -600,10 +741,17 @@ def test_gradcheck_reference_fp64(mode):
                                       layout=layout, shift_labels=shift, sequence_reduction=red,
                                       mode=mode, **MODE_KW[mode]).loss
         assert torch.autograd.gradcheck(fn, tuple(leaf(hidden, weight, bias)))
+        if mode == "relaxed":  # frozen lm_head: the one-pass gradient of soft weights
+            fn_h = lambda h, fn=fn: fn(h, weight, bias)
+            assert torch.autograd.gradcheck(fn_h, tuple(leaf(hidden)))
+            assert KERNEL_STATS.pass2_rows == 0
 
 
+@pytest.mark.parametrize("frozen_head", [False, True], ids=["trainable_head", "frozen_head"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_torch_compile_fullgraph(backend):
+def test_torch_compile_fullgraph(backend, frozen_head):
+    """A frozen lm_head with soft weights takes the one-pass gradient, whose (n, H) rows have a
+    data-dependent size in the traced graph."""
     device = TRITON_DEVICE if backend == "triton" else "cpu"
     hidden, weight, bias, labels = make_data(K=2, B=2, T=5, H=16, V=40, bias=True, device=device, seed=23)
 
@@ -617,16 +765,21 @@ def test_torch_compile_fullgraph(backend):
     results = []
     for fn in (step, compiled):
         h, w, b = leaf(hidden, weight, bias)
+        if frozen_head:
+            w.requires_grad_(False), b.requires_grad_(False)
         loss, nll, winners = fn(h, w, b, labels)
         loss.backward()
+        assert (KERNEL_STATS.pass2_rows == 0) == frozen_head
         results.append((loss, nll, winners, h.grad, w.grad, b.grad))
     for eager, comp in zip(*results):
         torch.testing.assert_close(comp, eager, rtol=0, atol=0)
 
 
-def test_torch_compile_inductor_reference():
+@pytest.mark.parametrize("mode", ["wta", "annealed"])
+def test_torch_compile_inductor_reference(mode):
     hidden, weight, _, labels = make_data(K=2, B=2, T=5, H=16, V=40, seed=29)
-    fn = lambda h: mcl_loss(h, weight, labels, num_hypotheses=2, backend="reference").loss
+    fn = lambda h: mcl_loss(h, weight, labels, num_hypotheses=2, backend="reference", mode=mode,
+                            temperature=0.5).loss
     h1, h2 = leaf(hidden, hidden)
     torch._dynamo.reset()
     fn(h1).backward()
@@ -716,6 +869,31 @@ def test_gpu_deterministic_and_chunked(monkeypatch, pass1):
     chunked, g3 = run_ours(hb, wb, None, labels, 5, "triton")
     torch.testing.assert_close(chunked.nll, first.nll, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g3[0].float(), g1[0].float(), rtol=2e-2, atol=1e-4)
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", ["relaxed", "annealed"])
+def test_gpu_soft_one_pass_bf16(mode, monkeypatch):
+    """Frozen lm_head, soft weights, several vocab chunks: d hidden from pass 1's kept rows is within
+    budget of fp64, deterministic, and no worse than the pass-2 recompute."""
+    monkeypatch.setattr(mcl_module, "LOGITS_CHUNK_ELEMENTS", 256 * 2048)
+    hidden, weight, bias, labels = make_data(K=4, B=3, T=65, H=256, V=5003, bias=True, seed=89)
+    hb, wb, bb = (t.cuda().bfloat16() for t in (hidden, weight, bias))
+    labels = labels.cuda()
+    kw = MODE_KW[mode]
+    _, grad, pass2_rows = run_frozen_head(hb, wb, bb, labels, 4, "triton", mode=mode, **kw)
+    assert pass2_rows == 0
+    _, grad_again, _ = run_frozen_head(hb, wb, bb, labels, 4, "triton", mode=mode, **kw)
+    assert torch.equal(grad, grad_again)
+    oracle, plain = [], []
+    for dtype, upcast, into in ((torch.float64, torch.float64, oracle), (torch.bfloat16, torch.float32, plain)):
+        h = hb.to(dtype).requires_grad_(True)
+        loss = official_mcl_loss(h, wb.to(dtype), bb.to(dtype), labels, 4, mode=mode, upcast=upcast, **kw)[0]
+        into.append(torch.autograd.grad(loss, (h,))[0])
+    assert_within_budget(grad, oracle[0], plain[0], atol=1e-4, name="d hidden")
+    monkeypatch.setenv("LORAMCL_MCL_SOFT_BACKWARD", "recompute")
+    _, grad_recompute, _ = run_frozen_head(hb, wb, bb, labels, 4, "triton", mode=mode, **kw)
+    assert_within_budget(grad, oracle[0], grad_recompute, factor=2.0, atol=1e-4, name="vs recompute")
 
 
 @requires_cuda

@@ -53,12 +53,13 @@ Design of the 'triton' backend
 5. Pass 2 (backward): with hard weights (wta, or relaxed with epsilon = 0; K > 1) only the
    winners' supervised positions (1/K of the rows) are compacted the same way; with soft weights
    and a trainable lm_head (or the recompute switch), pass 1's supervised positions are
-   compacted again and a row whose w underflowed to 0 contributes through c[r] = 0. Logits are recomputed per chunk with cuBLAS, a Triton row kernel turns them
-   into c * (exp(z - lse) - onehot) (in the operand dtype for the next GEMM, and in fp32 when
-   lm_head grads are needed), then cuBLAS gives d hidden (accumulated in fp32 over vocab chunks)
-   and, when lm_head requires grad, d W (fp32 GEMM into an fp32 accumulator) and d bias (fp32
-   column sums). d hidden rows are scattered into a zero (R*T, H) tensor (unique rows,
-   deterministic).
+   compacted again and a row whose w underflowed to 0 contributes through c[r] = 0. Logits are
+   recomputed per chunk with cuBLAS, a Triton row kernel turns them into c * (exp(z - lse) -
+   onehot) (in the operand dtype for the next GEMM, and in fp32 when lm_head grads are needed),
+   then cuBLAS gives d hidden (accumulated in fp32 over vocab chunks, by an fp32-output addmm
+   where torch has one) and, when lm_head requires grad, d W (fp32 GEMM into an fp32
+   accumulator) and d bias (fp32 column sums). d hidden rows are scattered into a zero (R*T, H)
+   tensor (unique rows, deterministic).
 
 Host syncs. cuBLAS needs the number of compacted rows on the host. The forward reads (number of
 supervised positions n_rows, number of out-of-range labels) in one .tolist(), which also serves
@@ -938,7 +939,9 @@ def _mcl_loss_backward_triton(
         has_bias = bias is not None
         lowp = hidden.dtype != torch.float32
         store_fp32 = (not lowp) or need_weight_grad or need_bias_grad
-        rows_per_chunk, cols_per_chunk = _chunk_sizes(n_rows, V)
+        # half pass 1's rows per chunk: pass 2 also holds the rows' fp32 d hidden, and its GEMMs
+        # stay compute-bound (rows x 8192-wide vocab chunks with the default buffer)
+        rows_per_chunk, cols_per_chunk = _chunk_sizes(n_rows, V, max(1, MAX_ROW_CHUNK // 2))
         buffer = torch.empty(rows_per_chunk * cols_per_chunk, dtype=torch.float32, device=device)
         buffer_lowp = (
             torch.empty(rows_per_chunk * cols_per_chunk, dtype=hidden.dtype, device=device) if lowp else None

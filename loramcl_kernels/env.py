@@ -1,6 +1,7 @@
 """`python -m loramcl_kernels.env`: versions, devices, and which backends can run where."""
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -31,7 +32,13 @@ def describe() -> str:
         for backend in BACKENDS[1:]:
             reason = unavailable_reason(backend, device)
             lines.append(f"[{device}]   {backend:<9} " + ("available" if reason is None else f"unavailable: {reason}"))
+    lines.append("switches (environment, 'auto' when unset): " + ", ".join(
+        f"{name}={os.environ.get(name, 'auto')}" for name in SWITCHES))
     return "\n".join(lines)
+
+
+# The environment variables that choose a backend or a kernel path (README, "Environment switches").
+SWITCHES = ("LORAMCL_BACKEND", "LORAMCL_MULTI_LORA_PATH", "LORAMCL_MCL_PASS1", "LORAMCL_MCL_SOFT_BACKWARD")
 
 
 if __name__ == "__main__":

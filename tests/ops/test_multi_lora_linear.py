@@ -512,6 +512,7 @@ def test_env_report_lists_backends():
     text = describe()
     assert "torch" in text and "[cpu] auto -> reference" in text
     assert "reference available" in text
+    assert "LORAMCL_MULTI_LORA_PATH=" in text and "LORAMCL_MCL_SOFT_BACKWARD=" in text
 
 
 # ----------------------------------------------------------------------------------------------

@@ -787,6 +787,7 @@ def _mcl_loss_forward_triton(
     position_lse = torch.zeros(R * T, dtype=torch.float32, device=device)
     position_nll = torch.zeros(R * T, dtype=torch.float32, device=device)
     w = weight if weight.is_contiguous() else weight.contiguous()
+    bias = bias if bias is None or bias.is_contiguous() else bias.contiguous()  # the kernels index it flat
     one_pass = keep_nll_grad and _soft_backward_path() == "one_pass"
     nll_grad = hidden.new_empty(n_rows if one_pass else 0, H)
     if n_rows and one_pass:
@@ -936,6 +937,7 @@ def _mcl_loss_backward_triton(
         positions = order[:n_rows]
         h2 = hidden.reshape(R * T, H)
         w = weight if weight.is_contiguous() else weight.contiguous()
+        bias = bias if bias is None or bias.is_contiguous() else bias.contiguous()  # the kernels index it flat
         has_bias = bias is not None
         lowp = hidden.dtype != torch.float32
         store_fp32 = (not lowp) or need_weight_grad or need_bias_grad

@@ -608,9 +608,14 @@ def _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row
     return out, shrink_bd
 
 
+def _contig_bias(bias: Optional[Tensor]) -> Optional[Tensor]:
+    """The fused and decode kernels read the bias as a contiguous (d_out,) vector."""
+    return bias if bias is None or bias.is_contiguous() else bias.contiguous()
+
+
 def multi_lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div):
     num_hyp, r, _ = lora_A.shape
-    x = _contig_rows(x)
+    x, bias = _contig_rows(x), _contig_bias(bias)
     if _choose_path(x, weight) == "decode" and _decode_applies(x, lora_A):
         return _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div)
     shrink_bd = _launch_shrink(x, lora_A, None, hypothesis_ids, row_div, block_diag=True)  # (M, K*r)
@@ -637,7 +642,7 @@ def multi_lora_linear_triton_backward(grad_y, x, weight, lora_A, lora_B, scaling
 
 def multi_lora_linear_shared_triton(x, weight, bias, lora_A, lora_B, scaling, num_groups):
     num_hyp, r, _ = lora_A.shape
-    x = _contig_rows(x)
+    x, bias = _contig_rows(x), _contig_bias(bias)
     shrink_all = _launch_shrink(x, lora_A, None, None, 1, block_diag=False)  # (G*L, K*r)
     out = torch.empty(x.shape[0] * num_hyp, lora_B.shape[1], device=x.device, dtype=x.dtype)
     y = _gemm_with_expand(x, weight, False, bias, shrink_all, *_b_as_expand(lora_B), scaling, out, True, num_hyp, r,

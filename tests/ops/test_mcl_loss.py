@@ -646,6 +646,31 @@ def test_soft_one_pass_backward_reads_nothing(monkeypatch):
     assert len(pass1_rows) == 1 and calls == []
 
 
+@pytest.mark.parametrize("frozen_head", [False, True], ids=["trainable_head", "frozen_head"])
+@pytest.mark.parametrize("mode", ["wta", "annealed"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_non_contiguous_inputs(backend, mode, frozen_head, small_one_pass_chunks):
+    """Strided hidden, column-major lm_head weight, strided bias and labels: the same loss,
+    statistics and gradients as their contiguous copies."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    hidden, weight, bias, labels = make_data(K=3, bias=True, device=device, seed=97)
+    strided = lambda t: torch.stack([t, torch.full_like(t, 7)], -1)[..., 0]  # noqa: E731 - stride 2
+    views = (strided(hidden), weight.t().contiguous().t(), strided(bias), strided(labels))
+    assert not any(v.is_contiguous() for v in views)
+    kw = dict(mode=mode, temperature=0.7, shift_labels=mode == "wta")  # strided labels used as they are
+    results = []
+    for h, w, b, lab in ((hidden, weight, bias, labels), views):
+        h, w, b = h.detach().clone() if h.is_contiguous() else h.detach(), w.detach(), b.detach()
+        h.requires_grad_(True)
+        if not frozen_head:
+            w.requires_grad_(True), b.requires_grad_(True)
+        out = mcl_loss(h, w, lab, num_hypotheses=3, lm_head_bias=b, backend=backend, **kw)
+        grads = torch.autograd.grad(out.loss, [t for t in (h, w, b) if t.requires_grad])
+        results.append((out.loss, out.nll, out.winners, out.weights, *grads))
+    for contiguous, strided_result in zip(*results):
+        torch.testing.assert_close(strided_result, contiguous, rtol=1e-6, atol=1e-7)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------

@@ -62,9 +62,22 @@ def make_inputs(n, tokens, d_in, d_out, r, num_hyp, dtype, device, bias=True, se
     return cast(x), cast(weight), cast(b), cast(lora_A), cast(lora_B), scaling.to(device)
 
 
+def copy_keeping_strides(t):
+    """A copy with t's exact strides (clone() makes gappy views contiguous)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t.detach())
+
+
+def strided(t):
+    """The same values as a non-contiguous view: every other element of a wider tensor."""
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
 def forward_and_grads(fn, x, weight, bias, lora_A, lora_B, grad_seed=1, train_weight=True):
-    """Output and the gradients of <y, G> for a fixed random G w.r.t. every input."""
-    leaves = [t.detach().clone().requires_grad_(t is not weight or train_weight) if t is not None else None
+    """Output and the gradients of <y, G> for a fixed random G w.r.t. every input (the inputs'
+    strides kept)."""
+    leaves = [copy_keeping_strides(t).requires_grad_(t is not weight or train_weight) if t is not None else None
               for t in (x, weight, bias, lora_A, lora_B)]
     y = fn(*leaves)
     grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed)).to(y)
@@ -79,14 +92,16 @@ def check_case(n, tokens, d_in, d_out, r, num_hyp, dtype, backend, *, layout="ba
     x, weight, b, lora_A, lora_B, scaling = make_inputs(n, tokens, d_in, d_out, r, num_hyp, dtype, device, bias)
     if delta_only:
         weight, b = None, None
-    if non_contiguous:  # a strided view: every other feature of a wider tensor
-        wide = torch.randn(*x.shape[:-1], 2 * d_in, device=device, dtype=dtype)
-        wide[..., ::2] = x
-        x = wide[..., ::2]
-        assert not x.is_contiguous()
+    if non_contiguous == "operands":  # strided views of x, bias, A, B and the scaling vector
+        x, b, lora_A, lora_B, scaling = (strided(t) if t is not None else None for t in (x, b, lora_A, lora_B, scaling))
+        assert not any(t.is_contiguous() for t in (x, lora_A, lora_B, scaling) + ((b,) if b is not None else ()))
+    elif non_contiguous == "weight":  # a column-major W, as a GPT-2 Conv1D base passes it
+        weight = weight.t().contiguous().t()
     scale_arg = 0.75 if scalar_scaling else scaling
     scale_vec = torch.full((num_hyp,), 0.75, device=device) if scalar_scaling else scaling
     ids_t = None if ids is None else torch.tensor(ids, device=device)
+    if ids_t is not None and non_contiguous == "operands":
+        ids_t = strided(ids_t)
 
     def ours(x, weight, bias, lora_A, lora_B):
         return multi_lora_linear(x, weight, bias, lora_A, lora_B, scale_arg, num_hypotheses=num_hyp, layout=layout,
@@ -133,7 +148,10 @@ CASES = [
     dict(n=4, tokens=(3,), d_in=24, d_out=16, r=3, num_hyp=1),  # K = 1
     dict(n=6, tokens=(), d_in=20, d_out=12, r=2, num_hyp=3, bias=False),  # 2-D x
     dict(n=4, tokens=(2, 3), d_in=16, d_out=8, r=4, num_hyp=2, scalar_scaling=True),  # 4-D x
-    dict(n=6, tokens=(3,), d_in=16, d_out=8, r=4, num_hyp=3, non_contiguous=True),
+    dict(n=6, tokens=(3,), d_in=16, d_out=8, r=4, num_hyp=3, non_contiguous="operands"),
+    dict(n=6, tokens=(3,), d_in=16, d_out=8, r=4, num_hyp=3, non_contiguous="weight"),
+    dict(n=7, tokens=(2,), d_in=40, d_out=36, r=3, num_hyp=3, ids=[2, 0, -1, 1, 0, -1, 1], non_contiguous="operands"),
+    dict(n=3, tokens=(4,), d_in=24, d_out=16, r=3, num_hyp=3, shared=True, non_contiguous="operands"),
     dict(n=6, tokens=(3,), d_in=16, d_out=8, r=4, num_hyp=3, delta_only=True),
     dict(n=3, tokens=(4,), d_in=24, d_out=16, r=3, num_hyp=3, shared=True),
     dict(n=4, tokens=(2,), d_in=24, d_out=16, r=4, num_hyp=3, shared=True, inner=2),

@@ -1219,6 +1219,8 @@ def _check_rows(x, name, K):
         raise ValueError(
             f"{name} has {x.shape[0]} rows (B*K), which is not a positive multiple of num_hypotheses={K}"
         )
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has no positions (T = 0): shape {tuple(x.shape)}")
 
 
 def mcl_loss(

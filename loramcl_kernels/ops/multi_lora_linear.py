@@ -94,20 +94,22 @@ def _row_hypotheses(m: int, num_hyp: int, hypothesis_ids: Optional[Tensor], row_
 
 def _keep_own_block(full: Tensor, row_hyp: Tensor, num_hyp: int) -> Tensor:
     """(M, K*r) -> S_bd: row m keeps its block h(m) and zeros elsewhere (all zeros for h = -1)."""
-    m = full.shape[0]
+    m, cols = full.shape  # explicit sizes: -1 is ambiguous for an empty batch
     keep = row_hyp[:, None] == torch.arange(num_hyp, device=full.device)[None, :]
-    return (full.view(m, num_hyp, -1) * keep[:, :, None].to(full.dtype)).view(m, -1)
+    return (full.view(m, num_hyp, cols // num_hyp) * keep[:, :, None].to(full.dtype)).view(m, cols)
 
 
 def _stack_A(lora_A: Tensor, dtype) -> Tensor:
     """A_all (K*r, d_in): the A_k stacked."""
-    return lora_A.to(dtype).reshape(-1, lora_A.shape[-1])
+    num_hyp, r, d_in = lora_A.shape
+    return lora_A.to(dtype).reshape(num_hyp * r, d_in)
 
 
 def _stack_B(lora_B: Tensor, scaling: Tensor, dtype) -> Tensor:
     """B_all (d_out, K*r): the s_k B_k side by side."""
     scaled = lora_B.to(dtype) * scaling.to(dtype)[:, None, None]
-    return scaled.permute(1, 0, 2).reshape(lora_B.shape[1], -1)
+    num_hyp, d_out, r = lora_B.shape
+    return scaled.permute(1, 0, 2).reshape(d_out, num_hyp * r)
 
 
 def _lora_weight_grads(grad_shrink_bd, shrink_bd, x, grad_y, scaling, lora_A, lora_B):
@@ -117,7 +119,7 @@ def _lora_weight_grads(grad_shrink_bd, shrink_bd, x, grad_y, scaling, lora_A, lo
     """
     num_hyp, r, d_in = lora_A.shape
     grad_A = (grad_shrink_bd.t() @ x).view(num_hyp, r, d_in)
-    grad_Bt = (shrink_bd.t() @ grad_y).view(num_hyp, r, -1)  # (K, r, d_out)
+    grad_Bt = (shrink_bd.t() @ grad_y).view(num_hyp, r, grad_y.shape[-1])  # (K, r, d_out)
     # one elementwise kernel scales, transposes to (K, d_out, r) and casts (computed in fp32)
     grad_B = torch.empty_like(lora_B, memory_format=torch.contiguous_format)
     torch.mul(grad_Bt.transpose(1, 2), scaling[:, None, None], out=grad_B)

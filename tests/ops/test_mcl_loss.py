@@ -686,6 +686,10 @@ def test_bad_inputs():
         call(labels=torch.zeros(3, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="not a positive multiple of num_hypotheses"):
         call(num_hypotheses=3)
+    with pytest.raises(ValueError, match="no positions"):
+        call(hidden=hidden[:, :0], labels=labels[:, :0])
+    with pytest.raises(ValueError, match="no positions"):
+        mcl_loss_from_logits(torch.zeros(hidden.shape[0], 0, 5), labels[:, :0], num_hypotheses=2)
     with pytest.raises(ValueError, match="lm_head_weight must have shape"):
         call(lm_head_weight=weight[:, :5])
     with pytest.raises(ValueError, match="lm_head_bias must have shape"):

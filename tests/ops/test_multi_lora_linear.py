@@ -493,6 +493,23 @@ def test_hypothesis_ids_values_read_once_per_tensor(monkeypatch):
     assert len(reads) == 3
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["distinct", "shared"])
+@pytest.mark.parametrize("shape", [(0, 5), (6, 0)], ids=["no_rows", "no_tokens"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_input(backend, shape, shared, triton_path):
+    """An empty batch or zero tokens: an empty output of the right shape, zero adapter gradients."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    x, weight, bias, lora_A, lora_B, scaling = make_inputs(6, (5,), 16, 12, 3, 3, torch.float32, device)
+    x = torch.randn(*shape, 16, device=device, requires_grad=True)
+    lora_A.requires_grad_(True), lora_B.requires_grad_(True)
+    y = multi_lora_linear(x, weight, bias, lora_A, lora_B, scaling, num_hypotheses=3, shared_input=shared,
+                          backend=backend)
+    assert y.shape == (shape[0] * (3 if shared else 1), shape[1], 12)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(lora_A.grad, torch.zeros_like(lora_A)) and torch.equal(lora_B.grad, torch.zeros_like(lora_B))
+
+
 def test_device_mismatch_raises():
     args, kwargs = _good(weight=torch.randn(4, 8, device="meta"))
     with pytest.raises(ValueError, match="weight is on meta"):

@@ -5,6 +5,7 @@ import torch
 
 from loramcl_kernels.hf.mcl_model import AnnealingSchedule, MCLModel, final_hidden_states
 from loramcl_kernels.hf.patching import multi_lora_modules, patch_model
+from loramcl_kernels.ops.mcl_loss import KERNEL_STATS
 
 from tests.hf.helpers import (
     TARGETS,
@@ -56,6 +57,14 @@ def test_forward_matches_reference(arch, layout, mode):
     assert torch.equal(out.winners, winners)
     torch.testing.assert_close(out.weights, w.to(out.weights.dtype))
     assert out.nll.shape == (K, 3) and L.std() > 0
+    # adapter gradients (soft modes: the frozen lm_head takes the loss's one-pass gradient)
+    out.loss.backward()
+    assert (KERNEL_STATS.pass2_rows == 0) == (mode != "wta")
+    loss.backward()
+    refs = {n: m for n, m in ref.named_modules() if isinstance(m, OfficialMathLinear)}
+    for name, m in multi_lora_modules(model):
+        torch.testing.assert_close(m.lora_A.grad, refs[name].conv_A.grad.view_as(m.lora_A))
+        torch.testing.assert_close(m.lora_B.grad, refs[name].conv_B.grad.view_as(m.lora_B))
 
 
 def test_one_adamw_step_matches_reference():

@@ -528,7 +528,17 @@ def main(argv=None):
         timing["rep_ms"] /= 2
     dtype_name = str(dtype).replace("torch.", "")
 
-    train_impls = [*ours_impls(ours_mode),
+    # training with LoRA dropout (the official configs use 0.1): fused in our kernels, or the usual
+    # unfused form (dropout(x) materialised, base GEMM, LoRA delta, add); masks differ from the
+    # reference's, so these rows are not checked against it
+    ours_backend = "reference" if ours_mode == "reference" else None
+    dropout_impls = [
+        Impl("dropout0.1-ours", lambda x, W, A, Bm: multi_lora_linear(
+            x, W, None, A, Bm, 1.0, lora_dropout=0.1, backend=ours_backend), checked=False),
+        Impl("dropout0.1-unfused", lambda x, W, A, Bm: base_only(x, W) + multi_lora_linear(
+            torch.nn.functional.dropout(x, 0.1), None, None, A, Bm, 1.0, backend=ours_backend), checked=False),
+    ]
+    train_impls = [*ours_impls(ours_mode), *dropout_impls,
                    Impl("base_only", lambda x, W, A, Bm: base_only(x, W), lora_grads=False, checked=False),
                    Impl("loop", loop_peft), Impl("bmm", bmm_lora),
                    Impl("bmm_compiled", compiled_bmm_lora, skip=compile_skip),

@@ -26,10 +26,11 @@ Which hypothesis serves a row (attributes, changeable between calls):
     inner              consecutive rows sharing one hypothesis in batch_major (beams in generate).
     shared_input       x holds N rows every hypothesis sees; the output has N*K rows in the layout.
 
-Dropout: masks are drawn per row, and different rows belong to different hypotheses, so one
-ordinary dropout gives every hypothesis its own masks; in shared-input mode the input is repeated
-first so that each hypothesis still draws its own. With dropout active the base GEMM runs once
-in PyTorch and the op adds the LoRA delta of the dropped-out input; otherwise a single fused call.
+Dropout: masks are drawn per element of x, and different rows belong to different hypotheses,
+so every hypothesis gets its own masks. In training the op applies the dropout inside its kernels
+(the shrink reads dropout(x), the base GEMM x; nothing extra stored), one fused call as without
+dropout. In shared-input mode the input is repeated first so that each hypothesis still draws its
+own mask: the base GEMM then runs once in PyTorch and the op adds the LoRA delta.
 """
 from __future__ import annotations
 
@@ -118,8 +119,7 @@ class MultiLoRALinear(nn.Module):
         self.lora_alpha = float(lora_alpha)
         self.use_rslora = bool(use_rslora)
         self.scaling = self.lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.lora_dropout_p = float(lora_dropout)
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_dropout_p = float(lora_dropout)  # applied by the op's kernels in training
         self.layout = layout
         self.inner = _check_positive_int("inner", inner)
         self.hypothesis_ids: torch.Tensor | None = None
@@ -197,11 +197,8 @@ class MultiLoRALinear(nn.Module):
             # Single-adapter mode: every row through adapter k.
             lora_A, lora_B = all_A[k : k + 1], all_B[k : k + 1]
             kw = dict(num_hypotheses=1, layout="batch_major", inner=1, backend=self.backend)
-            if not dropout:
-                return _multi_lora_linear(x, weight, bias, lora_A, lora_B, self.scaling, **kw)
-            return F.linear(x, weight, bias) + _multi_lora_linear(
-                self.lora_dropout(x), None, None, lora_A, lora_B, self.scaling, **kw
-            )
+            return _multi_lora_linear(x, weight, bias, lora_A, lora_B, self.scaling,
+                                      lora_dropout=self.lora_dropout_p if dropout else 0.0, **kw)
         kw = dict(
             num_hypotheses=self.num_hypotheses,
             layout=self.layout,
@@ -209,14 +206,14 @@ class MultiLoRALinear(nn.Module):
             hypothesis_ids=self.hypothesis_ids,
             backend=self.backend,
         )
-        if not dropout:
-            return _multi_lora_linear(x, weight, bias, all_A, all_B, self.scaling, shared_input=self.shared_input, **kw)
+        if not (dropout and self.shared_input):
+            return _multi_lora_linear(x, weight, bias, all_A, all_B, self.scaling, shared_input=self.shared_input,
+                                      lora_dropout=self.lora_dropout_p if dropout else 0.0, **kw)
         base = F.linear(x, weight, bias)
-        if self.shared_input:
-            # Each hypothesis draws its own dropout mask: repeat first, then drop.
-            x = repeat_rows(x, self.num_hypotheses, self.layout)
-            base = repeat_rows(base, self.num_hypotheses, self.layout)
-        delta = _multi_lora_linear(self.lora_dropout(x), None, None, all_A, all_B, self.scaling, **kw)
+        # shared input with dropout: each hypothesis draws its own mask, so repeat first, then drop
+        x = repeat_rows(x, self.num_hypotheses, self.layout)
+        base = repeat_rows(base, self.num_hypotheses, self.layout)
+        delta = _multi_lora_linear(x, None, None, all_A, all_B, self.scaling, lora_dropout=self.lora_dropout_p, **kw)
         return base + delta
 
     def extra_repr(self) -> str:

@@ -103,6 +103,10 @@ def main():
         if path == "decode":
             continue
         mll.multi_lora_linear_triton_backward(y, x, w, a, b, s, hyp, 1, shrink)
+        if path == "cublas" and dtype == torch.bfloat16:  # LoRA dropout: the shrink, the dx epilogue, dropout(x)
+            seed = torch.empty(1, dtype=torch.int64, device=meta)
+            y, shrink = mll.multi_lora_linear_triton(x, w, None, a, b, s, hyp, 1, seed, 0.1)
+            mll.multi_lora_linear_triton_backward(y, x, w, a, b, s, hyp, 1, shrink, seed, 0.1)
         if path == "cublas":
             mll.multi_lora_linear_triton(x, None, None, a, b, s, hyp, 1)  # LoRA delta only
         if not ids:

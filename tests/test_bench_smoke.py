@@ -21,7 +21,8 @@ SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "bench_multi_lora.py")
 # also has the one-kernel decode path.
 OURS = {"reference": {"ours-reference"}, "triton": {"ours-reference", "ours-fused", "ours-cublas"}}
 OURS_DECODE = {"reference": OURS["reference"], "triton": OURS["triton"] | {"ours-decode"}}
-TRAINING_IMPLS = {"base_only", "loop", "bmm", "bmm_compiled", "group_conv"}
+DROPOUT_IMPLS = {"dropout0.1-ours", "dropout0.1-unfused"}  # training with LoRA dropout: other masks
+TRAINING_IMPLS = {"base_only", "loop", "bmm", "bmm_compiled", "group_conv"} | DROPOUT_IMPLS
 SHARED_IMPLS = {"base_once", "shared_repeat", "shared_once"}
 DECODE_IMPLS = {"base_only", "bmm", "loop"}
 BASELINES = {
@@ -32,7 +33,7 @@ BASELINES = {
     "multilora_decode_fwd": DECODE_IMPLS,
 }
 # Rows that compute something else than the multi-LoRA function carry no check.
-UNCHECKED = {"base_only", "base_once"}
+UNCHECKED = {"base_only", "base_once"} | DROPOUT_IMPLS
 SKIPPABLE_ON_CPU = {"bmm_compiled"}  # torch.compile is left out of the CPU smoke run
 
 

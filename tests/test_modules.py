@@ -8,6 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from loramcl_kernels.modules import MultiLoRALinear
+from loramcl_kernels.ops import multi_lora_linear as mll
+from loramcl_kernels.ops.multi_lora_linear import dropout_keep_mask
 
 K, R, D_IN, D_OUT = 3, 4, 16, 12
 
@@ -100,10 +102,21 @@ def test_dropout_masks_per_hypothesis():
     m.train()
     torch.manual_seed(7)
     y = m(x)
-    torch.manual_seed(7)
-    x_drop = F.dropout(x, 0.5, training=True)
+    torch.manual_seed(7)  # the op draws one seed from torch's generator; its mask is dropout_keep_mask's
+    keep = dropout_keep_mask(mll._dropout_seed("cpu"), K * 2 * 4, D_IN, 0.5).view(x.shape)
+    x_drop = torch.where(keep, x * 2.0, 0.0)
+    assert 0.4 < keep.double().mean() < 0.6
     y_ref = F.linear(x, m.weight) + m.scaling * (x_drop @ m.lora_A[0].t()) @ m.lora_B[0].t()
     torch.testing.assert_close(y, y_ref)
+    # one fused call: the base GEMM and the dropped-out LoRA path in the same op
+    calls = []
+    real = mll.multi_lora_linear
+    mll.multi_lora_linear = lambda *a, **kw: calls.append(kw.get("lora_dropout")) or real(*a, **kw)
+    try:
+        m(x)
+    finally:
+        mll.multi_lora_linear = real
+    assert calls == [0.5]
     # Shared input: every hypothesis draws its own mask.
     m.shared_input = True
     x1 = torch.randn(1, 4, D_IN, dtype=torch.float64)

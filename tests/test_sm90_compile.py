@@ -14,7 +14,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "tests", "sm90_compile.py")
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 KERNELS = {
-    "_shrink_kernel", "_gemm_expand_kernel", "_decode_kernel",  # multi_lora_linear
+    "_shrink_kernel", "_gemm_expand_kernel", "_decode_kernel", "_dropout_rows_kernel",  # multi_lora_linear
     "_lse_chunk_kernel", "_sequence_weights_kernel", "_grad_logits_chunk_kernel",  # mcl_loss, chunked
     "_scale_rows_kernel",  # mcl_loss, the one-pass gradient of soft weights
     "_logits_lse_tiles_kernel", "_combine_lse_tiles_kernel",  # mcl_loss, fused pass 1
@@ -45,5 +45,7 @@ def test_every_kernel_compiles_for_sm90_within_shared_memory():
         if v["dtype"] == "bfloat16":
             assert v["scalar_b16_stores" if v in epilogues else "scalar_b16_loads"] == 0, v
     # the one-pass gradient writes a bf16 P per vocab chunk and scales bf16 rows: vector stores
+    # LoRA dropout variants (the shrink, the dx epilogue, dropout(x) for dA) compile as well
+    assert sum(1 for v in variants if v["constexprs"].get("DROPOUT")) == 2
     one_pass = [v for v in variants if v["constexprs"].get("KEEP_P") or v["kernel"] == "_scale_rows_kernel"]
     assert len(one_pass) == 3 and all(v["scalar_b16_stores"] == 0 for v in one_pass), one_pass

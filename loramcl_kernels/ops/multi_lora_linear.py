@@ -25,6 +25,10 @@ values, in x's dtype) is kept for the backward pass:
     dB_k  = s_k sum_{m: h(m)=k} dy[m]^T S[m] = s_k (dy^T S_bd) block k
     dW    = dy^T x,  dbias = sum_m dy[m]         (only when they require grad)
 
+LoRA dropout (lora_dropout = p > 0, training): y = x W^T + bias + s[h] (dropout(x) A_h^T) B_h^T, so
+S_bd is the shrink of dropout(x); then dx = dy W + keep/(1-p) * (dS_bd A_all) and dA = dS_bd^T dropout(x).
+The keep mask is a hash of (seed, m * d_in + d) (dropout_keep_mask), recomputed wherever it is needed.
+
 Shared input (shared_input=True): x holds rows that every hypothesis sees; the output has K times
 as many rows, grouped (G, K, L) with L rows per group: batch_major gives G = N / inner groups of
 L = inner * T rows (output row ((g*K + k)*inner + j) reads input row g*inner + j), hypothesis_major
@@ -126,13 +130,61 @@ def _lora_weight_grads(grad_shrink_bd, shrink_bd, x, grad_y, scaling, lora_A, lo
     return grad_A.to(lora_A.dtype), grad_B
 
 
-def multi_lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div):
+# LoRA dropout: only the shrink sees dropout(x) (the base GEMM sees x), with a keep mask that is a
+# counter-based hash of (seed, c = m * d_in + d), so that nothing is stored for the backward and
+# torch (the reference) and Triton (the shrink, the dx epilogue, the x_d kernel) draw the same bits:
+#     keep[m, d] = (lowbias32(lo32(c) ^ lowbias32(seed ^ hi32(c))) >> 8) >= round(p * 2^24)
+# (lowbias32: a 32-bit integer hash, two multiply-xorshift rounds); kept values scale by 1 / (1 - p).
+DROPOUT_BITS = 24
+
+
+def _dropout_threshold(p: float) -> int:
+    return int(round(p * (1 << DROPOUT_BITS)))
+
+
+def _mul32(h: Tensor, k: int) -> Tensor:
+    """(h * k) mod 2^32 for int64 h in [0, 2^32) and a 32-bit constant k, without int64 overflow."""
+    return ((h & 0xFFFF) * k + ((((h >> 16) * k) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _lowbias32_torch(h: Tensor) -> Tensor:
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = _mul32(h, 0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def dropout_keep_mask(seed: Tensor, rows: int, cols: int, p: float) -> Tensor:
+    """(rows, cols) bool: the keep mask that multi_lora_linear's LoRA dropout draws for `seed`
+    (an int64 (1,) tensor) on x (rows, cols) flattened to rows of d_in = cols."""
+    c = torch.arange(rows * cols, device=seed.device, dtype=torch.int64)
+    key = _lowbias32_torch((seed & 0xFFFFFFFF) ^ (c >> 32))
+    h = _lowbias32_torch((c & 0xFFFFFFFF) ^ key)
+    return ((h >> 8) >= _dropout_threshold(p)).view(rows, cols)
+
+
+def _dropout_seed(device) -> Tensor:
+    """One draw of torch's generator for this call's dropout mask (on the device: no host sync)."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+
+
+def _dropped_ref(xf: Tensor, dropout_seed: Optional[Tensor], lora_dropout: float) -> Tensor:
+    if not lora_dropout:
+        return xf
+    keep = dropout_keep_mask(dropout_seed.to(xf.device), xf.shape[0], xf.shape[1], lora_dropout)
+    return torch.where(keep, xf * (1.0 / (1.0 - lora_dropout)), 0.0)
+
+
+def multi_lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div, dropout_seed=None,
+                          lora_dropout=0.0):
     """Reference forward on flattened rows x (M, d_in) -> (y (M, d_out), S_bd (M, K*r))."""
     acc = _acc_dtype(x.dtype)
     num_hyp = lora_A.shape[0]
     xf = x.to(acc)
     row_hyp = _row_hypotheses(x.shape[0], num_hyp, hypothesis_ids, row_div, x.device)
-    shrink_bd = _keep_own_block(xf @ _stack_A(lora_A, acc).t(), row_hyp, num_hyp)
+    x_lora = _dropped_ref(xf, dropout_seed, lora_dropout)
+    shrink_bd = _keep_own_block(x_lora @ _stack_A(lora_A, acc).t(), row_hyp, num_hyp)
     y = shrink_bd @ _stack_B(lora_B, scaling, acc).t()
     if weight is not None:
         y = y + xf @ weight.to(acc).t()
@@ -141,16 +193,18 @@ def multi_lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling, hypothesis_i
     return y.to(x.dtype), shrink_bd.to(x.dtype)
 
 
-def multi_lora_linear_ref_backward(grad_y, x, weight, lora_A, lora_B, scaling, hypothesis_ids, row_div, shrink_bd):
+def multi_lora_linear_ref_backward(grad_y, x, weight, lora_A, lora_B, scaling, hypothesis_ids, row_div, shrink_bd,
+                                   dropout_seed=None, lora_dropout=0.0):
     acc = _acc_dtype(x.dtype)
     num_hyp = lora_A.shape[0]
     dyf = grad_y.to(acc)
     row_hyp = _row_hypotheses(x.shape[0], num_hyp, hypothesis_ids, row_div, x.device)
     grad_shrink_bd = _keep_own_block(dyf @ _stack_B(lora_B, scaling, acc), row_hyp, num_hyp)
-    grad_x = grad_shrink_bd @ _stack_A(lora_A, acc)
+    grad_x = _dropped_ref(grad_shrink_bd @ _stack_A(lora_A, acc), dropout_seed, lora_dropout)  # same mask and scale
     if weight is not None:
         grad_x = grad_x + dyf @ weight.to(acc)
-    grad_A, grad_B = _lora_weight_grads(grad_shrink_bd, shrink_bd.to(acc), x.to(acc), dyf, scaling, lora_A, lora_B)
+    x_lora = _dropped_ref(x.to(acc), dropout_seed, lora_dropout)
+    grad_A, grad_B = _lora_weight_grads(grad_shrink_bd, shrink_bd.to(acc), x_lora, dyf, scaling, lora_A, lora_B)
     return grad_x.to(x.dtype), grad_A, grad_B
 
 
@@ -210,17 +264,47 @@ if triton is not None:
     from loramcl_kernels.ops._triton_utils import grouped_tile
 
     @triton.jit
+    def _lowbias32(h):
+        h ^= h >> 16
+        h *= 0x7FEB352D
+        h ^= h >> 15
+        h *= 0x846CA68B
+        return h ^ (h >> 16)
+
+    @triton.jit
+    def _dropout_keep(seed, counter, threshold):
+        """The LoRA dropout keep mask at int64 counters m * d_in + d (seed uint32): dropout_keep_mask."""
+        key = _lowbias32(seed ^ (counter >> 32).to(tl.uint32))
+        h = _lowbias32((counter & 0xFFFFFFFF).to(tl.uint32) ^ key)
+        return (h >> 8) >= threshold
+
+    @triton.jit
+    def _dropout_rows_kernel(x_ptr, seed_ptr, out_ptr, M, D, stride_xm, threshold, keep_scale,
+                             BM: tl.constexpr, BD: tl.constexpr):
+        """out (M, D) contiguous = dropout(x): x where kept, scaled by 1 / (1 - p), else 0."""
+        offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+        offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
+        mask = (offs_m < M)[:, None] & (offs_d < D)[None, :]
+        rows = offs_m.to(tl.int64)[:, None]
+        x = tl.load(x_ptr + rows * stride_xm + offs_d[None, :], mask=mask, other=0.0)
+        keep = _dropout_keep(tl.load(seed_ptr).to(tl.uint32), rows * D + offs_d[None, :], threshold)
+        x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0)
+        tl.store(out_ptr + rows * D + offs_d[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _shrink_kernel(
-        x_ptr, p_ptr, scale_ptr, ids_ptr, out_ptr,
+        x_ptr, p_ptr, scale_ptr, ids_ptr, out_ptr, seed_ptr,
         M, D, NUM_HYP, ROW_DIV,
-        stride_xm, stride_pk, stride_pj, stride_pd, stride_om,
+        stride_xm, stride_pk, stride_pj, stride_pd, stride_om, dropout_threshold, dropout_scale,
         R: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, R_PAD: tl.constexpr,
         BLOCK_DIAG: tl.constexpr, HAS_IDS: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        DROPOUT: tl.constexpr = False,
     ):
         """out (M, K*r) = x P^T, P (K, r, D) addressed by strides, block k scaled by s_k.
 
         BLOCK_DIAG: row m keeps only block h(m) = ids[m // ROW_DIV] (HAS_IDS) or (m // ROW_DIV) % K,
         zeros elsewhere (S_bd); else every block is kept (shared input).
+        DROPOUT: x is dropout(x) (_dropout_keep of seed_ptr's seed, kept values times dropout_scale).
         One program: BM rows x BC columns of the padded (K * R_PAD) column space.
         """
         pid_m = tl.program_id(0)
@@ -233,11 +317,16 @@ if triton is not None:
         mask_c = (blk < NUM_HYP) & (j < R)
         p_rows = blk.to(tl.int64) * stride_pk + j * stride_pj
         acc = tl.zeros((BM, BC), dtype=tl.float32)
+        if DROPOUT:
+            seed = tl.load(seed_ptr).to(tl.uint32)
         for d0 in range(0, D, BD):
             offs_d = d0 + tl.arange(0, BD)
             mask_d = offs_d < D
             xt = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_d[None, :],
                          mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            if DROPOUT:
+                keep = _dropout_keep(seed, offs_m.to(tl.int64)[:, None] * D + offs_d[None, :], dropout_threshold)
+                xt = tl.where(keep, xt.to(tl.float32) * dropout_scale, 0.0).to(xt.dtype)
             pt = tl.load(p_ptr + p_rows[:, None] + offs_d[None, :] * stride_pd,
                          mask=mask_c[:, None] & mask_d[None, :], other=0.0)
             acc = tl.dot(xt, tl.trans(pt), acc, input_precision=DOT_PRECISION)
@@ -255,13 +344,13 @@ if triton is not None:
 
     @triton.jit
     def _gemm_expand_kernel(
-        x_ptr, w_ptr, init_ptr, s_ptr, e_ptr, scale_ptr, bias_ptr, out_ptr,
+        x_ptr, w_ptr, init_ptr, s_ptr, e_ptr, scale_ptr, bias_ptr, out_ptr, seed_ptr,
         M, N, KD, NUM_HYP, L, NUM_PROGRAMS,
-        stride_init, stride_sm, stride_ek, stride_en, stride_ej, stride_om,
+        stride_init, stride_sm, stride_ek, stride_en, stride_ej, stride_om, dropout_threshold, dropout_scale,
         R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GM: tl.constexpr, R_PAD: tl.constexpr,
         HAS_BASE: tl.constexpr, W_KN: tl.constexpr, HAS_INIT: tl.constexpr, SHARED_OUT: tl.constexpr,
         EXPAND_TMA: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        E_ROWS_OF_R: tl.constexpr = False,
+        E_ROWS_OF_R: tl.constexpr = False, DROPOUT: tl.constexpr = False,
     ):
         """out = [x W^T] + [init] + [bias] + expand, tiles of (BM, BN) visited round-robin by NUM_PROGRAMS.
 
@@ -271,6 +360,8 @@ if triton is not None:
                       ceil(K*r / BK) more K-steps of the same GEMM: acc += S E_all^T.
           else:       E_k (N, r) addressed by strides (k, n, j): acc += sum_k s_k S[m, block k] E_k^T
           SHARED_OUT: output row (m // L)*K*L + k*L + m % L gets acc + s_k S[m, block k] E_k^T, per k.
+          DROPOUT (per-hypothesis expand, not SHARED_OUT): the expand is masked by the LoRA dropout
+                      keep mask at (m, n) and scaled by dropout_scale (dx of dropout(x), N = d_in).
         """
         pid = tl.program_id(0)
         num_pm = tl.cdiv(M, BM)
@@ -326,6 +417,10 @@ if triton is not None:
                     e_rows = e_ptr + offs_n[:, None] * stride_en + offs_j[None, :] * stride_ej
                 mask_s = mask_m[:, None] & mask_j[None, :]
                 mask_e = mask_n[:, None] & mask_j[None, :]
+                if DROPOUT:
+                    lora = tl.zeros((BM, BN), dtype=tl.float32)
+                else:
+                    lora = acc
                 for k in range(NUM_HYP):
                     s_k = tl.load(s_rows + k * R, mask=mask_s, other=0.0)
                     if HAS_SCALE:
@@ -337,7 +432,13 @@ if triton is not None:
                         tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
                                  out.to(out_ptr.dtype.element_ty), mask=mask_mn)
                     else:
-                        acc = tl.dot(s_k.to(e_k.dtype), tl.trans(e_k), acc, input_precision=DOT_PRECISION)
+                        lora = tl.dot(s_k.to(e_k.dtype), tl.trans(e_k), lora, input_precision=DOT_PRECISION)
+                if DROPOUT:
+                    keep = _dropout_keep(tl.load(seed_ptr).to(tl.uint32),
+                                         offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], dropout_threshold)
+                    acc += tl.where(keep, lora * dropout_scale, 0.0)
+                else:
+                    acc = lora
             if not SHARED_OUT:
                 tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
                          acc.to(out_ptr.dtype.element_ty), mask=mask_mn)
@@ -434,9 +535,18 @@ if triton is not None:
     _gemm_kernel = triton.autotune(configs=_gemm_configs(), key=["M", "N", "KD", "R", "NUM_HYP"])(_gemm_expand_kernel)
 
 
+def _dropout_args(dropout, fallback: Tensor) -> tuple:
+    """dropout = (seed tensor, p) or None -> (seed_ptr, threshold, scale) kernel arguments."""
+    if dropout is None:
+        return fallback, 0, 1.0
+    seed, p = dropout
+    return seed, _dropout_threshold(p), 1.0 / (1.0 - p)
+
+
 def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_ids: Optional[Tensor],
-                   row_div: int, block_diag: bool) -> Tensor:
-    """x (M, D) times P (K, r, D) (any strides) -> (M, K*r) in x's dtype (S_bd when block_diag)."""
+                   row_div: int, block_diag: bool, dropout=None) -> Tensor:
+    """x (M, D) times P (K, r, D) (any strides) -> (M, K*r) in x's dtype (S_bd when block_diag);
+    dropout = (seed, p): dropout(x) instead of x."""
     m, d = x.shape
     num_hyp, r, _ = p.shape
     r_pad = _r_pad(r)
@@ -451,13 +561,14 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
     stage_bytes = (block_m + block_c) * block_d * x.element_size()
     stages = 1 if on_cpu else (3 if 2 * stage_bytes <= SHARED_MEMORY_BUDGET else 2)
     grid = (cdiv(m, block_m), cdiv(num_hyp, block_c // r_pad))
+    seed, threshold, keep_scale = _dropout_args(dropout, x)
     _shrink_kernel[grid](
-        x, p, scaling if scaling is not None else x, hypothesis_ids if hypothesis_ids is not None else x, out,
+        x, p, scaling if scaling is not None else x, hypothesis_ids if hypothesis_ids is not None else x, out, seed,
         m, d, num_hyp, row_div,
-        x.stride(0), p.stride(0), p.stride(1), p.stride(2), out.stride(0),
+        x.stride(0), p.stride(0), p.stride(1), p.stride(2), out.stride(0), threshold, keep_scale,
         R=r, BM=block_m, BD=block_d, BC=block_c, R_PAD=r_pad, BLOCK_DIAG=block_diag,
         HAS_IDS=hypothesis_ids is not None, HAS_SCALE=scaling is not None, DOT_PRECISION=_DOT_PRECISION,
-        num_warps=4, num_stages=stages,
+        DROPOUT=dropout is not None, num_warps=4, num_stages=stages,
     )
     return out
 
@@ -489,8 +600,9 @@ def _choose_path(x: Tensor, weight: Optional[Tensor], shared: bool = False) -> s
 
 
 def _launch_gemm_expand(x, weight, w_kn, init, shrink, e, e_strides, scaling, bias, out, shared_out, num_hyp, r,
-                        rows_per_group=1, expand_tma=False):
-    """out = [x W^T] + [init] + [bias] + expand.
+                        rows_per_group=1, expand_tma=False, dropout=None):
+    """out = [x W^T] + [init] + [bias] + expand (masked by the LoRA dropout of dropout = (seed, p):
+    the expand-only epilogue of dx).
 
     With weight: the fused persistent TMA GEMM (one program per SM). Without: the expand-only
     epilogue, memory bound, one program per tile so that many tiles are in flight.
@@ -502,11 +614,13 @@ def _launch_gemm_expand(x, weight, w_kn, init, shrink, e, e_strides, scaling, bi
     has_base = weight is not None
     common = dict(R=r, R_PAD=_r_pad(r), HAS_BASE=has_base, W_KN=w_kn, HAS_INIT=init is not None, SHARED_OUT=shared_out,
                   EXPAND_TMA=expand_tma, HAS_SCALE=scaling is not None, HAS_BIAS=bias is not None, DOT_PRECISION=_DOT_PRECISION,
-                  E_ROWS_OF_R=not expand_tma and tuple(e_strides[1:]) == (r, 1))
+                  E_ROWS_OF_R=not expand_tma and tuple(e_strides[1:]) == (r, 1), DROPOUT=dropout is not None)
+    seed, threshold, keep_scale = _dropout_args(dropout, out)
     args = [x if has_base else out, weight if has_base else out, init if init is not None else out,
-            shrink, e, scaling if scaling is not None else shrink, bias if bias is not None else out, out,
+            shrink, e, scaling if scaling is not None else shrink, bias if bias is not None else out, out, seed,
             m, n, x.shape[1] if has_base else 1, num_hyp, rows_per_group]
-    strides = [init.stride(0) if init is not None else 0, shrink.stride(0), *e_strides, out.stride(0)]
+    strides = [init.stride(0) if init is not None else 0, shrink.stride(0), *e_strides, out.stride(0),
+               threshold, keep_scale]
     if has_base:
         _set_tma_allocator(out.device)
         num_sms = _device_facts(out.device)[0]
@@ -524,7 +638,7 @@ def _launch_gemm_expand(x, weight, w_kn, init, shrink, e, e_strides, scaling, bi
 
 
 def _base_then_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out, shared_out, num_hyp, r,
-                      rows_per_group=1):
+                      rows_per_group=1, dropout=None):
     """cublas path: base = x W^T (+ bias) by cuBLAS, then the Triton epilogue adds the expand."""
     base = None
     if weight is not None:
@@ -534,18 +648,19 @@ def _base_then_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out,
         if not shared_out:
             out = base  # the epilogue reads each tile and writes it back in place
     return _launch_gemm_expand(None, None, False, base, shrink, e, e_strides, scaling, bias, out, shared_out,
-                               num_hyp, r, rows_per_group)
+                               num_hyp, r, rows_per_group, dropout=dropout)
 
 
 def _gemm_with_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out, shared_out, num_hyp, r,
-                      rows_per_group=1, stacked_expand=None, shared=False):
+                      rows_per_group=1, stacked_expand=None, shared=False, dropout=None):
     """The fused path when it applies, else cuBLAS + the Triton epilogue.
 
     stacked_expand() gives E_all (N, K*r) contiguous with the scaling folded in: when the rows of S
     and E_all are 16-byte aligned the fused GEMM loads both through TMA descriptors and the expand
     becomes ceil(K*r / BK) extra K-steps (the shared-output mode always uses the per-k epilogue).
+    dropout (dx of the LoRA dropout): the expand is masked on its own, so cuBLAS + the epilogue.
     """
-    if _choose_path(x, weight, shared) == "fused":
+    if dropout is None and _choose_path(x, weight, shared) == "fused":
         weight = weight.contiguous()
         if stacked_expand is not None and not shared_out and _tma_ok(shrink):
             e_all = stacked_expand()
@@ -554,7 +669,20 @@ def _gemm_with_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out,
         return _launch_gemm_expand(x, weight, w_kn, None, shrink, e, e_strides, scaling, bias, out,
                                    shared_out, num_hyp, r, rows_per_group)
     return _base_then_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out, shared_out, num_hyp, r,
-                             rows_per_group)
+                             rows_per_group, dropout=dropout)
+
+
+def _launch_dropout_rows(x: Tensor, dropout) -> Tensor:
+    """dropout(x) (M, D) materialised, for the backward's dA = dS_bd^T dropout(x)."""
+    m, d = x.shape
+    out = torch.empty(m, d, device=x.device, dtype=x.dtype)
+    if m == 0 or d == 0:
+        return out
+    seed, threshold, keep_scale = _dropout_args(dropout, x)
+    block_m, block_d = (16, 32) if x.device.type == "cpu" else (32, 256)
+    _dropout_rows_kernel[(cdiv(m, block_m), cdiv(d, block_d))](
+        x, seed, out, m, d, x.stride(0), threshold, keep_scale, BM=block_m, BD=block_d, num_warps=4)
+    return out
 
 
 def _contig_rows(t: Tensor) -> Tensor:
@@ -615,30 +743,37 @@ def _contig_bias(bias: Optional[Tensor]) -> Optional[Tensor]:
     return bias if bias is None or bias.is_contiguous() else bias.contiguous()
 
 
-def multi_lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div):
+def multi_lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div, dropout_seed=None,
+                             lora_dropout=0.0):
     num_hyp, r, _ = lora_A.shape
     x, bias = _contig_rows(x), _contig_bias(bias)
-    if _choose_path(x, weight) == "decode" and _decode_applies(x, lora_A):
+    dropout = (dropout_seed, lora_dropout) if lora_dropout else None
+    if dropout is None and _choose_path(x, weight) == "decode" and _decode_applies(x, lora_A):
         return _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div)
-    shrink_bd = _launch_shrink(x, lora_A, None, hypothesis_ids, row_div, block_diag=True)  # (M, K*r)
+    # (M, K*r) from dropout(x) when training with LoRA dropout; the GEMM below reads x itself
+    shrink_bd = _launch_shrink(x, lora_A, None, hypothesis_ids, row_div, block_diag=True, dropout=dropout)
     out = torch.empty(x.shape[0], lora_B.shape[1], device=x.device, dtype=x.dtype)
     y = _gemm_with_expand(x, weight, False, bias, shrink_bd, *_b_as_expand(lora_B), scaling, out, False, num_hyp, r,
                           stacked_expand=lambda: _stack_B(lora_B, scaling, x.dtype))
     return y, shrink_bd
 
 
-def multi_lora_linear_triton_backward(grad_y, x, weight, lora_A, lora_B, scaling, hypothesis_ids, row_div, shrink_bd):
+def multi_lora_linear_triton_backward(grad_y, x, weight, lora_A, lora_B, scaling, hypothesis_ids, row_div, shrink_bd,
+                                      dropout_seed=None, lora_dropout=0.0):
     num_hyp, r, d_in = lora_A.shape
     grad_y = _contig_rows(grad_y)
     x = _contig_rows(x)
+    dropout = (dropout_seed, lora_dropout) if lora_dropout else None
     # dS_bd = s_h dy B_h in block h: the shrink kernel with P_k = B_k^T (r, d_out), made contiguous
     # (K*r*d_out values) so that its loads along d_out are coalesced.
     lora_Bt = lora_B.transpose(1, 2).contiguous()
     grad_shrink_bd = _launch_shrink(grad_y, lora_Bt, scaling, hypothesis_ids, row_div, block_diag=True)
     out = torch.empty(grad_y.shape[0], d_in, device=x.device, dtype=x.dtype)
     grad_x = _gemm_with_expand(grad_y, weight, True, None, grad_shrink_bd, *_a_as_expand(lora_A), None, out, False,
-                               num_hyp, r, stacked_expand=lambda: _stack_A(lora_A, x.dtype).t().contiguous())
-    grad_A, grad_B = _lora_weight_grads(grad_shrink_bd, shrink_bd, x, grad_y, scaling, lora_A, lora_B)
+                               num_hyp, r, stacked_expand=lambda: _stack_A(lora_A, x.dtype).t().contiguous(),
+                               dropout=dropout)
+    x_lora = x if dropout is None else _launch_dropout_rows(x, dropout)
+    grad_A, grad_B = _lora_weight_grads(grad_shrink_bd, shrink_bd, x_lora, grad_y, scaling, lora_A, lora_B)
     return grad_x, grad_A, grad_B
 
 
@@ -686,24 +821,28 @@ def _grad_outputs_like(x: Tensor, lora_A: Tensor, lora_B: Tensor):
 @torch.library.custom_op("loramcl::multi_lora_linear", mutates_args=())
 def _multi_lora_linear_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_A: Tensor,
                           lora_B: Tensor, scaling: Tensor, hypothesis_ids: Optional[Tensor], row_div: int,
-                          backend: str) -> tuple[Tensor, Tensor]:
-    return _FORWARD[backend](x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div)
+                          dropout_seed: Optional[Tensor], lora_dropout: float, backend: str) -> tuple[Tensor, Tensor]:
+    return _FORWARD[backend](x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div, dropout_seed,
+                             lora_dropout)
 
 
 @_multi_lora_linear_op.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div, backend):
+def _(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div, dropout_seed, lora_dropout, backend):
     return x.new_empty(x.shape[0], lora_B.shape[1]), x.new_empty(x.shape[0], lora_A.shape[0] * lora_A.shape[1])
 
 
 @torch.library.custom_op("loramcl::multi_lora_linear_backward", mutates_args=())
 def _multi_lora_linear_backward_op(grad_y: Tensor, x: Tensor, weight: Optional[Tensor], lora_A: Tensor,
                                    lora_B: Tensor, scaling: Tensor, hypothesis_ids: Optional[Tensor], row_div: int,
-                                   shrink_bd: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _BACKWARD[backend](grad_y, x, weight, lora_A, lora_B, scaling, hypothesis_ids, row_div, shrink_bd)
+                                   shrink_bd: Tensor, dropout_seed: Optional[Tensor], lora_dropout: float,
+                                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _BACKWARD[backend](grad_y, x, weight, lora_A, lora_B, scaling, hypothesis_ids, row_div, shrink_bd,
+                              dropout_seed, lora_dropout)
 
 
 @_multi_lora_linear_backward_op.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, scaling, hypothesis_ids, row_div, shrink_bd, backend):
+def _(grad_y, x, weight, lora_A, lora_B, scaling, hypothesis_ids, row_div, shrink_bd, dropout_seed, lora_dropout,
+      backend):
     return _grad_outputs_like(x, lora_A, lora_B)
 
 
@@ -716,9 +855,9 @@ def _weight_grads(ctx, grad_y2, x2):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div, backend = inputs
-    ctx.backend, ctx.row_div = backend, row_div
-    ctx.save_for_backward(x, weight, lora_A, lora_B, scaling, hypothesis_ids, output[1])
+    x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div, dropout_seed, lora_dropout, backend = inputs
+    ctx.backend, ctx.row_div, ctx.lora_dropout = backend, row_div, lora_dropout
+    ctx.save_for_backward(x, weight, lora_A, lora_B, scaling, hypothesis_ids, output[1], dropout_seed)
 
 
 def _backward_with(backward_impl, ctx, grad_y):
@@ -727,11 +866,12 @@ def _backward_with(backward_impl, ctx, grad_y):
 
 
 def _backward_formula(backward_impl, ctx, grad_y):
-    x, weight, lora_A, lora_B, scaling, hypothesis_ids, shrink_bd = ctx.saved_tensors
+    x, weight, lora_A, lora_B, scaling, hypothesis_ids, shrink_bd, dropout_seed = ctx.saved_tensors
     grad_x, grad_A, grad_B = backward_impl(
-        grad_y.contiguous(), x, weight, lora_A, lora_B, scaling, hypothesis_ids, ctx.row_div, shrink_bd, ctx.backend)
+        grad_y.contiguous(), x, weight, lora_A, lora_B, scaling, hypothesis_ids, ctx.row_div, shrink_bd, dropout_seed,
+        ctx.lora_dropout, ctx.backend)
     grad_weight, grad_bias = _weight_grads(ctx, grad_y, x)
-    return grad_x, grad_weight, grad_bias, grad_A, grad_B, None, None, None, None
+    return grad_x, grad_weight, grad_bias, grad_A, grad_B, None, None, None, None, None, None
 
 
 def _backward(ctx, grad_y, grad_shrink):
@@ -819,9 +959,12 @@ def _shared_backward_direct(*args):
 
 class _MultiLoRALinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div, backend):
-        output = _FORWARD[backend](x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div)
-        _setup_context(ctx, (x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div, backend), output)
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div, dropout_seed, lora_dropout,
+                backend):
+        output = _FORWARD[backend](x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div, dropout_seed,
+                                   lora_dropout)
+        _setup_context(ctx, (x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div, dropout_seed,
+                             lora_dropout, backend), output)
         ctx.mark_non_differentiable(output[1])
         return output
 
@@ -849,13 +992,13 @@ def _needs_autograd(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _run_op(x, weight, bias, lora_A, lora_B, scale, hypothesis_ids, row_div, backend):
+def _run_op(x, weight, bias, lora_A, lora_B, scale, hypothesis_ids, row_div, dropout_seed, lora_dropout, backend):
+    args = (x, weight, bias, lora_A, lora_B, scale, hypothesis_ids, row_div, dropout_seed, lora_dropout)
     if torch.compiler.is_compiling():
-        return _multi_lora_linear_op(x, weight, bias, lora_A, lora_B, scale, hypothesis_ids, row_div, backend)
+        return _multi_lora_linear_op(*args, backend)
     if _needs_autograd(x, weight, bias, lora_A, lora_B):
-        return _MultiLoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, hypothesis_ids, row_div,
-                                              backend)
-    return _FORWARD[backend](x, weight, bias, lora_A, lora_B, scale, hypothesis_ids, row_div)
+        return _MultiLoRALinearFunction.apply(*args, backend)
+    return _FORWARD[backend](*args)
 
 
 def _run_shared_op(x, weight, bias, lora_A, lora_B, scale, num_groups, backend):
@@ -1028,21 +1171,31 @@ def multi_lora_linear(
     inner: int = 1,
     hypothesis_ids: Optional[Tensor] = None,
     shared_input: bool = False,
+    lora_dropout: float = 0.0,
     backend: Optional[str] = None,
 ) -> Tensor:
-    """y = x W^T + bias + s[h] (x A_h^T) B_h^T for K LoRA hypotheses in one pass.
+    """y = x W^T + bias + s[h] (dropout(x) A_h^T) B_h^T for K LoRA hypotheses in one pass.
 
     x: (N, ..., d_in); weight: (d_out, d_in) or None (LoRA delta only); bias: (d_out,) or None;
     lora_A: (K, r, d_in); lora_B: (K, d_out, r); scaling: float or (K,) tensor (not differentiated).
     Row n's hypothesis: batch_major (n // inner) % K (official), hypothesis_major n // (N/K), or
     hypothesis_ids[n] in [-1, K) (-1 = base only). shared_input=True: every hypothesis sees all N
     rows and the result has N*K rows in the layout. Returns (N, ..., d_out) or (N*K, ..., d_out).
+    lora_dropout = p > 0 (pass it when training): the LoRA path sees x with elements zeroed with
+    probability p and the rest scaled by 1 / (1 - p), a mask drawn from torch's generator
+    (dropout_keep_mask), applied inside the kernels: nothing extra is stored for the backward.
     """
     cast = autocast_operands(x.device, x, weight, bias, lora_A, lora_B) if isinstance(x, Tensor) else None
     if cast is not None:  # fp32 master adapters included: their gradients flow back through the cast
         with autocast_off(x.device):
             return multi_lora_linear(*cast, scaling, num_hypotheses=num_hypotheses, layout=layout, inner=inner,
-                                     hypothesis_ids=hypothesis_ids, shared_input=shared_input, backend=backend)
+                                     hypothesis_ids=hypothesis_ids, shared_input=shared_input,
+                                     lora_dropout=lora_dropout, backend=backend)
+    if not isinstance(lora_dropout, (int, float)) or not 0.0 <= float(lora_dropout) < 1.0:
+        raise ValueError(f"lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
+    if lora_dropout and shared_input:
+        raise ValueError("lora_dropout with shared_input=True: each hypothesis needs its own mask, so repeat "
+                         "the rows (distinct rows per hypothesis) first, as MultiLoRALinear does")
     num_hyp, r, d_in, d_out = _check_inputs(x, weight, bias, lora_A, lora_B, num_hypotheses)
     n = x.shape[0]
     _check_layout(n, num_hyp, layout, inner, hypothesis_ids, shared_input, x.device)
@@ -1058,5 +1211,8 @@ def multi_lora_linear(
         y2, _ = _run_shared_op(x2, weight, bias, lora_A, lora_B, scale, max(num_groups, 1), chosen)
         return y2.view(n * num_hyp, *lead[1:], d_out)
     row_div = max(_row_div(n, tokens, num_hyp, layout, inner, hypothesis_ids), 1)
-    y2, _ = _run_op(x2, weight, bias, lora_A, lora_B, scale, hypothesis_ids, row_div, chosen)
+    lora_dropout = float(lora_dropout)
+    dropout_seed = _dropout_seed(x.device) if lora_dropout else None
+    y2, _ = _run_op(x2, weight, bias, lora_A, lora_B, scale, hypothesis_ids, row_div, dropout_seed, lora_dropout,
+                    chosen)
     return y2.view(*lead, d_out)

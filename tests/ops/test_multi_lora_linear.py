@@ -34,17 +34,20 @@ def shared_source_rows(n, num_hyp, layout="batch_major", inner=1):
     return rows
 
 
-def naive(x, weight, bias, lora_A, lora_B, scaling, hyps, sources=None):
+def naive(x, weight, bias, lora_A, lora_B, scaling, hyps, sources=None, x_lora=None):
     """Row loop in the dtype of its inputs. hyps[i] is output row i's hypothesis (-1: base only);
-    sources[i] the input row it reads (identity when None)."""
+    sources[i] the input row it reads (identity when None); x_lora: what the LoRA path reads
+    (dropout(x)), x when None."""
     outs = []
+    x_lora = x if x_lora is None else x_lora
     for i, h in enumerate(hyps):
-        xi = x[i if sources is None else sources[i]]
+        src = i if sources is None else sources[i]
+        xi = x[src]
         yi = xi @ weight.t() if weight is not None else 0
         if bias is not None:
             yi = yi + bias
         if h >= 0:
-            yi = yi + scaling[h] * ((xi @ lora_A[h].t()) @ lora_B[h].t())
+            yi = yi + scaling[h] * ((x_lora[src] @ lora_A[h].t()) @ lora_B[h].t())
         outs.append(yi)
     return torch.stack(outs)
 
@@ -88,7 +91,7 @@ def forward_and_grads(fn, x, weight, bias, lora_A, lora_B, grad_seed=1, train_we
 
 def check_case(n, tokens, d_in, d_out, r, num_hyp, dtype, backend, *, layout="batch_major", inner=1, ids=None,
                shared=False, bias=True, scalar_scaling=False, non_contiguous=False, delta_only=False, atol=1e-5,
-               device="cpu"):
+               device="cpu", dropout=0.0):
     x, weight, b, lora_A, lora_B, scaling = make_inputs(n, tokens, d_in, d_out, r, num_hyp, dtype, device, bias)
     if delta_only:
         weight, b = None, None
@@ -104,8 +107,16 @@ def check_case(n, tokens, d_in, d_out, r, num_hyp, dtype, backend, *, layout="ba
         ids_t = strided(ids_t)
 
     def ours(x, weight, bias, lora_A, lora_B):
+        torch.manual_seed(DROPOUT_SEED)  # the op's one draw for its dropout mask
         return multi_lora_linear(x, weight, bias, lora_A, lora_B, scale_arg, num_hypotheses=num_hyp, layout=layout,
-                                 inner=inner, hypothesis_ids=ids_t, shared_input=shared, backend=backend)
+                                 inner=inner, hypothesis_ids=ids_t, shared_input=shared, backend=backend,
+                                 lora_dropout=dropout)
+
+    keep = None
+    if dropout:  # the same mask, drawn the way the op draws it
+        torch.manual_seed(DROPOUT_SEED)
+        keep = mll.dropout_keep_mask(mll._dropout_seed(device), x[..., 0].numel(), d_in, dropout).cpu().view(x.shape)
+        assert 0 < keep.sum() < keep.numel()
 
     if shared:
         pairs = shared_source_rows(n, num_hyp, layout, inner)
@@ -116,7 +127,13 @@ def check_case(n, tokens, d_in, d_out, r, num_hyp, dtype, backend, *, layout="ba
     def reference_rows(dtype_):
         def fn(x, weight, bias, lora_A, lora_B):
             x2 = x.reshape(n, -1, d_in).transpose(0, 1)  # (tokens, N, d_in): loop rows per token
-            ys = [naive(xt, weight, bias, lora_A, lora_B, scale_vec.to(dtype_), hyps, sources) for xt in x2]
+            if keep is None:
+                xl2 = x2
+            else:
+                x_lora = torch.where(keep.to(x.device), x * (1.0 / (1.0 - dropout)), 0.0)
+                xl2 = x_lora.reshape(n, -1, d_in).transpose(0, 1)
+            ys = [naive(xt, weight, bias, lora_A, lora_B, scale_vec.to(dtype_), hyps, sources, x_lora=xlt)
+                  for xt, xlt in zip(x2, xl2)]
             y = torch.stack(ys, 1)
             return y.reshape(len(hyps), *tokens, d_out)
         return fn
@@ -160,11 +177,22 @@ CASES = [
 ]
 
 
+DROPOUT_SEED = 1234
+DROPOUT_CASES = [  # LoRA dropout (distinct rows: the op refuses it with shared input)
+    dict(n=6, tokens=(4,), d_in=32, d_out=24, r=4, num_hyp=3, dropout=0.25),
+    dict(n=8, tokens=(3,), d_in=16, d_out=20, r=5, num_hyp=2, inner=2, dropout=0.5),
+    dict(n=6, tokens=(4,), d_in=32, d_out=24, r=4, num_hyp=3, layout="hypothesis_major", dropout=0.25),
+    dict(n=7, tokens=(2,), d_in=100, d_out=36, r=3, num_hyp=3, ids=[0, 2, -1, 1, 1, -1, 0], dropout=0.1),
+    dict(n=4, tokens=(3,), d_in=24, d_out=16, r=3, num_hyp=1, dropout=0.3, delta_only=True),
+    dict(n=6, tokens=(3,), d_in=16, d_out=8, r=4, num_hyp=3, non_contiguous="operands", dropout=0.2),
+]
+
+
 def _case_id(case):
     return "-".join(f"{k}={v}" for k, v in case.items() if k not in ("d_in", "d_out"))
 
 
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES + DROPOUT_CASES, ids=_case_id)
 def test_reference_matches_fp64_oracle(case):
     check_case(dtype=torch.float32, backend="reference", **case)
 
@@ -186,7 +214,7 @@ def triton_path(request, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES + DROPOUT_CASES, ids=_case_id)
 def test_triton_matches_fp64_oracle(case, dtype, triton_path):
     atol = 1e-5 if dtype == torch.float32 else 2e-3
     check_case(dtype=dtype, backend="triton", atol=atol, device=TRITON_DEVICE, **case)
@@ -319,8 +347,10 @@ def _op_samples(backend, device):
     s = s.float()
     for t in (x, a, bb):
         t.requires_grad_()
-    yield mll._multi_lora_linear_op, (x, w, b, a, bb, s, ids, 1, backend)
-    yield mll._multi_lora_linear_op, (x, None, None, a, bb, s, None, 2, backend)
+    yield mll._multi_lora_linear_op, (x, w, b, a, bb, s, ids, 1, None, 0.0, backend)
+    yield mll._multi_lora_linear_op, (x, None, None, a, bb, s, None, 2, None, 0.0, backend)
+    seed = torch.tensor([11], device=device)  # LoRA dropout
+    yield mll._multi_lora_linear_op, (x, w, b, a, bb, s, ids, 1, seed, 0.3, backend)
     yield mll._multi_lora_linear_shared_op, (x, w, b, a, bb, s, 2, backend)
 
 
@@ -347,6 +377,44 @@ def test_torch_compile_fullgraph_matches_eager(backend, shared):
         torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_dropout_under_torch_compile_and_its_seeds(backend):
+    """LoRA dropout draws one seed from torch's generator per call: the same manual_seed gives the
+    same result eagerly and under torch.compile (aot_eager), another seed another mask."""
+    device = "cpu" if backend == "reference" else TRITON_DEVICE
+    x, w, b, a, bb, s = make_inputs(6, (3,), 16, 16, 4, 3, torch.float32, device)
+
+    def fn(x, w, b, a, bb):
+        return multi_lora_linear(x, w, b, a, bb, s, lora_dropout=0.3, backend=backend)
+
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    eager = forward_and_grads(fn, x, w, b, a, bb)
+    torch.manual_seed(5)
+    compiled = forward_and_grads(torch.compile(fn, fullgraph=True, backend="aot_eager"), x, w, b, a, bb)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, rtol=0, atol=0)
+    without = multi_lora_linear(x, w, b, a, bb, s, backend=backend)
+    torch.manual_seed(6)
+    other = multi_lora_linear(x, w, b, a, bb, s, lora_dropout=0.3, backend=backend)
+    assert (eager[0] - without).abs().max() > 1e-3 and (other - eager[0]).abs().max() > 1e-3
+    torch.manual_seed(5)
+    assert torch.equal(multi_lora_linear(x, w, b, a, bb, s, lora_dropout=0.3, backend=backend), eager[0])
+    assert torch.equal(multi_lora_linear(x, w, b, a, bb, s, lora_dropout=0.0, backend=backend), without)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_mask_triton_equals_reference_and_keeps_1_minus_p(p):
+    seed = torch.tensor([987654321], device=TRITON_DEVICE)
+    mask = mll.dropout_keep_mask(seed, 300, 1000, p)
+    assert abs(mask.double().mean().item() - (1 - p)) < 5 * (p * (1 - p) / mask.numel()) ** 0.5
+    ones = torch.ones(37, 300, device=TRITON_DEVICE)
+    dropped = mll._launch_dropout_rows(ones, (seed, p))
+    assert torch.equal(dropped != 0, mll.dropout_keep_mask(seed, 37, 300, p))
+    torch.testing.assert_close(dropped[dropped != 0], torch.full_like(dropped[dropped != 0], 1 / (1 - p)))
+    assert not torch.equal(mll.dropout_keep_mask(seed + 1, 37, 300, p), dropped != 0)
+
+
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_eager_path_equals_registered_op(backend, shared):
@@ -363,7 +431,7 @@ def test_eager_path_equals_registered_op(backend, shared):
         if shared:
             y, _ = mll._multi_lora_linear_shared_op(x2, w, b, a, bb, s.float(), 6, backend)
             return y.view(18, 3, 12)
-        y, _ = mll._multi_lora_linear_op(x2, w, b, a, bb, s.float(), None, 3, backend)
+        y, _ = mll._multi_lora_linear_op(x2, w, b, a, bb, s.float(), None, 3, None, 0.0, backend)
         return y.view(6, 3, 12)
 
     public = forward_and_grads(via_public, x2, w, b, a, bb)
@@ -465,6 +533,9 @@ def _good(**over):
     (dict(scaling=torch.ones(3, requires_grad=True)), ValueError, "not differentiated"),
     (dict(scaling="big"), TypeError, "scaling must be"),
     (dict(backend="magic"), ValueError, "backend must be one of"),
+    (dict(lora_dropout=1.0), ValueError, "lora_dropout must be"),
+    (dict(lora_dropout=-0.1), ValueError, "lora_dropout must be"),
+    (dict(lora_dropout=0.1, shared_input=True), ValueError, "lora_dropout with shared_input"),
 ])
 def test_bad_input_raises(over, err, match):
     args, kwargs = _good(**over)
@@ -560,6 +631,7 @@ GPU_CASES = [
     dict(n=2, tokens=(100,), d_in=4096, d_out=4096, r=16, num_hyp=4, shared=True),
     dict(n=15, tokens=(1,), d_in=4096, d_out=4096, r=8, num_hyp=5, inner=3),  # decode, beams
     dict(n=7, tokens=(33,), d_in=4096, d_out=1000, r=3, num_hyp=3, ids=[0, 2, -1, 1, 1, -1, 0]),
+    dict(n=5, tokens=(96,), d_in=4096, d_out=4096, r=8, num_hyp=5, dropout=0.1),  # LoRA dropout (training)
 ]
 
 

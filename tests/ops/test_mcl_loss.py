@@ -539,16 +539,20 @@ def run_frozen_head(hidden, weight, bias, labels, K, backend, **kw):
     return out, grad, KERNEL_STATS.pass2_rows
 
 
+@pytest.mark.parametrize("per_row_labels", [False, True], ids=["shared_labels", "per_row_labels_sum_noshift"])
 @pytest.mark.parametrize("layout", ["batch_major", "hypothesis_major"])
 @pytest.mark.parametrize("case", SOFT_CASES, ids=_soft_id)
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_soft_one_pass_matches_fp64_official(backend, case, layout, small_one_pass_chunks, monkeypatch):
+def test_soft_one_pass_matches_fp64_official(backend, case, layout, per_row_labels, small_one_pass_chunks,
+                                             monkeypatch):
     """Peaked softmax, bias, several row and vocab chunks: loss and d hidden against the fp64
     official loss; no pass 2; the recompute path gives the same gradient."""
     mode, mode_kw, K = case
     device = TRITON_DEVICE if backend == "triton" else "cpu"
-    hidden, weight, bias, labels = make_data(K=K, bias=True, device=device, seed=67)
+    hidden, weight, bias, labels = make_data(K=K, bias=True, device=device, seed=67, per_row_labels=per_row_labels)
     kw = dict(layout=layout, mode=mode, **mode_kw)
+    if per_row_labels:
+        kw.update(shift_labels=False, sequence_reduction="sum")
     out, grad, pass2_rows = run_frozen_head(hidden, weight, bias, labels, K, backend, **kw)
     assert pass2_rows == 0 and KERNEL_STATS.pass1_rows > 0
     h64 = hidden.detach().double().requires_grad_(True)

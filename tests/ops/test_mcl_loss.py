@@ -565,7 +565,10 @@ def test_soft_one_pass_matches_fp64_official(backend, case, layout, per_row_labe
     torch.testing.assert_close(grad.double(), grad64, rtol=1e-4, atol=1e-6 * scale)
     monkeypatch.setenv("LORAMCL_MCL_SOFT_BACKWARD", "recompute")
     _, grad_recompute, pass2_recompute = run_frozen_head(hidden, weight, bias, labels, K, backend, **kw)
-    assert pass2_recompute == KERNEL_STATS.pass1_rows
+    if backend == "triton":  # pass 2 of soft weights takes every supervised position
+        assert pass2_recompute == KERNEL_STATS.pass1_rows
+    else:  # the reference also skips rows whose weight underflowed to 0 (summed losses, annealed)
+        assert 0 < pass2_recompute <= KERNEL_STATS.pass1_rows
     torch.testing.assert_close(grad, grad_recompute, rtol=1e-4, atol=1e-6 * scale)
 
 

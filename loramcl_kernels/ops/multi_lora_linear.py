@@ -27,7 +27,7 @@ values, in x's dtype) is kept for the backward pass:
 
 LoRA dropout (lora_dropout = p > 0, training): y = x W^T + bias + s[h] (dropout(x) A_h^T) B_h^T, so
 S_bd is the shrink of dropout(x); then dx = dy W + keep/(1-p) * (dS_bd A_all) and dA = dS_bd^T dropout(x).
-The keep mask is a hash of (seed, m * d_in + d) (dropout_keep_mask), recomputed wherever it is needed.
+The keep mask is a hash of (seed, m, d) (dropout_keep_mask), recomputed wherever it is needed.
 
 Shared input (shared_input=True): x holds rows that every hypothesis sees; the output has K times
 as many rows, grouped (G, K, L) with L rows per group: batch_major gives G = N / inner groups of
@@ -131,10 +131,12 @@ def _lora_weight_grads(grad_shrink_bd, shrink_bd, x, grad_y, scaling, lora_A, lo
 
 
 # LoRA dropout: only the shrink sees dropout(x) (the base GEMM sees x), with a keep mask that is a
-# counter-based hash of (seed, c = m * d_in + d), so that nothing is stored for the backward and
+# counter-based hash of (seed, row m, column d), so that nothing is stored for the backward and
 # torch (the reference) and Triton (the shrink, the dx epilogue, the x_d kernel) draw the same bits:
-#     keep[m, d] = (lowbias32(lo32(c) ^ lowbias32(seed ^ hi32(c))) >> 8) >= round(p * 2^24)
-# (lowbias32: a 32-bit integer hash, two multiply-xorshift rounds); kept values scale by 1 / (1 - p).
+#     row_key[m] = lowbias32(m ^ lowbias32(seed))            (once per row of a tile)
+#     keep[m, d] = (lowbias32(d ^ row_key[m]) >> 8) >= round(p * 2^24)
+# (lowbias32: a 32-bit integer hash, a bijection: two multiply-xorshift rounds, ~8 integer ops per
+# element, all in 32 bits); kept values scale by 1 / (1 - p).
 DROPOUT_BITS = 24
 
 
@@ -158,10 +160,10 @@ def _lowbias32_torch(h: Tensor) -> Tensor:
 def dropout_keep_mask(seed: Tensor, rows: int, cols: int, p: float) -> Tensor:
     """(rows, cols) bool: the keep mask that multi_lora_linear's LoRA dropout draws for `seed`
     (an int64 (1,) tensor) on x (rows, cols) flattened to rows of d_in = cols."""
-    c = torch.arange(rows * cols, device=seed.device, dtype=torch.int64)
-    key = _lowbias32_torch((seed & 0xFFFFFFFF) ^ (c >> 32))
-    h = _lowbias32_torch((c & 0xFFFFFFFF) ^ key)
-    return ((h >> 8) >= _dropout_threshold(p)).view(rows, cols)
+    seed_key = _lowbias32_torch(seed.to(torch.int64) & 0xFFFFFFFF)
+    row_key = _lowbias32_torch(torch.arange(rows, device=seed.device, dtype=torch.int64) ^ seed_key)
+    h = _lowbias32_torch(torch.arange(cols, device=seed.device, dtype=torch.int64)[None, :] ^ row_key[:, None])
+    return (h >> 8) >= _dropout_threshold(p)
 
 
 def _dropout_seed(device) -> Tensor:
@@ -272,10 +274,15 @@ if triton is not None:
         return h ^ (h >> 16)
 
     @triton.jit
-    def _dropout_keep(seed, counter, threshold):
-        """The LoRA dropout keep mask at int64 counters m * d_in + d (seed uint32): dropout_keep_mask."""
-        key = _lowbias32(seed ^ (counter >> 32).to(tl.uint32))
-        h = _lowbias32((counter & 0xFFFFFFFF).to(tl.uint32) ^ key)
+    def _dropout_row_key(seed_ptr, rows):
+        """(BM,) uint32 row keys of the LoRA dropout mask: see dropout_keep_mask."""
+        seed_key = _lowbias32(tl.load(seed_ptr).to(tl.uint32))
+        return _lowbias32(rows.to(tl.uint32) ^ seed_key)
+
+    @triton.jit
+    def _dropout_keep(row_key, cols, threshold):
+        """(BM, BN) keep mask of the rows with (BM,) row_key at columns cols (BN,)."""
+        h = _lowbias32(cols.to(tl.uint32)[None, :] ^ row_key[:, None])
         return (h >> 8) >= threshold
 
     @triton.jit
@@ -287,7 +294,7 @@ if triton is not None:
         mask = (offs_m < M)[:, None] & (offs_d < D)[None, :]
         rows = offs_m.to(tl.int64)[:, None]
         x = tl.load(x_ptr + rows * stride_xm + offs_d[None, :], mask=mask, other=0.0)
-        keep = _dropout_keep(tl.load(seed_ptr).to(tl.uint32), rows * D + offs_d[None, :], threshold)
+        keep = _dropout_keep(_dropout_row_key(seed_ptr, offs_m), offs_d, threshold)
         x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0)
         tl.store(out_ptr + rows * D + offs_d[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -318,14 +325,14 @@ if triton is not None:
         p_rows = blk.to(tl.int64) * stride_pk + j * stride_pj
         acc = tl.zeros((BM, BC), dtype=tl.float32)
         if DROPOUT:
-            seed = tl.load(seed_ptr).to(tl.uint32)
+            row_key = _dropout_row_key(seed_ptr, offs_m)
         for d0 in range(0, D, BD):
             offs_d = d0 + tl.arange(0, BD)
             mask_d = offs_d < D
             xt = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_d[None, :],
                          mask=mask_m[:, None] & mask_d[None, :], other=0.0)
             if DROPOUT:
-                keep = _dropout_keep(seed, offs_m.to(tl.int64)[:, None] * D + offs_d[None, :], dropout_threshold)
+                keep = _dropout_keep(row_key, offs_d, dropout_threshold)
                 xt = tl.where(keep, xt.to(tl.float32) * dropout_scale, 0.0).to(xt.dtype)
             pt = tl.load(p_ptr + p_rows[:, None] + offs_d[None, :] * stride_pd,
                          mask=mask_c[:, None] & mask_d[None, :], other=0.0)
@@ -434,8 +441,7 @@ if triton is not None:
                     else:
                         lora = tl.dot(s_k.to(e_k.dtype), tl.trans(e_k), lora, input_precision=DOT_PRECISION)
                 if DROPOUT:
-                    keep = _dropout_keep(tl.load(seed_ptr).to(tl.uint32),
-                                         offs_m.to(tl.int64)[:, None] * N + offs_n[None, :], dropout_threshold)
+                    keep = _dropout_keep(_dropout_row_key(seed_ptr, offs_m), offs_n, dropout_threshold)
                     acc += tl.where(keep, lora * dropout_scale, 0.0)
                 else:
                     acc = lora

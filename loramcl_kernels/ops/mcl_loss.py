@@ -611,24 +611,45 @@ def _combine_lse_tiles_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
-_MM_OUT_DTYPE_OK: dict = {}
+_PROBES: dict = {}
+
+
+def _probe_once(name: str, device: torch.device, run) -> bool:
+    """One cached try per (name, device) of run(device) -> bool; CUDA only, an error means no."""
+    key = (name, str(device))
+    if key not in _PROBES:
+        ok = False
+        if device.type == "cuda":
+            try:
+                ok = bool(run(device))
+            except Exception:
+                ok = False
+        _PROBES[key] = ok
+    return _PROBES[key]
+
+
+def _probe_mm(device):
+    a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
+    out = torch.empty(16, 16, dtype=torch.float32, device=device)
+    torch.mm(a, a, out_dtype=torch.float32, out=out)
+    return out[0, 0] == 16.0
+
+
+def _probe_addmm(device):
+    a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
+    c = torch.ones(16, 16, dtype=torch.float32, device=device)
+    torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+    return (c == 17.0).all()
 
 
 def _mm_out_dtype_supported(device: torch.device) -> bool:
     """Does torch.mm(a, b, out_dtype=float32) run for 16-bit operands on this device (CUDA)?"""
-    key = str(device)
-    if key not in _MM_OUT_DTYPE_OK:
-        ok = False
-        if device.type == "cuda":
-            try:
-                a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
-                out = torch.empty(16, 16, dtype=torch.float32, device=device)
-                torch.mm(a, a, out_dtype=torch.float32, out=out)
-                ok = bool(out[0, 0] == 16.0)  # one-time probe
-            except Exception:
-                ok = False
-        _MM_OUT_DTYPE_OK[key] = ok
-    return _MM_OUT_DTYPE_OK[key]
+    return _probe_once("mm", device, _probe_mm)
+
+
+def _addmm_out_dtype_supported(device: torch.device) -> bool:
+    """Does torch.addmm(c, a, b, out_dtype=float32, out=c) add 16-bit a @ b into fp32 c in place (CUDA)?"""
+    return _probe_once("addmm", device, _probe_addmm)
 
 
 def _mm_fp32_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -639,26 +660,6 @@ def _mm_fp32_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.
         return torch.mm(a, b, out_dtype=torch.float32, out=out)
     out.copy_(torch.mm(a, b))  # 16-bit output rounded once (CPU / old torch fallback)
     return out
-
-
-_ADDMM_OUT_DTYPE_OK: dict = {}
-
-
-def _addmm_out_dtype_supported(device: torch.device) -> bool:
-    """Does torch.addmm(c, a, b, out_dtype=float32, out=c) add 16-bit a @ b into fp32 c in place (CUDA)?"""
-    key = str(device)
-    if key not in _ADDMM_OUT_DTYPE_OK:
-        ok = False
-        if device.type == "cuda":
-            try:
-                a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
-                c = torch.ones(16, 16, dtype=torch.float32, device=device)
-                torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
-                ok = bool((c == 17.0).all())  # one-time probe
-            except Exception:
-                ok = False
-        _ADDMM_OUT_DTYPE_OK[key] = ok
-    return _ADDMM_OUT_DTYPE_OK[key]
 
 
 def _addmm_fp32_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch) -> torch.Tensor:

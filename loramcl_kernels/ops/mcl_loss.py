@@ -318,6 +318,17 @@ def _mcl_loss_backward_reference(
 
 
 @triton.jit
+def _load_logits(row_ptr, bias_ptr, v_start, c0, n_cols, BLOCK_V: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Columns c0 .. c0 + BLOCK_V of one row of a logits chunk (+ bias) in fp32, -inf past n_cols."""
+    cols = c0 + tl.arange(0, BLOCK_V)
+    in_range = cols < n_cols
+    z = tl.load(row_ptr + cols, mask=in_range, other=float("-inf")).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(bias_ptr + v_start + cols, mask=in_range, other=0.0).to(tl.float32)
+    return z, cols, in_range
+
+
+@triton.jit
 def _lse_chunk_kernel(
     logits_ptr,  # (rows, n_cols) fp32 logits of this chunk, row stride stride_row
     bias_ptr,  # (V,) or a dummy when HAS_BIAS is False
@@ -351,11 +362,7 @@ def _lse_chunk_kernel(
     run_max = tl.full([BLOCK_V], -1.0e30, dtype=tl.float32)
     run_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
     for c0 in range(0, n_cols, BLOCK_V):
-        cols = c0 + tl.arange(0, BLOCK_V)
-        in_range = cols < n_cols
-        z = tl.load(row_ptr + cols, mask=in_range, other=float("-inf")).to(tl.float32)
-        if HAS_BIAS:
-            z += tl.load(bias_ptr + v_start + cols, mask=in_range, other=0.0).to(tl.float32)
+        z, cols, in_range = _load_logits(row_ptr, bias_ptr, v_start, c0, n_cols, BLOCK_V, HAS_BIAS)
         new_max = tl.maximum(run_max, z)
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(z - new_max)
         run_max = new_max
@@ -380,11 +387,7 @@ def _lse_chunk_kernel(
         p_row = p_ptr + row.to(tl.int64) * stride_row
         p_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
         for c0 in range(0, n_cols, BLOCK_V):
-            cols = c0 + tl.arange(0, BLOCK_V)
-            in_range = cols < n_cols
-            z = tl.load(row_ptr + cols, mask=in_range, other=float("-inf")).to(tl.float32)
-            if HAS_BIAS:
-                z += tl.load(bias_ptr + v_start + cols, mask=in_range, other=0.0).to(tl.float32)
+            z, cols, in_range = _load_logits(row_ptr, bias_ptr, v_start, c0, n_cols, BLOCK_V, HAS_BIAS)
             p = tl.where(cols == target - v_start, 0.0, tl.exp(z - new_max))
             p_sum += p
             tl.store(p_row + cols, p.to(p_ptr.dtype.element_ty), mask=in_range)
@@ -485,11 +488,7 @@ def _grad_logits_chunk_kernel(
     lse = tl.load(lse_ptr + row)
     coef = tl.load(coef_ptr + row)
     for c0 in range(0, n_cols, BLOCK_V):
-        cols = c0 + tl.arange(0, BLOCK_V)
-        in_range = cols < n_cols
-        z = tl.load(logits_ptr + offset + cols, mask=in_range, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            z += tl.load(bias_ptr + v_start + cols, mask=in_range, other=0.0).to(tl.float32)
+        z, cols, in_range = _load_logits(logits_ptr + offset, bias_ptr, v_start, c0, n_cols, BLOCK_V, HAS_BIAS)
         g = coef * (tl.exp(z - lse) - tl.where(cols == target_col, 1.0, 0.0))
         if STORE_FP32:
             tl.store(logits_ptr + offset + cols, g, mask=in_range)
@@ -763,6 +762,15 @@ def _pass1_fused(h2, positions, targets, w, bias, position_lse, position_nll):
         )
 
 
+def _row_chunk(h2, targets, pos):
+    """The rows of hidden at `pos`, their targets, and a fresh online log-sum-exp state for them:
+    running max (a finite floor), sum of exp(z - max), target logit (fp32)."""
+    nr, device = pos.numel(), h2.device
+    return (h2.index_select(0, pos), targets.index_select(0, pos),
+            torch.full((nr,), -1.0e30, dtype=torch.float32, device=device),
+            torch.zeros(nr, dtype=torch.float32, device=device), torch.zeros(nr, dtype=torch.float32, device=device))
+
+
 def _compact(mask: torch.Tensor) -> torch.Tensor:
     """(N,) bool -> (N,) int64 permutation: True positions first, each group in index order."""
     return torch.argsort((~mask).to(torch.uint8), stable=True)
@@ -806,11 +814,7 @@ def _mcl_loss_forward_triton(
         for r0 in range(0, n_rows, rows_per_chunk):
             pos = positions[r0 : r0 + rows_per_chunk]
             nr = pos.numel()
-            rows = h2.index_select(0, pos)
-            tgt = targets.index_select(0, pos)
-            run_max = torch.full((nr,), -1.0e30, dtype=torch.float32, device=device)
-            run_sum = torch.zeros(nr, dtype=torch.float32, device=device)
-            tgt_logit = torch.zeros(nr, dtype=torch.float32, device=device)
+            rows, tgt, run_max, run_sum, tgt_logit = _row_chunk(h2, targets, pos)
             for v0 in range(0, V, cols_per_chunk):
                 nc = min(cols_per_chunk, V - v0)
                 logits = buffer[: nr * nc].view(nr, nc)
@@ -861,11 +865,7 @@ def _pass1_with_nll_grad(h2, positions, targets, w, bias, position_lse, position
     for r0 in range(0, n_rows, rows_per_chunk):
         pos = positions[r0 : r0 + rows_per_chunk]
         nr = pos.numel()
-        rows = h2.index_select(0, pos)
-        tgt = targets.index_select(0, pos)
-        run_max = torch.full((nr,), -1.0e30, dtype=torch.float32, device=device)
-        run_sum = torch.zeros(nr, dtype=torch.float32, device=device)
-        tgt_logit = torch.zeros(nr, dtype=torch.float32, device=device)
+        rows, tgt, run_max, run_sum, tgt_logit = _row_chunk(h2, targets, pos)
         sum_nt = torch.zeros(nr, dtype=torch.float32, device=device)
         alpha = torch.empty(nr, dtype=torch.float32, device=device)
         u = u_chunk[: nr * H].view(nr, H)

@@ -165,7 +165,8 @@ def _single_hypothesis(layer: nn.Module, adapter_name: str) -> int | None:
     return None
 
 
-def _group_linear_forward(self, x: torch.Tensor, *args, _adapter_name: str = GROUP_ADAPTER, **kwargs):
+def _group_linear_forward(self, x: torch.Tensor, *args, _adapter_name: str = GROUP_ADAPTER,
+                          _fused_dropout: bool = False, **kwargs):
     name = _adapter_name
     base = self.get_base_layer() if hasattr(self, "get_base_layer") else self.base_layer
     if getattr(self, "disable_adapters", False) or getattr(self, "merged", False) or name not in self.lora_A:
@@ -183,11 +184,15 @@ def _group_linear_forward(self, x: torch.Tensor, *args, _adapter_name: str = GRO
     kw = dict(num_hypotheses=num, layout="batch_major", inner=getattr(self, "inner", 1))
     dropout = self.lora_dropout[name] if name in self.lora_dropout else nn.Identity()
     fused_base = isinstance(base, nn.Linear) or is_conv1d(base)
-    if fused_base and not args and not kwargs and (not self.training or isinstance(dropout, nn.Identity)):
+    dropping = self.training and not isinstance(dropout, nn.Identity)
+    # with fused_dropout, an nn.Dropout runs inside the op's kernels (its own masks, same distribution)
+    fused_p = float(dropout.p) if dropping and _fused_dropout and type(dropout) is nn.Dropout else None
+    if fused_base and not args and not kwargs and (not dropping or fused_p is not None):
         # One fused call in the base layer's dtype (PEFT keeps adapters in fp32 on a 16-bit base).
         weight = base.weight.t() if is_conv1d(base) else base.weight
         dtype = weight.dtype
-        y = _multi_lora_linear(x.to(dtype), weight, base.bias, lora_A.to(dtype), lora_B.to(dtype), scaling, **kw)
+        y = _multi_lora_linear(x.to(dtype), weight, base.bias, lora_A.to(dtype), lora_B.to(dtype), scaling,
+                               lora_dropout=fused_p or 0.0, **kw)
         return y.to(x.dtype)
     x_lora = x.to(lora_A.dtype)
     result = self.base_layer(x, *args, **kwargs)
@@ -195,16 +200,22 @@ def _group_linear_forward(self, x: torch.Tensor, *args, _adapter_name: str = GRO
     return result + delta.to(result.dtype)
 
 
-def patch_group_linear(cls: type, adapter_name: str = GROUP_ADAPTER) -> type:
+def patch_group_linear(cls: type, adapter_name: str = GROUP_ADAPTER, *, fused_dropout: bool = False) -> type:
     """Make every instance of `cls` (a class with the official GroupLinear structure) run its
-    forward on our fused op; returns cls. Idempotent; unpatch_group_linear(cls) undoes it."""
+    forward on our fused op; returns cls. Idempotent; unpatch_group_linear(cls) undoes it.
+
+    In training the layer's own lora_dropout module runs as it is (the unpatched layer's masks,
+    exactly), with the base layer and the LoRA delta as two calls; fused_dropout=True instead runs
+    an nn.Dropout inside the op's kernels (one fused call; masks drawn by the op's hash, the same
+    distribution, not the same bits)."""
     if not isinstance(cls, type) or not issubclass(cls, nn.Module):
         raise TypeError(f"patch_group_linear expects an nn.Module subclass, got {cls!r}")
     if "_loramcl_original_forward" not in cls.__dict__:
         cls._loramcl_original_forward = cls.__dict__.get("forward")
 
     def forward(self, x, *args, **kwargs):
-        return _group_linear_forward(self, x, *args, _adapter_name=adapter_name, **kwargs)
+        return _group_linear_forward(self, x, *args, _adapter_name=adapter_name, _fused_dropout=fused_dropout,
+                                     **kwargs)
 
     cls.forward = forward
     return cls

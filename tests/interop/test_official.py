@@ -24,6 +24,7 @@ from loramcl_kernels.interop.official import (  # noqa: E402
     unpatch_group_linear,
 )
 
+from loramcl_kernels.ops import multi_lora_linear as mll  # noqa: E402
 from tests.hf.helpers import VOCAB, assert_close_to_scale, reference_mcl_loss, tiny_llama  # noqa: E402
 
 K, R, ALPHA = 3, 4, 8
@@ -124,6 +125,51 @@ def test_patch_group_linear_matches_grouped_conv(patched_class, dropout):
     for n in want_grads:
         for g, w in zip(got_grads[n], want_grads[n]):
             assert_close_to_scale(g, w)
+
+
+class HashDropout(nn.Module):
+    """Dropout with the op's own masks (one seed draw per call, dropout_keep_mask over x's rows)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        seed = mll._dropout_seed(x.device)
+        keep = mll.dropout_keep_mask(seed, x.numel() // x.shape[-1], x.shape[-1], self.p).view(x.shape)
+        return torch.where(keep, x / (1 - self.p), 0.0)
+
+
+def test_patch_group_linear_fused_dropout():
+    """fused_dropout=True: in training the layer's nn.Dropout runs inside the op, one fused call,
+    with the op's masks: the official grouped-conv math with those masks gives the same output and
+    gradients; eval mode uses no dropout."""
+    model = official_model(0.2).train()
+    ids = _ids().repeat_interleave(K, 0)
+    layers = group_layers(model)
+    patch_group_linear(GroupLinear, fused_dropout=True)
+    try:
+        calls = []
+        real = mll.multi_lora_linear
+        mll.multi_lora_linear = lambda *a, **kw: calls.append(kw.get("lora_dropout")) or real(*a, **kw)
+        try:
+            got, got_grads = _run(model, ids, seed=3)
+        finally:
+            mll.multi_lora_linear = real
+        assert calls == [0.2] * len(layers)  # one fused call per layer, the dropout inside
+    finally:
+        unpatch_group_linear(GroupLinear)
+    for layer in layers.values():  # the official math, with the op's masks drawn in the same order
+        layer.lora_dropout["lora0"] = HashDropout(0.2)
+    want, want_grads = _run(model, ids, seed=3)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for n in want_grads:
+        for g, w in zip(got_grads[n], want_grads[n]):
+            assert_close_to_scale(g, w)
+    without, _ = _run(model.eval(), ids)
+    assert (without - got).abs().max() > 1e-6
 
 
 def test_patch_group_linear_fp32_adapters_on_a_bf16_base(patched_class):

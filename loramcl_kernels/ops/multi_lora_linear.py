@@ -280,10 +280,11 @@ if triton is not None:
         return _lowbias32(rows.to(tl.uint32) ^ seed_key)
 
     @triton.jit
-    def _dropout_keep(row_key, cols, threshold):
-        """(BM, BN) keep mask of the rows with (BM,) row_key at columns cols (BN,)."""
-        h = _lowbias32(cols.to(tl.uint32)[None, :] ^ row_key[:, None])
-        return (h >> 8) >= threshold
+    def _dropped(v, row_key, cols, threshold, keep_scale):
+        """dropout of a (BM, BN) tile v in fp32: v * keep_scale where the LoRA dropout keeps
+        (rows with (BM,) row_key, columns cols (BN,)), 0 elsewhere."""
+        keep = (_lowbias32(cols.to(tl.uint32)[None, :] ^ row_key[:, None]) >> 8) >= threshold
+        return tl.where(keep, v.to(tl.float32) * keep_scale, 0.0)
 
     @triton.jit
     def _dropout_rows_kernel(x_ptr, seed_ptr, out_ptr, M, D, stride_xm, threshold, keep_scale,
@@ -294,8 +295,7 @@ if triton is not None:
         mask = (offs_m < M)[:, None] & (offs_d < D)[None, :]
         rows = offs_m.to(tl.int64)[:, None]
         x = tl.load(x_ptr + rows * stride_xm + offs_d[None, :], mask=mask, other=0.0)
-        keep = _dropout_keep(_dropout_row_key(seed_ptr, offs_m), offs_d, threshold)
-        x = tl.where(keep, x.to(tl.float32) * keep_scale, 0.0)
+        x = _dropped(x, _dropout_row_key(seed_ptr, offs_m), offs_d, threshold, keep_scale)
         tl.store(out_ptr + rows * D + offs_d[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -311,7 +311,7 @@ if triton is not None:
 
         BLOCK_DIAG: row m keeps only block h(m) = ids[m // ROW_DIV] (HAS_IDS) or (m // ROW_DIV) % K,
         zeros elsewhere (S_bd); else every block is kept (shared input).
-        DROPOUT: x is dropout(x) (_dropout_keep of seed_ptr's seed, kept values times dropout_scale).
+        DROPOUT: x is dropout(x) (_dropped with seed_ptr's seed, kept values times dropout_scale).
         One program: BM rows x BC columns of the padded (K * R_PAD) column space.
         """
         pid_m = tl.program_id(0)
@@ -332,8 +332,7 @@ if triton is not None:
             xt = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_d[None, :],
                          mask=mask_m[:, None] & mask_d[None, :], other=0.0)
             if DROPOUT:
-                keep = _dropout_keep(row_key, offs_d, dropout_threshold)
-                xt = tl.where(keep, xt.to(tl.float32) * dropout_scale, 0.0).to(xt.dtype)
+                xt = _dropped(xt, row_key, offs_d, dropout_threshold, dropout_scale).to(xt.dtype)
             pt = tl.load(p_ptr + p_rows[:, None] + offs_d[None, :] * stride_pd,
                          mask=mask_c[:, None] & mask_d[None, :], other=0.0)
             acc = tl.dot(xt, tl.trans(pt), acc, input_precision=DOT_PRECISION)
@@ -441,8 +440,8 @@ if triton is not None:
                     else:
                         lora = tl.dot(s_k.to(e_k.dtype), tl.trans(e_k), lora, input_precision=DOT_PRECISION)
                 if DROPOUT:
-                    keep = _dropout_keep(_dropout_row_key(seed_ptr, offs_m), offs_n, dropout_threshold)
-                    acc += tl.where(keep, lora * dropout_scale, 0.0)
+                    acc += _dropped(lora, _dropout_row_key(seed_ptr, offs_m), offs_n, dropout_threshold,
+                                    dropout_scale)
                 else:
                     acc = lora
             if not SHARED_OUT:

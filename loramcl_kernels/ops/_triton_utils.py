@@ -35,6 +35,11 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def contiguous_or_none(t):
+    """t made contiguous (itself when it already is), or None: kernels index vectors such as a bias flat."""
+    return None if t is None else t.contiguous()
+
+
 def next_pow2(n: int) -> int:
     """Plain Python: triton.next_power_of_2 called from Python goes through the JIT machinery."""
     return 1 << max(0, (n - 1).bit_length())

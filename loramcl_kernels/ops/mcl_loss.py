@@ -97,7 +97,7 @@ import triton.language as tl
 from loramcl_kernels._backend import resolve_backend, triton_interpreting
 from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
 from loramcl_kernels.ops._triton_utils import (
-    cdiv, device_facts, grouped_tile, next_pow2, set_tma_allocator, tma_rows_ok,
+    cdiv, contiguous_or_none, device_facts, grouped_tile, next_pow2, set_tma_allocator, tma_rows_ok,
 )
 
 LAYOUTS = ("batch_major", "hypothesis_major")
@@ -190,6 +190,11 @@ def _sequence_weights(nll, mode, epsilon, temperature):
     else:
         weights = torch.softmax(-nll / temperature, dim=0)
     return winners, weights
+
+
+def _hard_weights(mode: str, epsilon: float) -> bool:
+    """w[:, b] is one-hot (when K > 1): wta, or relaxed with epsilon = 0. Else every w > 0."""
+    return mode == "wta" or (mode == "relaxed" and epsilon == 0.0)
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -795,8 +800,7 @@ def _mcl_loss_forward_triton(
 
     position_lse = torch.zeros(R * T, dtype=torch.float32, device=device)
     position_nll = torch.zeros(R * T, dtype=torch.float32, device=device)
-    w = weight if weight.is_contiguous() else weight.contiguous()
-    bias = bias if bias is None or bias.is_contiguous() else bias.contiguous()  # the kernels index it flat
+    w, bias = weight.contiguous(), contiguous_or_none(bias)  # the kernels index both flat
     one_pass = keep_nll_grad and _soft_backward_path() == "one_pass"
     nll_grad = hidden.new_empty(n_rows if one_pass else 0, H)
     if n_rows and one_pass:
@@ -937,8 +941,7 @@ def _mcl_loss_backward_triton(
     if n_rows:
         positions = order[:n_rows]
         h2 = hidden.reshape(R * T, H)
-        w = weight if weight.is_contiguous() else weight.contiguous()
-        bias = bias if bias is None or bias.is_contiguous() else bias.contiguous()  # the kernels index it flat
+        w, bias = weight.contiguous(), contiguous_or_none(bias)  # the kernels index both flat
         has_bias = bias is not None
         lowp = hidden.dtype != torch.float32
         store_fp32 = (not lowp) or need_weight_grad or need_bias_grad
@@ -1008,6 +1011,10 @@ def _scale_nll_grad(grad_loss, hidden, targets, weights, row_count, nll_grad, la
 # Registered custom ops
 # ----------------------------------------------------------------------------------------------
 
+# The implementations per backend, shared by the registered ops and the eager autograd path below.
+_FORWARD = {"triton": _mcl_loss_forward_triton, "reference": _mcl_loss_forward_reference}
+_BACKWARD = {"triton": _mcl_loss_backward_triton, "reference": _mcl_loss_backward_reference}
+
 
 @torch.library.custom_op("loramcl::mcl_loss_forward", mutates_args=())
 def _mcl_loss_forward_op(
@@ -1031,8 +1038,7 @@ def _mcl_loss_forward_op(
     pass1_rows () int64 on the CPU (number of supervised positions), nll_grad (n, H): with
     keep_nll_grad and the one-pass soft backward, (softmax - onehot) W of pass 1's n supervised
     positions in their compaction order, else (0, H)."""
-    impl = _mcl_loss_forward_triton if backend == "triton" else _mcl_loss_forward_reference
-    return impl(
+    return _FORWARD[backend](
         hidden, weight, bias, labels, num_hypotheses, layout, mode, epsilon, temperature,
         sequence_reduction, ignore_index, shift_labels, keep_nll_grad,
     )
@@ -1087,8 +1093,7 @@ def _mcl_loss_backward_op(
     rows, used when it has rows and the lm_head is frozen (else pass 2 recomputes the logits);
     hard_weights: w[:, b] is one-hot (wta, or relaxed with epsilon = 0).
     """
-    impl = _mcl_loss_backward_triton if backend == "triton" else _mcl_loss_backward_reference
-    return impl(
+    return _BACKWARD[backend](
         grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, pass1_rows,
         nll_grad, num_hypotheses, layout, sequence_reduction, ignore_index, shift_labels, hard_weights,
         need_weight_grad, need_bias_grad,
@@ -1110,8 +1115,7 @@ def _setup_context(ctx, inputs, output):
     _, _, _, weights, position_lse, row_count, pass1_rows, nll_grad = output
     ctx.save_for_backward(hidden, weight, bias, labels, weights, position_lse, row_count, pass1_rows,
                           nll_grad)
-    hard_weights = mode == "wta" or (mode == "relaxed" and epsilon == 0.0)
-    ctx.config = (K, layout, sequence_reduction, ignore_index, shift_labels, hard_weights, backend)
+    ctx.config = (K, layout, sequence_reduction, ignore_index, shift_labels, _hard_weights(mode, epsilon), backend)
     ctx.mark_non_differentiable(*output[1:])
 
 
@@ -1149,15 +1153,13 @@ torch.library.register_autograd(
 
 def _backward_direct(*args):
     """The backward op's body for the eager path: same arguments, the last one names the backend."""
-    impl = _mcl_loss_backward_triton if args[-1] == "triton" else _mcl_loss_backward_reference
-    return impl(*args[:-1])
+    return _BACKWARD[args[-1]](*args[:-1])
 
 
 class _MCLLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
-        impl = _mcl_loss_forward_triton if inputs[-1] == "triton" else _mcl_loss_forward_reference
-        output = impl(*inputs[:-1])
+        output = _FORWARD[inputs[-1]](*inputs[:-1])
         _setup_context(ctx, inputs, output)
         return output
 
@@ -1174,8 +1176,7 @@ def _run_forward(*inputs):
     hidden, weight, bias = inputs[:3]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
         return _MCLLossFunction.apply(*inputs)
-    impl = _mcl_loss_forward_triton if inputs[-1] == "triton" else _mcl_loss_forward_reference
-    return impl(*inputs[:-1])
+    return _FORWARD[inputs[-1]](*inputs[:-1])
 
 
 
@@ -1282,7 +1283,7 @@ def mcl_loss(
         chosen = "reference"
     # soft weights (every w > 0) with a frozen lm_head: pass 1 may form d hidden's rows up to the
     # per-row scale, so the backward needs no second pass over the logits
-    soft_weights = K == 1 or mode == "annealed" or (mode == "relaxed" and epsilon > 0)
+    soft_weights = K == 1 or not _hard_weights(mode, epsilon)
     keep_nll_grad = (soft_weights and torch.is_grad_enabled() and hidden.requires_grad
                      and not lm_head_weight.requires_grad
                      and not (lm_head_bias is not None and lm_head_bias.requires_grad))

@@ -68,7 +68,7 @@ from loramcl_kernels._backend import resolve_backend
 from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
 from loramcl_kernels.ops._triton_utils import device_facts as _device_facts
 from loramcl_kernels.ops._triton_utils import next_pow2 as _next_pow2
-from loramcl_kernels.ops._triton_utils import SHARED_MEMORY_BUDGET, cdiv
+from loramcl_kernels.ops._triton_utils import SHARED_MEMORY_BUDGET, cdiv, contiguous_or_none
 from loramcl_kernels.ops._triton_utils import set_tma_allocator as _set_tma_allocator
 from loramcl_kernels.ops._triton_utils import tma_rows_ok as _tma_ok
 
@@ -743,15 +743,10 @@ def _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row
     return out, shrink_bd
 
 
-def _contig_bias(bias: Optional[Tensor]) -> Optional[Tensor]:
-    """The fused and decode kernels read the bias as a contiguous (d_out,) vector."""
-    return bias if bias is None or bias.is_contiguous() else bias.contiguous()
-
-
 def multi_lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div, dropout_seed=None,
                              lora_dropout=0.0):
     num_hyp, r, _ = lora_A.shape
-    x, bias = _contig_rows(x), _contig_bias(bias)
+    x, bias = _contig_rows(x), contiguous_or_none(bias)  # the fused and decode kernels read bias flat
     dropout = (dropout_seed, lora_dropout) if lora_dropout else None
     if dropout is None and _choose_path(x, weight) == "decode" and _decode_applies(x, lora_A):
         return _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div)
@@ -784,7 +779,7 @@ def multi_lora_linear_triton_backward(grad_y, x, weight, lora_A, lora_B, scaling
 
 def multi_lora_linear_shared_triton(x, weight, bias, lora_A, lora_B, scaling, num_groups):
     num_hyp, r, _ = lora_A.shape
-    x, bias = _contig_rows(x), _contig_bias(bias)
+    x, bias = _contig_rows(x), contiguous_or_none(bias)  # the fused and decode kernels read bias flat
     shrink_all = _launch_shrink(x, lora_A, None, None, 1, block_diag=False)  # (G*L, K*r)
     out = torch.empty(x.shape[0] * num_hyp, lora_B.shape[1], device=x.device, dtype=x.dtype)
     y = _gemm_with_expand(x, weight, False, bias, shrink_all, *_b_as_expand(lora_B), scaling, out, True, num_hyp, r,

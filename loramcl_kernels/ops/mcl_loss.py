@@ -47,7 +47,7 @@ Design of the 'triton' backend
    w > 0, so every supervised row needs d hidden, and d hidden[p] = c[r] * (softmax(z_p) -
    onehot) W where only the scalar c[r] waits for the weights. Pass 1 therefore also forms
    (softmax - onehot) W per supervised row (one more GEMM per chunk, P W_c, with a flash-style
-   rescale of the running sum; see _pass1_with_nll_grad) and keeps it in the input dtype; the
+   rescale of the running sum; see _pass1_chunked) and keeps it in the input dtype; the
    backward only scales and scatters it: 4 n H V GEMM FLOPs in all instead of 6, no logits
    recomputed (env LORAMCL_MCL_SOFT_BACKWARD=recompute keeps pass 2).
 5. Pass 2 (backward): with hard weights (wta, or relaxed with epsilon = 0; K > 1) only the
@@ -803,31 +803,11 @@ def _mcl_loss_forward_triton(
     w, bias = weight.contiguous(), contiguous_or_none(bias)  # the kernels index both flat
     one_pass = keep_nll_grad and _soft_backward_path() == "one_pass"
     nll_grad = hidden.new_empty(n_rows if one_pass else 0, H)
-    if n_rows and one_pass:
-        _pass1_with_nll_grad(hidden.reshape(R * T, H), order[:n_rows], targets, w, bias, position_lse,
-                             position_nll, nll_grad)
-    elif n_rows and _pass1_path(hidden, w) == "fused":
+    if n_rows and not one_pass and _pass1_path(hidden, w) == "fused":
         _pass1_fused(hidden.reshape(R * T, H), order[:n_rows], targets, w, bias, position_lse, position_nll)
     elif n_rows:
-        positions = order[:n_rows]
-        h2 = hidden.reshape(R * T, H)
-        has_bias = bias is not None
-        rows_per_chunk, cols_per_chunk = _chunk_sizes(n_rows, V)
-        buffer = torch.empty(rows_per_chunk * cols_per_chunk, dtype=torch.float32, device=device)
-        block_v, warps = _block_v(cols_per_chunk)
-        for r0 in range(0, n_rows, rows_per_chunk):
-            pos = positions[r0 : r0 + rows_per_chunk]
-            nr = pos.numel()
-            rows, tgt, run_max, run_sum, tgt_logit = _row_chunk(h2, targets, pos)
-            for v0 in range(0, V, cols_per_chunk):
-                nc = min(cols_per_chunk, V - v0)
-                logits = buffer[: nr * nc].view(nr, nc)
-                _mm_fp32_into(logits, rows, w[v0 : v0 + nc].t())
-                _lse_chunk_kernel[(nr,)](
-                    logits, bias if has_bias else logits, tgt, pos, run_max, run_sum, tgt_logit,
-                    position_lse, position_nll, logits, run_max, run_max, nc, v0, nc,
-                    HAS_BIAS=has_bias, IS_LAST=v0 + nc >= V, KEEP_P=False, BLOCK_V=block_v, num_warps=warps,
-                )
+        _pass1_chunked(hidden.reshape(R * T, H), order[:n_rows], targets, w, bias, position_lse, position_nll,
+                       nll_grad if one_pass else None)
 
     nll = torch.empty(K, B, dtype=torch.float32, device=device)
     winners = torch.empty(B, dtype=torch.int64, device=device)
@@ -845,10 +825,12 @@ def _mcl_loss_forward_triton(
     return loss, nll, winners, weights, position_lse, row_count, pass1_rows, nll_grad
 
 
-def _pass1_with_nll_grad(h2, positions, targets, w, bias, position_lse, position_nll, nll_grad):
-    """Pass 1 that also leaves nll_grad[i] = (softmax(z_i) - onehot(target_i)) W for every row i at
-    `positions` (the one-pass gradient of soft weights: d hidden = c[r] * nll_grad, no pass 2).
+def _pass1_chunked(h2, positions, targets, w, bias, position_lse, position_nll, nll_grad=None):
+    """Pass 1 over cuBLAS logits chunks: lse and nll of the rows at `positions` into position_lse /
+    position_nll, folding each (rows, vocab) chunk of fp32 logits into an online log-sum-exp.
 
+    With nll_grad (n, H), the one-pass gradient of soft weights: it also leaves nll_grad[i] =
+    (softmax(z_i) - onehot(target_i)) W for every row i (d hidden = c[r] * nll_grad, no pass 2).
     Per row chunk, over vocab chunks c with the running max m and sums s (all classes), s' (all
     but the target), online as in flash attention:
         P_c = exp(z_c - m_new) with the target column zeroed   (Triton, operand dtype)
@@ -857,40 +839,46 @@ def _pass1_with_nll_grad(h2, positions, targets, w, bias, position_lse, position
     p_target - 1 = -s'/s exact when the softmax is peaked (no 1 - p cancellation in 16 bits).
     """
     n_rows, (V, H), device = positions.numel(), w.shape, h2.device
-    has_bias = bias is not None
-    rows_per_chunk, cols_per_chunk = _chunk_sizes(n_rows, V, ONE_PASS_ROW_CHUNK)
+    has_bias, keep_p = bias is not None, nll_grad is not None
+    rows_per_chunk, cols_per_chunk = _chunk_sizes(n_rows, V, ONE_PASS_ROW_CHUNK if keep_p else None)
     buffer = torch.empty(rows_per_chunk * cols_per_chunk, dtype=torch.float32, device=device)
-    # fp32 inputs: P overwrites the logits it is computed from (each lane reads, then writes)
-    p_buffer = buffer if h2.dtype == torch.float32 else torch.empty(
-        rows_per_chunk * cols_per_chunk, dtype=h2.dtype, device=device)
-    u_chunk = torch.empty(rows_per_chunk * H, dtype=torch.float32, device=device)
-    u_part = torch.empty(rows_per_chunk * H, dtype=torch.float32, device=device)
+    if keep_p:
+        # fp32 inputs: P overwrites the logits it is computed from (each lane reads, then writes)
+        p_buffer = buffer if h2.dtype == torch.float32 else torch.empty(
+            rows_per_chunk * cols_per_chunk, dtype=h2.dtype, device=device)
+        u_chunk = torch.empty(rows_per_chunk * H, dtype=torch.float32, device=device)
+        u_part = torch.empty(rows_per_chunk * H, dtype=torch.float32, device=device)
     block_v, warps = _block_v(cols_per_chunk)
     for r0 in range(0, n_rows, rows_per_chunk):
         pos = positions[r0 : r0 + rows_per_chunk]
         nr = pos.numel()
         rows, tgt, run_max, run_sum, tgt_logit = _row_chunk(h2, targets, pos)
-        sum_nt = torch.zeros(nr, dtype=torch.float32, device=device)
-        alpha = torch.empty(nr, dtype=torch.float32, device=device)
-        u = u_chunk[: nr * H].view(nr, H)
+        if keep_p:
+            sum_nt = torch.zeros(nr, dtype=torch.float32, device=device)
+            alpha = torch.empty(nr, dtype=torch.float32, device=device)
+            u = u_chunk[: nr * H].view(nr, H)
         for v0 in range(0, V, cols_per_chunk):
             nc = min(cols_per_chunk, V - v0)
             logits = buffer[: nr * nc].view(nr, nc)
-            p = p_buffer[: nr * nc].view(nr, nc)
             w_chunk = w[v0 : v0 + nc]
             _mm_fp32_into(logits, rows, w_chunk.t())
+            p = p_buffer[: nr * nc].view(nr, nc) if keep_p else logits
             _lse_chunk_kernel[(nr,)](
                 logits, bias if has_bias else logits, tgt, pos, run_max, run_sum, tgt_logit,
-                position_lse, position_nll, p, alpha, sum_nt, nc, v0, nc,
-                HAS_BIAS=has_bias, IS_LAST=v0 + nc >= V, KEEP_P=True, BLOCK_V=block_v, num_warps=warps,
+                position_lse, position_nll, p, alpha if keep_p else run_max, sum_nt if keep_p else run_max,
+                nc, v0, nc, HAS_BIAS=has_bias, IS_LAST=v0 + nc >= V, KEEP_P=keep_p, BLOCK_V=block_v,
+                num_warps=warps,
             )
+            if not keep_p:
+                continue
             if v0 == 0:
                 _mm_fp32_into(u, p, w_chunk)
             else:  # u = alpha u + P W_c in one elementwise pass
                 part = _mm_fp32_into(u_part[: nr * H].view(nr, H), p, w_chunk)
                 torch.addcmul(part, u, alpha[:, None], out=u)
-        u.addcmul_(sum_nt[:, None], w.index_select(0, tgt), value=-1.0).div_(run_sum[:, None])
-        nll_grad[r0 : r0 + nr] = u
+        if keep_p:
+            u.addcmul_(sum_nt[:, None], w.index_select(0, tgt), value=-1.0).div_(run_sum[:, None])
+            nll_grad[r0 : r0 + nr] = u
 
 
 def _pass2_positions(targets, weights, pass1_rows, K, layout, T, ignore_index, shared_labels,

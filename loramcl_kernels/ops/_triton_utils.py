@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import functools
+import os
+import threading
 
 import torch
 
 try:
     import triton
     import triton.language as tl
+    from triton import knobs
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
 except Exception:  # pragma: no cover - the reference backend still works without triton
     triton = None
 
@@ -28,6 +34,123 @@ def set_tma_allocator(device: torch.device) -> None:
         return torch.empty(size, dtype=torch.int8, device=device)
 
     triton.set_allocator(alloc)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch(kernel, grid, *args, **kwargs): kernel[grid](*args, **kwargs) with less host time.
+#
+# Through Triton's JIT every launch binds and specialises each argument and builds the cache key,
+# and an autotuned kernel builds the autotuner's key too: on the dev CPU about 16 us of host time
+# per launch, about 55 us through the autotuner, more than several of these kernels take on the
+# GPU. `launch` does that once per key of its own and then calls the compiled kernel's launcher.
+# Its key: each tensor's dtype and address modulo 16, each int's (== 1, % 16 == 0, int32 range,
+# below 2^63), floats as floats, other values (None, bools) themselves, the keyword arguments,
+# the current device and, for an autotuned kernel, the exact values of the autotuner's key
+# arguments. Everything Triton's specialisation key sees (tensors: dtype, 16-byte alignment; ints:
+# == 1, % 16, i32 / i64 / u64; floats: fp32) and everything the autotuner's key sees is a function
+# of it, so a hit launches the very compiled kernel (and config) Triton would, with the same
+# arguments; a miss launches through Triton and records what it launched.
+# Assumed fixed for the process, as Triton's own cache assumes: its runtime knobs (debug,
+# instrumentation) and the kernels' global constants. A callable grid sees only the keyword
+# arguments and the autotuned config (meta["BM"], ...), not the positional arguments.
+# LORAMCL_TRITON_LAUNCH=triton launches every time through Triton.
+# ---------------------------------------------------------------------------------------------
+
+LAUNCH_MODES = ("auto", "direct", "triton")
+_LAUNCHES: dict = {}  # key -> (compiled kernel, values of the parameters after args, meta for a callable grid)
+_MAX_LAUNCHES = 4096  # distinct keys kept; past it the cache starts over
+_I32 = range(-2**31, 2**31)
+
+
+class _IntKeys(dict):
+    """int -> what Triton's specialisation sees of it (refined), computed once per value."""
+
+    def __missing__(self, value: int):
+        key = (int, 1) if value == 1 else (int, value & 15 == 0, value in _I32, value < 2**63)
+        if len(self) < _MAX_LAUNCHES:
+            self[value] = key
+        return key
+
+
+_INT_KEYS = _IntKeys()
+# a miss reads the autotuner's best_config after launching: no other thread may tune in between
+# (autograd runs the backward on its own thread)
+_RECORD_LOCK = threading.Lock()
+_TUNED_POSITIONS: dict = {}  # autotuned kernel -> positions of its key arguments
+
+
+def _direct_launch_on() -> bool:
+    mode = os.environ.get("LORAMCL_TRITON_LAUNCH", "auto").lower()
+    if mode not in LAUNCH_MODES:
+        raise ValueError(f"LORAMCL_TRITON_LAUNCH must be one of {LAUNCH_MODES}, got '{mode}'")
+    return mode != "triton"
+
+
+def _jit_function(kernel) -> "JITFunction":
+    while not isinstance(kernel, JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+def _compiled_kernel(kernel) -> bool:
+    """False under the interpreter: its kernels (InterpretedFunction) run through Triton only."""
+    while isinstance(kernel, Autotuner):
+        kernel = kernel.fn
+    return isinstance(kernel, JITFunction)
+
+
+def _tuned_positions(kernel) -> tuple:
+    positions = _TUNED_POSITIONS.get(kernel)
+    if positions is None:
+        names = _jit_function(kernel).arg_names
+        positions = _TUNED_POSITIONS[kernel] = tuple(names.index(name) for name in kernel.keys)
+    return positions
+
+
+def _record_launch(kernel, grid, args, kwargs):
+    """Launch through Triton; -> (compiled kernel, values of the parameters after args, grid meta)."""
+    compiled = kernel[grid](*args, **kwargs)
+    config = {}
+    if isinstance(kernel, Autotuner):
+        assert kernel.best_config.pre_hook is None, "launch() does not run autotuner pre-hooks"
+        config = kernel.best_config.all_kwargs()
+    named = {**config, **kwargs}
+    tail = tuple(named[p.name] if p.name in named else p.default for p in _jit_function(kernel).params[len(args):])
+    return compiled, tail, named
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs) for a @triton.jit or triton.autotune kernel (see above)."""
+    if not (_direct_launch_on() and _compiled_kernel(kernel)):
+        kernel[grid](*args, **kwargs)
+        return
+    device = driver.active.get_current_device()
+    arg_keys = tuple([_INT_KEYS[a] if a.__class__ is int else (a.dtype, a.data_ptr() & 15)
+                      if isinstance(a, torch.Tensor) else float if a.__class__ is float else a for a in args])
+    key = (id(kernel), device, arg_keys, tuple(kwargs.items()))  # the kernels are module globals
+    if isinstance(kernel, Autotuner):
+        key += tuple(args[i] for i in _tuned_positions(kernel) if i < len(args))  # the others are in kwargs
+    entry = _LAUNCHES.get(key)
+    if entry is None:
+        if len(_LAUNCHES) >= _MAX_LAUNCHES:
+            _LAUNCHES.clear()
+        with _RECORD_LOCK:
+            entry = _record_launch(kernel, grid, args, kwargs)
+        if entry[0] is not None:
+            _LAUNCHES[key] = entry
+        return
+    compiled, tail, meta = entry
+    if callable(grid):
+        grid = grid(meta)
+    grid_x, grid_y, grid_z = (*grid, 1, 1)[:3]
+    stream = driver.active.get_current_stream(device)
+    values = (*args, *tail)
+    enter_hook, exit_hook = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    # Triton builds the launch metadata for its enter hooks (profilers); none are registered by default
+    hooked = enter_hook is not None and getattr(enter_hook, "calls", True)
+    launch_metadata = compiled.launch_metadata(grid, stream, *values) if hooked else None
+    compiled.run(grid_x, grid_y, grid_z, stream, compiled.function, compiled.packed_metadata, launch_metadata,
+                 enter_hook, exit_hook, *values)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -97,7 +97,7 @@ import triton.language as tl
 from loramcl_kernels._backend import resolve_backend, triton_interpreting
 from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
 from loramcl_kernels.ops._triton_utils import (
-    cdiv, contiguous_or_none, device_facts, grouped_tile, next_pow2, set_tma_allocator, tma_rows_ok,
+    cdiv, contiguous_or_none, device_facts, grouped_tile, launch, next_pow2, set_tma_allocator, tma_rows_ok,
 )
 
 LAYOUTS = ("batch_major", "hypothesis_major")
@@ -756,12 +756,12 @@ def _pass1_fused(h2, positions, targets, w, bias, position_lse, position_nll):
         rows = h2.index_select(0, pos)
         tgt = targets.index_select(0, pos)
         programs = min(num_sms, cdiv(nr, block_m) * num_pn)
-        _logits_lse_tiles_kernel[(programs,)](
+        launch(_logits_lse_tiles_kernel, (programs,),
             rows, w, bias if bias is not None else rows, tgt, part, nr, V, H, nr * num_pn, programs,
             HAS_BIAS=bias is not None, DOT_PRECISION="ieee", **config,
         )
         block_r = 16
-        _combine_lse_tiles_kernel[(cdiv(nr, block_r),)](
+        launch(_combine_lse_tiles_kernel, (cdiv(nr, block_r),),
             part, pos, position_lse, position_nll, nr, num_pn, nr * num_pn,
             BLOCK_R=block_r, BLOCK_P=32 if device.type == "cpu" else 128,
         )
@@ -813,7 +813,7 @@ def _mcl_loss_forward_triton(
     winners = torch.empty(B, dtype=torch.int64, device=device)
     weights = torch.empty(K, B, dtype=torch.float32, device=device)
     mode_id = MODES.index(mode)
-    _sequence_weights_kernel[(B,)](
+    launch(_sequence_weights_kernel, (B,),
         position_nll, row_count, nll, winners, weights, B, K, T,
         float(epsilon) if K > 1 else 0.0,
         1.0 / float(temperature) if mode == "annealed" else 1.0,
@@ -863,7 +863,7 @@ def _pass1_chunked(h2, positions, targets, w, bias, position_lse, position_nll, 
             w_chunk = w[v0 : v0 + nc]
             _mm_fp32_into(logits, rows, w_chunk.t())
             p = p_buffer[: nr * nc].view(nr, nc) if keep_p else logits
-            _lse_chunk_kernel[(nr,)](
+            launch(_lse_chunk_kernel, (nr,),
                 logits, bias if has_bias else logits, tgt, pos, run_max, run_sum, tgt_logit,
                 position_lse, position_nll, p, alpha if keep_p else run_max, sum_nt if keep_p else run_max,
                 nc, v0, nc, HAS_BIAS=has_bias, IS_LAST=v0 + nc >= V, KEEP_P=keep_p, BLOCK_V=block_v,
@@ -958,7 +958,7 @@ def _mcl_loss_backward_triton(
                 w_chunk = w[v0 : v0 + nc]
                 _mm_fp32_into(logits, rows, w_chunk.t())
                 grad_lowp = buffer_lowp[: nr * nc].view(nr, nc) if lowp else logits
-                _grad_logits_chunk_kernel[(nr,)](
+                launch(_grad_logits_chunk_kernel, (nr,),
                     logits, grad_lowp, bias if has_bias else logits, tgt, lse, coef, nc, v0, nc,
                     HAS_BIAS=has_bias, STORE_FP32=store_fp32, STORE_LOWP=lowp,
                     BLOCK_V=block_v, num_warps=warps,
@@ -989,7 +989,7 @@ def _scale_nll_grad(grad_loss, hidden, targets, weights, row_count, nll_grad, la
     coef_row = _row_coefficients(grad_loss, weights, row_count, layout, sequence_reduction, torch.float32)
     grad_h = torch.zeros(R * T, H, dtype=hidden.dtype, device=hidden.device)
     block_h = min(1024, next_pow2(H))
-    _scale_rows_kernel[(positions.numel(), cdiv(H, block_h))](
+    launch(_scale_rows_kernel, (positions.numel(), cdiv(H, block_h)),
         nll_grad, positions, coef_row.contiguous(), grad_h, H, T, BLOCK_H=block_h,
     )
     return grad_h.view(R, T, H), hidden.new_empty(0), hidden.new_empty(0)

@@ -68,7 +68,7 @@ from loramcl_kernels._backend import resolve_backend
 from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
 from loramcl_kernels.ops._triton_utils import device_facts as _device_facts
 from loramcl_kernels.ops._triton_utils import next_pow2 as _next_pow2
-from loramcl_kernels.ops._triton_utils import SHARED_MEMORY_BUDGET, cdiv, contiguous_or_none
+from loramcl_kernels.ops._triton_utils import SHARED_MEMORY_BUDGET, cdiv, contiguous_or_none, launch
 from loramcl_kernels.ops._triton_utils import set_tma_allocator as _set_tma_allocator
 from loramcl_kernels.ops._triton_utils import tma_rows_ok as _tma_ok
 
@@ -351,7 +351,7 @@ if triton is not None:
     @triton.jit
     def _gemm_expand_kernel(
         x_ptr, w_ptr, init_ptr, s_ptr, e_ptr, scale_ptr, bias_ptr, out_ptr, seed_ptr,
-        M, N, KD, NUM_HYP, L, NUM_PROGRAMS,
+        M, N, KD, NUM_HYP, L, NUM_PROGRAMS, M_BUCKET,
         stride_init, stride_sm, stride_ek, stride_en, stride_ej, stride_om, dropout_threshold, dropout_scale,
         R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GM: tl.constexpr, R_PAD: tl.constexpr,
         HAS_BASE: tl.constexpr, W_KN: tl.constexpr, HAS_INIT: tl.constexpr, SHARED_OUT: tl.constexpr,
@@ -359,6 +359,9 @@ if triton is not None:
         E_ROWS_OF_R: tl.constexpr = False, DROPOUT: tl.constexpr = False,
     ):
         """out = [x W^T] + [init] + [bias] + expand, tiles of (BM, BN) visited round-robin by NUM_PROGRAMS.
+
+        M_BUCKET (unused in the body): M rounded up to a power of two, the autotuner's key in place of
+        M, so that batches of varying length tune once per power of two rather than once per M.
 
         HAS_BASE: x (M, KD) and W ((N, KD), or (KD, N) when W_KN) through TMA tensor descriptors.
         Expand with S (M, K*r) (block-diagonal or dense, row stride stride_sm):
@@ -537,7 +540,8 @@ def _gemm_configs():
 
 
 if triton is not None:
-    _gemm_kernel = triton.autotune(configs=_gemm_configs(), key=["M", "N", "KD", "R", "NUM_HYP"])(_gemm_expand_kernel)
+    _gemm_kernel = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "KD", "R", "NUM_HYP"])(
+        _gemm_expand_kernel)
 
 
 def _dropout_args(dropout, fallback: Tensor) -> tuple:
@@ -567,7 +571,7 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
     stages = 1 if on_cpu else (3 if 2 * stage_bytes <= SHARED_MEMORY_BUDGET else 2)
     grid = (cdiv(m, block_m), cdiv(num_hyp, block_c // r_pad))
     seed, threshold, keep_scale = _dropout_args(dropout, x)
-    _shrink_kernel[grid](
+    launch(_shrink_kernel, grid,
         x, p, scaling if scaling is not None else x, hypothesis_ids if hypothesis_ids is not None else x, out, seed,
         m, d, num_hyp, row_div,
         x.stride(0), p.stride(0), p.stride(1), p.stride(2), out.stride(0), threshold, keep_scale,
@@ -617,8 +621,9 @@ def _launch_gemm_expand(x, weight, w_kn, init, shrink, e, e_strides, scaling, bi
     if m == 0 or n == 0:
         return out
     has_base = weight is not None
-    common = dict(R=r, R_PAD=_r_pad(r), HAS_BASE=has_base, W_KN=w_kn, HAS_INIT=init is not None, SHARED_OUT=shared_out,
-                  EXPAND_TMA=expand_tma, HAS_SCALE=scaling is not None, HAS_BIAS=bias is not None, DOT_PRECISION=_DOT_PRECISION,
+    common = dict(R=r, R_PAD=_r_pad(r), HAS_BASE=has_base, W_KN=w_kn, HAS_INIT=init is not None,
+                  SHARED_OUT=shared_out, EXPAND_TMA=expand_tma, HAS_SCALE=scaling is not None,
+                  HAS_BIAS=bias is not None, DOT_PRECISION=_DOT_PRECISION,
                   E_ROWS_OF_R=not expand_tma and tuple(e_strides[1:]) == (r, 1), DROPOUT=dropout is not None)
     seed, threshold, keep_scale = _dropout_args(dropout, out)
     args = [x if has_base else out, weight if has_base else out, init if init is not None else out,
@@ -633,12 +638,12 @@ def _launch_gemm_expand(x, weight, w_kn, init, shrink, e, e_strides, scaling, bi
         def grid(meta):
             return (min(num_sms, cdiv(m, meta["BM"]) * cdiv(n, meta["BN"])),)
 
-        _gemm_kernel[grid](*args, num_sms, *strides, **common)
+        launch(_gemm_kernel, grid, *args, num_sms, _next_pow2(m), *strides, **common)
     else:
         block_m, block_n = (16, 32) if out.device.type == "cpu" else (64, 128)
         tiles = cdiv(m, block_m) * cdiv(n, block_n)
-        _gemm_expand_kernel[(tiles,)](*args, tiles, *strides, BM=block_m, BN=block_n, BK=16, GM=8, **common,
-                                      num_warps=4, num_stages=1)
+        launch(_gemm_expand_kernel, (tiles,), *args, tiles, _next_pow2(m), *strides, BM=block_m, BN=block_n, BK=16,
+               GM=8, **common, num_warps=4, num_stages=1)
     return out
 
 
@@ -685,7 +690,7 @@ def _launch_dropout_rows(x: Tensor, dropout) -> Tensor:
         return out
     seed, threshold, keep_scale = _dropout_args(dropout, x)
     block_m, block_d = (16, 32) if x.device.type == "cpu" else (32, 256)
-    _dropout_rows_kernel[(cdiv(m, block_m), cdiv(d, block_d))](
+    launch(_dropout_rows_kernel, (cdiv(m, block_m), cdiv(d, block_d)),
         x, seed, out, m, d, x.stride(0), threshold, keep_scale, BM=block_m, BD=block_d, num_warps=4)
     return out
 
@@ -730,7 +735,7 @@ def _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row
     stage_bytes = (block_m + block_n + block_c) * block_k * x.element_size()
     stages = 1 if on_cpu else max(1, min(3, SHARED_MEMORY_BUDGET // stage_bytes))
     grid = (cdiv(m, block_m), cdiv(n, block_n))
-    _decode_kernel[grid](
+    launch(_decode_kernel, grid,
         x, weight if has_base else x, bias if bias is not None else x, lora_A, lora_B, scaling,
         hypothesis_ids if hypothesis_ids is not None else x, out, shrink_bd,
         m, n, d, num_hyp, row_div,

@@ -21,23 +21,12 @@ assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from sm90_compile import Sm90Driver, mcl_on_meta_tensors  # noqa: E402  (tests/, this script's folder)
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 RECORDED = []
-
-
-class Sm90Driver:
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
 
 
 class StandInKernel:
@@ -101,11 +90,6 @@ def calls():
                 y, shrink = mll.multi_lora_linear_shared_triton(x, w, None, a, b, s, 1)
                 mll.multi_lora_linear_shared_triton_backward(y, x, w, a, b, s, shrink, 1)
 
-    real_tolist = torch.Tensor.tolist
-    torch.Tensor.tolist = lambda self: [100, 0] if self.is_meta else real_tolist(self)
-    mcl._mm_out_dtype_supported = lambda device: True
-    mcl._addmm_out_dtype_supported = lambda device: True
-    mcl._pass1_path = lambda hidden, weight: os.environ["LORAMCL_MCL_PASS1"]  # meta tensors: no TMA check
     for path, mode in (("chunked", "wta"), ("fused", "wta"), ("chunked", "annealed")):
         os.environ["LORAMCL_MCL_PASS1"] = path
         for dtype in (torch.bfloat16, torch.float32):
@@ -115,7 +99,6 @@ def calls():
                                                "mean", -100, True, keep_nll_grad=mode == "annealed")
             mcl._mcl_loss_backward_triton(out[0], hidden, weight, bias, labels, *out[3:8], 5, "batch_major", "mean",
                                           -100, True, mode == "wta", mode == "wta", mode == "wta")
-    torch.Tensor.tolist = real_tolist
 
 
 def main():
@@ -128,6 +111,7 @@ def main():
     from loramcl_kernels.ops import multi_lora_linear as mll
 
     mll._device_facts = mcl.device_facts = lambda device: (132, 9)
+    mcl_on_meta_tensors(supervised_rows=100)
     record_launch, through_triton = _triton_utils._record_launch, []
 
     def counted_record_launch(*args):

@@ -55,6 +55,19 @@ def _compile_only(kernel, grid, args, kwargs, autotuned=False):
     return record
 
 
+def mcl_on_meta_tensors(supervised_rows: int) -> None:
+    """Let mcl_loss's Triton launchers run on meta tensors: the forward's host read of its counts
+    returns (supervised_rows, 0 bad labels), the fp32-output GEMMs count as available, and the
+    pass-1 path follows LORAMCL_MCL_PASS1 (no TMA alignment check on meta tensors)."""
+    from loramcl_kernels.ops import mcl_loss as mcl
+
+    real_tolist = torch.Tensor.tolist
+    torch.Tensor.tolist = lambda self: [supervised_rows, 0] if self.is_meta else real_tolist(self)
+    mcl._mm_out_dtype_supported = lambda device: True
+    mcl._addmm_out_dtype_supported = lambda device: True
+    mcl._pass1_path = lambda hidden, weight: os.environ["LORAMCL_MCL_PASS1"]
+
+
 def _jit_getitem(self, grid):
     return lambda *args, **kwargs: _compile_only(self, grid, args, kwargs)
 
@@ -115,11 +128,7 @@ def main():
             mll.multi_lora_linear_shared_triton_backward(y, x, w, a, b, s, shrink, 1)
 
     # mcl_loss: both pass-1 paths, pass 2 with and without lm_head gradients, the per-sequence kernel
-    real_tolist = torch.Tensor.tolist
-    torch.Tensor.tolist = lambda self: [640, 0] if self.is_meta else real_tolist(self)
-    mcl._mm_out_dtype_supported = lambda device: True
-    mcl._addmm_out_dtype_supported = lambda device: True
-    mcl._pass1_path = lambda hidden, weight: os.environ["LORAMCL_MCL_PASS1"]  # meta tensors: no TMA check
+    mcl_on_meta_tensors(supervised_rows=640)
     for dtype, path in ((torch.bfloat16, "chunked"), (torch.bfloat16, "fused"), (torch.float32, "fused")):
         os.environ["LORAMCL_MCL_PASS1"] = path
         hidden = torch.empty(20, 780, 4096, dtype=dtype, device=meta)

@@ -60,10 +60,16 @@ def supported_base_layer(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-def repeat_rows(t: torch.Tensor, num_hypotheses: int, layout: str) -> torch.Tensor:
-    """(N, ...) -> (N*K, ...): row n repeated for every hypothesis, in the layout's row order."""
+def repeat_rows(t: torch.Tensor, num_hypotheses: int, layout: str, inner: int = 1) -> torch.Tensor:
+    """(N, ...) -> (N*K, ...): row n repeated for every hypothesis, in the layout's row order, the
+    shared-input order of the op: batch_major, output row (g*K + k)*inner + j <- input row
+    g*inner + j (groups of `inner` rows, e.g. beams, repeated together); hypothesis_major, k*N + n."""
     if layout == "batch_major":
-        return t.repeat_interleave(num_hypotheses, dim=0)
+        n, rest = t.shape[0], t.shape[1:]
+        if n % inner:
+            raise ValueError(f"shared input: the batch N={n} must be divisible by inner={inner}")
+        groups = t.reshape(n // inner, 1, inner, *rest)
+        return groups.expand(n // inner, num_hypotheses, inner, *rest).reshape(n * num_hypotheses, *rest)
     return t.repeat(num_hypotheses, *([1] * (t.dim() - 1)))
 
 
@@ -173,9 +179,9 @@ class MultiLoRALinear(nn.Module):
         out.requires_grad_(False)
         return out
 
-    def _check_hypothesis(self, k) -> None:
+    def _check_hypothesis(self, k, name: str = "hypothesis") -> None:
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.num_hypotheses:
-            raise ValueError(f"hypothesis must be an int in [0, {self.num_hypotheses}), got {k!r}")
+            raise ValueError(f"{name} must be an int in [0, {self.num_hypotheses}), got {k!r}")
 
     # -- forward ----------------------------------------------------------------------------
     def _adapters(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,6 +201,7 @@ class MultiLoRALinear(nn.Module):
         all_A, all_B = self._adapters()
         if k is not None:
             # Single-adapter mode: every row through adapter k.
+            self._check_hypothesis(k, "active_hypothesis")
             lora_A, lora_B = all_A[k : k + 1], all_B[k : k + 1]
             kw = dict(num_hypotheses=1, layout="batch_major", inner=1, backend=self.backend)
             return _multi_lora_linear(x, weight, bias, lora_A, lora_B, self.scaling,
@@ -211,8 +218,8 @@ class MultiLoRALinear(nn.Module):
                                       lora_dropout=self.lora_dropout_p if dropout else 0.0, **kw)
         base = F.linear(x, weight, bias)
         # shared input with dropout: each hypothesis draws its own mask, so repeat first, then drop
-        x = repeat_rows(x, self.num_hypotheses, self.layout)
-        base = repeat_rows(base, self.num_hypotheses, self.layout)
+        x = repeat_rows(x, self.num_hypotheses, self.layout, self.inner)
+        base = repeat_rows(base, self.num_hypotheses, self.layout, self.inner)
         delta = _multi_lora_linear(x, None, None, all_A, all_B, self.scaling, lora_dropout=self.lora_dropout_p, **kw)
         return base + delta
 

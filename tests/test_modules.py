@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from loramcl_kernels.modules import MultiLoRALinear
+from loramcl_kernels.modules import MultiLoRALinear, repeat_rows
 from loramcl_kernels.ops import multi_lora_linear as mll
 from loramcl_kernels.ops.multi_lora_linear import dropout_keep_mask
 
@@ -129,6 +129,34 @@ def test_dropout_masks_per_hypothesis():
     torch.testing.assert_close(y[0], _per_row(m, x1, [0])[0])
 
 
+@pytest.mark.parametrize("layout, inner", [("batch_major", 1), ("batch_major", 2), ("batch_major", 3),
+                                          ("hypothesis_major", 1)])
+def test_repeat_rows_is_the_shared_input_order(layout, inner):
+    """repeat_rows(x) through distinct rows equals the op's shared input: training with dropout on a
+    shared input repeats the rows first, then every row is a hypothesis's own."""
+    x = torch.randn(2 * inner, 3, D_IN, dtype=torch.float64)
+    m = _module(layout=layout, inner=inner)
+    m.shared_input = True
+    shared = m(x)
+    m.shared_input = False
+    torch.testing.assert_close(m(repeat_rows(x, K, layout, inner)), shared)
+    with pytest.raises(ValueError, match="divisible by inner"):
+        repeat_rows(x[:1], K, "batch_major", 2)
+
+
+@pytest.mark.parametrize("layout, inner", [("batch_major", 2), ("hypothesis_major", 1)])
+def test_shared_input_with_dropout_keeps_the_layout_order(layout, inner):
+    """Training on a shared input with dropout (repeat, then the fused op): with p so small that
+    nothing is dropped it is the eval-mode result row for row."""
+    m = _module(layout=layout, inner=inner, lora_dropout=1e-9)
+    m.shared_input = True
+    x = torch.randn(2 * inner, 3, D_IN, dtype=torch.float64)
+    m.eval()
+    expected = m(x)
+    m.train()
+    torch.testing.assert_close(m(x), expected)
+
+
 @pytest.mark.parametrize("conv1d", [False, True])
 def test_merge(conv1d):
     m = _module(conv1d=conv1d)
@@ -139,6 +167,10 @@ def test_merge(conv1d):
     torch.testing.assert_close(merged(x), m(x))
     with pytest.raises(ValueError, match=r"hypothesis must be an int in \[0, 3\)"):
         m.merge(3)
+    for bad in (-1, -2, 3, 1.0):
+        m.active_hypothesis = bad
+        with pytest.raises(ValueError, match=r"active_hypothesis must be an int in \[0, 3\)"):
+            m(x)
 
 
 def test_extra_repr_and_bad_arguments():

@@ -86,6 +86,7 @@ caller already has and is a plain differentiable PyTorch composition.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from typing import NamedTuple, Optional
 
@@ -166,8 +167,11 @@ def _targets_per_row(labels, R, K, layout, shift_labels, ignore_index) -> torch.
     return lab
 
 
-def _count_bad_labels(labels, ignore_index, V) -> torch.Tensor:
-    return ((labels != ignore_index) & ((labels < 0) | (labels >= V))).sum()
+def _count_bad_labels(labels, ignore_index, V, shift_labels) -> torch.Tensor:
+    """Labels outside [0, V) other than ignore_index, among those some position predicts (with
+    shift_labels the first label of each sequence is no position's target)."""
+    targets = labels[:, 1:] if shift_labels else labels
+    return ((targets != ignore_index) & ((targets < 0) | (targets >= V))).sum()
 
 
 def _raise_bad_labels(n_bad: int, V: int, ignore_index: int) -> None:
@@ -188,8 +192,16 @@ def _sequence_weights(nll, mode, epsilon, temperature):
     elif mode == "relaxed":
         weights = onehot * (1.0 - epsilon) + (1.0 - onehot) * (epsilon / (K - 1))
     else:
-        weights = torch.softmax(-nll / temperature, dim=0)
+        # softmax_k(-L / tau) = softmax_k(-(L - min_k L) / tau): finite for any tau > 0
+        gap = nll - nll.min(0, keepdim=True).values
+        weights = torch.softmax(-gap / _min_temperature(temperature), dim=0)
     return winners, weights
+
+
+def _min_temperature(temperature: float) -> float:
+    """tau for the fp32 softmax: below fp32's smallest normal number (~1.2e-38) the weights are
+    the winner's one-hot either way, and tau itself would round to 0."""
+    return max(float(temperature), torch.finfo(torch.float32).tiny)
 
 
 def _hard_weights(mode: str, epsilon: float) -> bool:
@@ -228,7 +240,7 @@ def _mcl_loss_forward_reference(
     cdt = _stat_dtype(hidden.dtype)
     targets = _targets_per_row(labels, R, K, layout, shift_labels, ignore_index).reshape(-1)
     supervised = targets != ignore_index
-    n_bad = _count_bad_labels(labels, ignore_index, V)
+    n_bad = _count_bad_labels(labels, ignore_index, V, shift_labels)
     _raise_bad_labels(int(n_bad), V, ignore_index)
     positions = supervised.nonzero().squeeze(1)  # reference: syncs freely
     KERNEL_STATS.pass1_rows = positions.numel()
@@ -422,7 +434,7 @@ def _sequence_weights_kernel(
     K,
     T,
     epsilon,  # relaxed: already 0 when K == 1
-    inv_temperature,
+    temperature,  # annealed: tau >= fp32's smallest normal number
     BATCH_MAJOR: tl.constexpr,
     MODE: tl.constexpr,  # 0 wta, 1 relaxed, 2 annealed
     MEAN: tl.constexpr,
@@ -462,7 +474,7 @@ def _sequence_weights_kernel(
     elif MODE == 1:
         w = tl.where(is_winner, 1.0 - epsilon, epsilon / tl.maximum(K - 1, 1))
     else:
-        x = tl.where(valid, -seq * inv_temperature, float("-inf"))
+        x = tl.where(valid, -(seq - best) / temperature, float("-inf"))  # softmax(-L / tau), shifted by min L
         e = tl.exp(x - tl.max(x, 0))
         w = e / tl.sum(e, 0)
     tl.store(nll_ptr + ks * B + b, seq, mask=valid)
@@ -566,7 +578,7 @@ def _logits_lse_tiles_kernel(
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         z = tl.where(mask_n[None, :], acc, float("-inf"))  # TMA fills rows past V with zeros
-        tile_max = tl.max(z, 1)
+        tile_max = tl.maximum(tl.max(z, 1), -1.0e30)  # finite: a tile of -inf logits (masked) sums to 0
         tile_sum = tl.sum(tl.exp(z - tile_max[:, None]), 1)
         target = tl.load(target_ptr + offs_m, mask=mask_m, other=-1)
         tile_target = tl.sum(tl.where(offs_n[None, :] == target[:, None], acc, 0.0), 1)
@@ -793,7 +805,7 @@ def _mcl_loss_forward_triton(
     supervised = targets != ignore_index
     order = _compact(supervised)
     row_count = supervised.view(R, T).sum(1, dtype=torch.int32)
-    counts = torch.stack([supervised.sum(), _count_bad_labels(labels, ignore_index, V)])
+    counts = torch.stack([supervised.sum(), _count_bad_labels(labels, ignore_index, V, shift_labels)])
     n_rows, n_bad = counts.tolist()  # the forward's one host sync (sizes the cuBLAS GEMMs)
     _raise_bad_labels(n_bad, V, ignore_index)
     KERNEL_STATS.pass1_rows = n_rows
@@ -816,7 +828,7 @@ def _mcl_loss_forward_triton(
     launch(_sequence_weights_kernel, (B,),
         position_nll, row_count, nll, winners, weights, B, K, T,
         float(epsilon) if K > 1 else 0.0,
-        1.0 / float(temperature) if mode == "annealed" else 1.0,
+        _min_temperature(temperature) if mode == "annealed" else 1.0,
         BATCH_MAJOR=layout == "batch_major", MODE=mode_id, MEAN=sequence_reduction == "mean",
         BLOCK_K=next_pow2(K), BLOCK_T=min(1024, next_pow2(T)),
     )
@@ -1190,6 +1202,12 @@ def _check_config(num_hypotheses, layout, mode, epsilon, temperature, sequence_r
         raise ValueError(f"sequence_reduction must be one of {SEQUENCE_REDUCTIONS}, got {sequence_reduction!r}")
 
 
+def _check_ignore_index(ignore_index) -> int:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    return int(ignore_index)
+
+
 def _check_labels(labels, R, T, K):
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
@@ -1258,8 +1276,16 @@ def mcl_loss(
     if lm_head_weight.dtype != hidden.dtype:
         raise TypeError(f"lm_head_weight dtype {lm_head_weight.dtype} differs from hidden's {hidden.dtype}")
     V = lm_head_weight.shape[0]
-    if lm_head_bias is not None and (lm_head_bias.dim() != 1 or lm_head_bias.shape[0] != V):
-        raise ValueError(f"lm_head_bias must have shape (V,) = ({V},), got {tuple(lm_head_bias.shape)}")
+    if V == 0:
+        raise ValueError("lm_head_weight has no rows (V = 0)")
+    if lm_head_bias is not None:
+        if not isinstance(lm_head_bias, torch.Tensor):
+            raise TypeError(f"lm_head_bias must be a tensor or None, got {type(lm_head_bias).__name__}")
+        if lm_head_bias.dim() != 1 or lm_head_bias.shape[0] != V:
+            raise ValueError(f"lm_head_bias must have shape (V,) = ({V},), got {tuple(lm_head_bias.shape)}")
+        if lm_head_bias.dtype != lm_head_weight.dtype:
+            raise TypeError(f"lm_head_bias dtype {lm_head_bias.dtype} differs from lm_head_weight's "
+                            f"{lm_head_weight.dtype}")
     _check_labels(labels, R, T, K)
     for name, t in (("lm_head_weight", lm_head_weight), ("labels", labels), ("lm_head_bias", lm_head_bias)):
         if t is not None and t.device != hidden.device:
@@ -1278,7 +1304,7 @@ def mcl_loss(
     loss, nll, winners, weights = _run_forward(
         hidden, lm_head_weight, lm_head_bias, labels, K, layout, mode, float(epsilon),
         float(temperature) if temperature is not None else 1.0, sequence_reduction,
-        int(ignore_index), bool(shift_labels), keep_nll_grad, chosen,
+        _check_ignore_index(ignore_index), bool(shift_labels), keep_nll_grad, chosen,
     )[:4]
     return MCLLossOutput(loss, nll.detach(), winners.detach(), weights.detach())
 
@@ -1308,6 +1334,7 @@ def mcl_loss_from_logits(
     _check_rows(logits, "logits", K)
     R, T, V = logits.shape
     _check_labels(labels, R, T, K)
+    ignore_index = _check_ignore_index(ignore_index)
     cdt = _stat_dtype(logits.dtype)
     targets = _targets_per_row(labels, R, K, layout, shift_labels, ignore_index).reshape(-1)
     supervised = targets != ignore_index
@@ -1318,7 +1345,7 @@ def mcl_loss_from_logits(
         nll_all = torch.logsumexp(z, dim=1) - z.gather(1, safe.unsqueeze(1)).squeeze(1)
         nll_pos = torch.where(supervised, nll_all, torch.zeros_like(nll_all))
     else:
-        _raise_bad_labels(int(_count_bad_labels(labels, ignore_index, V)), V, ignore_index)
+        _raise_bad_labels(int(_count_bad_labels(labels, ignore_index, V, shift_labels)), V, ignore_index)
         positions = supervised.nonzero().squeeze(1)
         z = flat.index_select(0, positions).to(cdt)
         nll_sup = torch.logsumexp(z, dim=1) - z.gather(1, targets[positions].unsqueeze(1)).squeeze(1)

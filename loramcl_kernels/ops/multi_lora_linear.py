@@ -57,6 +57,7 @@ dispatcher (see the "Eager path" section).
 """
 from __future__ import annotations
 
+import numbers
 import os
 import weakref
 from typing import Optional
@@ -110,10 +111,11 @@ def _stack_A(lora_A: Tensor, dtype) -> Tensor:
 
 
 def _stack_B(lora_B: Tensor, scaling: Tensor, dtype) -> Tensor:
-    """B_all (d_out, K*r): the s_k B_k side by side."""
+    """B_all (d_out, K*r) contiguous: the s_k B_k side by side."""
     scaled = lora_B.to(dtype) * scaling.to(dtype)[:, None, None]
     num_hyp, d_out, r = lora_B.shape
-    return scaled.permute(1, 0, 2).reshape(d_out, num_hyp * r)
+    # contiguous whatever lora_B's strides (a (K, r, d_out) buffer seen transposed included)
+    return scaled.permute(1, 0, 2).reshape(d_out, num_hyp * r).contiguous()
 
 
 def _lora_weight_grads(grad_shrink_bd, shrink_bd, x, grad_y, scaling, lora_A, lora_B):
@@ -1074,7 +1076,9 @@ _SCALING_VECTORS: dict = {}
 
 def _scaling_vector(scaling, num_hyp: int, x: Tensor) -> Tensor:
     if isinstance(scaling, Tensor):
-        if scaling.requires_grad:
+        if scaling.is_complex() or scaling.dtype == torch.bool:
+            raise TypeError(f"scaling must hold real numbers, got {scaling.dtype}")
+        if scaling.requires_grad and torch.is_grad_enabled():
             raise ValueError("scaling is not differentiated: pass a detached tensor or a float")
         if scaling.dim() == 0:
             scaling = scaling.reshape(1).expand(num_hyp)
@@ -1082,7 +1086,7 @@ def _scaling_vector(scaling, num_hyp: int, x: Tensor) -> Tensor:
             raise ValueError(f"scaling must be a float or a tensor of shape (K,) = ({num_hyp},), "
                              f"got {tuple(scaling.shape)}")
         return scaling.to(device=x.device, dtype=_acc_dtype(x.dtype)).contiguous()
-    if not isinstance(scaling, (int, float)):
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"scaling must be a float or a (K,) tensor, got {type(scaling).__name__}")
     dtype = _acc_dtype(x.dtype)
     if torch.compiler.is_compiling() or (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
@@ -1126,14 +1130,16 @@ def _check_id_values(hypothesis_ids: Tensor, num_hyp: int) -> None:
 def _check_layout(n, num_hyp, layout, inner, hypothesis_ids, shared_input, device):
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got '{layout}'")
-    if not isinstance(inner, int) or inner < 1:
+    if isinstance(inner, bool) or not isinstance(inner, int) or inner < 1:
         raise ValueError(f"inner must be a positive int, got {inner!r}")
     if inner != 1 and layout != "batch_major":
         raise ValueError("inner (beams per row) applies to the batch_major layout only")
     if hypothesis_ids is not None:
         if shared_input:
             raise ValueError("hypothesis_ids cannot be combined with shared_input=True")
-        if not isinstance(hypothesis_ids, Tensor) or hypothesis_ids.shape != (n,):
+        if not isinstance(hypothesis_ids, Tensor):
+            raise TypeError(f"hypothesis_ids must be an integer tensor, got {type(hypothesis_ids).__name__}")
+        if hypothesis_ids.shape != (n,):
             raise ValueError(f"hypothesis_ids must be an integer tensor of shape (N,) = ({n},)")
         if hypothesis_ids.is_floating_point() or hypothesis_ids.is_complex() or hypothesis_ids.dtype == torch.bool:
             raise TypeError(f"hypothesis_ids must hold integers, got {hypothesis_ids.dtype}")

@@ -209,6 +209,20 @@ def test_fused_pass1_odd_shapes(K, H, V, bias, fused_pass1):
         torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-5)
 
 
+def test_fused_pass1_masked_vocabulary_block(fused_pass1):
+    """A bias of -inf over whole vocab tiles (a masked block of the vocabulary): those tiles' logits
+    are all -inf, and they must add nothing rather than NaN (exp(-inf - -inf))."""
+    hidden, weight, b, labels = make_data(K=3, V=300, H=16, T=5, bias=True, device=TRITON_DEVICE, seed=3)
+    b[64:256] = float("-inf")  # several whole tiles at any tile width up to 64
+    labels = torch.where(labels >= 64, labels % 64, labels)  # targets outside the masked block
+    out, grads = run_ours(hidden, weight, b, labels, 3, "triton")
+    ref, ref_grads = run_ours(hidden, weight, b, labels, 3, "reference")
+    assert fused_pass1 and torch.isfinite(out.nll).all()
+    torch.testing.assert_close(out.nll, ref.nll, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(torch.nan_to_num(g), torch.nan_to_num(r), rtol=1e-4, atol=1e-5)
+
+
 def test_fused_pass1_path_choice(monkeypatch):
     h = torch.zeros(3, 2, 20, dtype=torch.float16)
     w = torch.zeros(7, 20, dtype=torch.float16)
@@ -284,6 +298,44 @@ def test_ties_go_to_lowest_k(backend):
     torch.testing.assert_close(out.weights[:, 0], torch.tensor([0.7, 0.15, 0.15], device=device))
     out = mcl_loss(same.contiguous(), weight, labels, num_hypotheses=3, backend=backend, mode="annealed", temperature=2.0)
     torch.testing.assert_close(out.weights, torch.full((3, 2), 1 / 3, device=device))
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-39, 1e-300])
+@pytest.mark.parametrize("backend", ["reference", "triton", "from_logits"])
+def test_annealed_tiny_temperature_is_the_winners_one_hot(backend, temperature):
+    """softmax_k(-L / tau) as tau -> 0 is the winner's one-hot; -L / tau itself overflows fp32
+    (and tau rounds to 0 in fp32 below ~1e-45), so the weights are formed from L - min_k L."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    hidden, weight, _, labels = make_data(K=3, B=3, device=device, seed=5)
+    if backend == "from_logits":
+        run = lambda **kw: mcl_loss_from_logits(hidden @ weight.t(), labels, num_hypotheses=3, **kw)  # noqa: E731
+    else:
+        run = lambda **kw: mcl_loss(hidden, weight, labels, num_hypotheses=3, backend=backend, **kw)  # noqa: E731
+    annealed, wta = run(mode="annealed", temperature=temperature), run(mode="wta")
+    # the last sequence is all ignored: every L is 0, a tie the softmax splits evenly
+    assert torch.equal(annealed.weights[:, :-1], wta.weights[:, :-1])
+    torch.testing.assert_close(annealed.weights[:, -1], torch.full((3,), 1 / 3, device=device))
+    assert torch.equal(annealed.winners, wta.winners)
+    assert torch.isfinite(annealed.loss) and annealed.loss == wta.loss
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "from_logits"])
+def test_first_label_is_no_target_with_shift(backend):
+    """With shift_labels each sequence's first label is no position's target, so an out-of-range
+    value there (as HF's loss ignores it) changes nothing; without the shift it is a target."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    hidden, weight, _, labels = make_data(K=2, B=2, T=5, V=16, device=device, seed=2)
+    odd = labels.clone()
+    odd[:, 0] = 99999
+
+    def run(lab, **kw):
+        if backend == "from_logits":
+            return mcl_loss_from_logits(hidden @ weight.t(), lab, num_hypotheses=2, **kw)
+        return mcl_loss(hidden, weight, lab, num_hypotheses=2, backend=backend, **kw)
+
+    assert torch.equal(run(odd).nll, run(labels).nll)
+    with pytest.raises(ValueError, match="outside"):
+        run(odd, shift_labels=False)
 
 
 @pytest.mark.parametrize("backend, dtype", [("reference", torch.bfloat16), ("triton", torch.float16)])
@@ -733,6 +785,16 @@ def test_bad_inputs():
         call(backend="fastest")
     with pytest.raises(ValueError, match="outside"):
         mcl_loss_from_logits(torch.zeros(4, 4, 16), bad, num_hypotheses=2)
+    with pytest.raises(TypeError, match="lm_head_bias dtype"):
+        call(lm_head_bias=torch.zeros(16, dtype=torch.float64))
+    with pytest.raises(TypeError, match="lm_head_bias must be a tensor"):
+        call(lm_head_bias=[0.0] * 16)
+    with pytest.raises(ValueError, match="V = 0"):
+        call(lm_head_weight=weight[:0], labels=torch.full_like(labels, IGNORE))
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        call(ignore_index=-100.5)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        mcl_loss_from_logits(torch.zeros(4, 4, 16), labels, num_hypotheses=2, ignore_index=-100.5)
 
 
 # ---------------------------------------------------------------------------------------------

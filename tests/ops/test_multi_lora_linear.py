@@ -100,6 +100,8 @@ def check_case(n, tokens, d_in, d_out, r, num_hyp, dtype, backend, *, layout="ba
         assert not any(t.is_contiguous() for t in (x, lora_A, lora_B, scaling) + ((b,) if b is not None else ()))
     elif non_contiguous == "weight":  # a column-major W, as a GPT-2 Conv1D base passes it
         weight = weight.t().contiguous().t()
+    elif non_contiguous == "transposed":  # A and B stored transposed: (K, d_in, r), (K, r, d_out)
+        lora_A, lora_B = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (lora_A, lora_B))
     scale_arg = 0.75 if scalar_scaling else scaling
     scale_vec = torch.full((num_hyp,), 0.75, device=device) if scalar_scaling else scaling
     ids_t = None if ids is None else torch.tensor(ids, device=device)
@@ -167,6 +169,7 @@ CASES = [
     dict(n=4, tokens=(2, 3), d_in=16, d_out=8, r=4, num_hyp=2, scalar_scaling=True),  # 4-D x
     dict(n=6, tokens=(3,), d_in=16, d_out=8, r=4, num_hyp=3, non_contiguous="operands"),
     dict(n=6, tokens=(3,), d_in=16, d_out=8, r=4, num_hyp=3, non_contiguous="weight"),
+    dict(n=6, tokens=(3,), d_in=16, d_out=8, r=4, num_hyp=3, non_contiguous="transposed"),
     dict(n=7, tokens=(2,), d_in=40, d_out=36, r=3, num_hyp=3, ids=[2, 0, -1, 1, 0, -1, 1], non_contiguous="operands"),
     dict(n=3, tokens=(4,), d_in=24, d_out=16, r=3, num_hyp=3, shared=True, non_contiguous="operands"),
     dict(n=6, tokens=(3,), d_in=16, d_out=8, r=4, num_hyp=3, delta_only=True),
@@ -541,6 +544,11 @@ def _good(**over):
     (dict(scaling=torch.ones(2)), ValueError, "scaling must be"),
     (dict(scaling=torch.ones(3, requires_grad=True)), ValueError, "not differentiated"),
     (dict(scaling="big"), TypeError, "scaling must be"),
+    (dict(scaling=True), TypeError, "scaling must be"),
+    (dict(scaling=torch.ones(3, dtype=torch.complex64)), TypeError, "real numbers"),
+    (dict(scaling=torch.ones(3, dtype=torch.bool)), TypeError, "real numbers"),
+    (dict(inner=True), ValueError, "inner must be a positive int"),
+    (dict(hypothesis_ids=[0, 1, 2, 0, 1, 2]), TypeError, "hypothesis_ids must be an integer tensor"),
     (dict(backend="magic"), ValueError, "backend must be one of"),
     (dict(lora_dropout=1.0), ValueError, "lora_dropout must be"),
     (dict(lora_dropout=-0.1), ValueError, "lora_dropout must be"),
@@ -550,6 +558,18 @@ def test_bad_input_raises(over, err, match):
     args, kwargs = _good(**over)
     with pytest.raises(err, match=match):
         multi_lora_linear(**args, **kwargs)
+
+
+def test_scaling_as_a_numpy_scalar_or_a_parameter_without_grad():
+    """A numpy float scales like the Python float; a trainable (K,) scaling is refused only where a
+    gradient could be asked of it (it is not differentiated), not under torch.no_grad."""
+    np = pytest.importorskip("numpy")
+    args, kwargs = _good()
+    expected = multi_lora_linear(**{**args, "scaling": 0.5}, **kwargs)
+    assert torch.equal(multi_lora_linear(**{**args, "scaling": np.float32(0.5)}, **kwargs), expected)
+    trainable = torch.nn.Parameter(torch.full((3,), 0.5))
+    with torch.no_grad():
+        assert torch.equal(multi_lora_linear(**{**args, "scaling": trainable}, **kwargs), expected)
 
 
 def test_hypothesis_ids_values_read_once_per_tensor(monkeypatch):

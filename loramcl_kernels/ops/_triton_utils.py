@@ -153,6 +153,22 @@ def launch(kernel, grid, *args, **kwargs) -> None:
                  enter_hook, exit_hook, *values)
 
 
+def on_input_device(fn):
+    """Run fn(first, ...) with first's CUDA device current: Triton launches on the current device,
+    while a model spread over several GPUs in one process (HF device_map="auto") calls layers
+    whose tensors live on another one."""
+
+    @functools.wraps(fn)
+    def run(first, *args, **kwargs):
+        device = first.device
+        if device.type == "cuda" and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                return fn(first, *args, **kwargs)
+        return fn(first, *args, **kwargs)
+
+    return run
+
+
 def cdiv(a: int, b: int) -> int:
     """Plain Python: triton.cdiv called from Python goes through the JIT machinery."""
     return -(-a // b)

@@ -98,7 +98,8 @@ import triton.language as tl
 from loramcl_kernels._backend import resolve_backend, triton_interpreting
 from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
 from loramcl_kernels.ops._triton_utils import (
-    cdiv, contiguous_or_none, device_facts, grouped_tile, launch, next_pow2, set_tma_allocator, tma_rows_ok,
+    cdiv, contiguous_or_none, device_facts, grouped_tile, launch, next_pow2, on_input_device, set_tma_allocator,
+    tma_rows_ok,
 )
 
 LAYOUTS = ("batch_major", "hypothesis_major")
@@ -793,6 +794,7 @@ def _compact(mask: torch.Tensor) -> torch.Tensor:
     return torch.argsort((~mask).to(torch.uint8), stable=True)
 
 
+@on_input_device
 def _mcl_loss_forward_triton(
     hidden, weight, bias, labels, K, layout, mode, epsilon, temperature, sequence_reduction,
     ignore_index, shift_labels, keep_nll_grad=False,
@@ -917,6 +919,7 @@ def _pass2_positions(targets, weights, pass1_rows, K, layout, T, ignore_index, s
     return _compact(active), int(active.sum().item())
 
 
+@on_input_device
 def _mcl_loss_backward_triton(
     grad_loss, hidden, weight, bias, labels, weights, position_lse, row_count, pass1_rows, nll_grad,
     K, layout, sequence_reduction, ignore_index, shift_labels, hard_weights, need_weight_grad,

@@ -69,7 +69,7 @@ from loramcl_kernels._backend import resolve_backend
 from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
 from loramcl_kernels.ops._triton_utils import device_facts as _device_facts
 from loramcl_kernels.ops._triton_utils import next_pow2 as _next_pow2
-from loramcl_kernels.ops._triton_utils import SHARED_MEMORY_BUDGET, cdiv, contiguous_or_none, launch
+from loramcl_kernels.ops._triton_utils import SHARED_MEMORY_BUDGET, cdiv, contiguous_or_none, launch, on_input_device
 from loramcl_kernels.ops._triton_utils import set_tma_allocator as _set_tma_allocator
 from loramcl_kernels.ops._triton_utils import tma_rows_ok as _tma_ok
 
@@ -750,6 +750,7 @@ def _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row
     return out, shrink_bd
 
 
+@on_input_device
 def multi_lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div, dropout_seed=None,
                              lora_dropout=0.0):
     num_hyp, r, _ = lora_A.shape
@@ -765,6 +766,7 @@ def multi_lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, hypothesi
     return y, shrink_bd
 
 
+@on_input_device
 def multi_lora_linear_triton_backward(grad_y, x, weight, lora_A, lora_B, scaling, hypothesis_ids, row_div, shrink_bd,
                                       dropout_seed=None, lora_dropout=0.0):
     num_hyp, r, d_in = lora_A.shape
@@ -784,6 +786,7 @@ def multi_lora_linear_triton_backward(grad_y, x, weight, lora_A, lora_B, scaling
     return grad_x, grad_A, grad_B
 
 
+@on_input_device
 def multi_lora_linear_shared_triton(x, weight, bias, lora_A, lora_B, scaling, num_groups):
     num_hyp, r, _ = lora_A.shape
     x, bias = _contig_rows(x), contiguous_or_none(bias)  # the fused and decode kernels read bias flat
@@ -794,6 +797,7 @@ def multi_lora_linear_shared_triton(x, weight, bias, lora_A, lora_B, scaling, nu
     return y, shrink_all
 
 
+@on_input_device
 def multi_lora_linear_shared_triton_backward(grad_y, x, weight, lora_A, lora_B, scaling, shrink_all, num_groups):
     num_hyp, r, d_in = lora_A.shape
     x = _contig_rows(x)

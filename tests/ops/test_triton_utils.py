@@ -49,3 +49,52 @@ def test_interpreted_kernels_launch_through_triton():
 
     for kernel in (multi_lora_linear._shrink_kernel, multi_lora_linear._gemm_kernel, mcl_loss._lse_chunk_kernel):
         assert not _triton_utils._compiled_kernel(kernel)
+
+
+def test_on_input_device_makes_the_first_arguments_gpu_current(monkeypatch):
+    """Triton launches on the current device: the ops' Triton implementations switch to their
+    input's GPU when it is another one (a model spread over GPUs), and only then."""
+    entered = []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    class OnGpu:
+        def __init__(self, index):
+            self.device = torch.device("cuda", index)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    seen = []
+    run = _triton_utils.on_input_device(lambda first, second, key=None: seen.append((first, second, key)) or "out")
+    gpu1 = OnGpu(1)
+    assert run(gpu1, 2, key=3) == "out" and seen[-1] == (gpu1, 2, 3)
+    assert entered == [torch.device("cuda", 1), "exit"]
+    entered.clear()
+    assert run(OnGpu(0), 2) == "out" and run(torch.zeros(1), 2) == "out"
+    assert entered == []
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_ops_on_a_second_gpu_while_the_first_is_current():
+    from loramcl_kernels import mcl_loss, multi_lora_linear
+
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda", 1)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(6, 8, 64, generator=g), torch.randn(32, 64, generator=g) / 8
+    a, b = torch.randn(3, 4, 64, generator=g) / 8, torch.randn(3, 32, 4, generator=g)
+    expected = multi_lora_linear(x, w, None, a, b, 2.0, backend="reference")
+    got = multi_lora_linear(*(t.to(dev) for t in (x, w)), None, *(t.to(dev) for t in (a, b)), 2.0, backend="triton")
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
+    labels = torch.randint(0, 32, (2, 8), generator=g)
+    expected = mcl_loss(x, w, labels, num_hypotheses=3, backend="reference").nll
+    got = mcl_loss(x.to(dev), w.to(dev), labels.to(dev), num_hypotheses=3, backend="triton").nll
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)

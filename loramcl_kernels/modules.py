@@ -35,6 +35,7 @@ own mask: the base GEMM then runs once in PyTorch and the op adds the LoRA delta
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -74,9 +75,10 @@ def repeat_rows(t: torch.Tensor, num_hypotheses: int, layout: str, inner: int = 
 
 
 def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """value as an int >= 1 (Python or numpy integers; not bools)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
+    return int(value)
 
 
 class MultiLoRALinear(nn.Module):

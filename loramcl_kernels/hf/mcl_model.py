@@ -18,6 +18,7 @@ tau <= tau_min; `attach(optimizer)` steps it after every optimizer.step().
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ except ImportError:  # pragma: no cover - transformers is optional for the packa
     ModelOutput = object
 
 from loramcl_kernels.hf.patching import get_config
-from loramcl_kernels.modules import LAYOUTS, repeat_rows
+from loramcl_kernels.modules import LAYOUTS, MultiLoRALinear, repeat_rows
 
 NON_BATCH_KEYS = frozenset({"cache_position", "logits_to_keep", "num_logits_to_keep", "past_key_values"})
 
@@ -120,10 +121,15 @@ def mcl_forward(
     batch_size = _batch_size(inputs)
     if labels.shape[0] != batch_size:
         raise ValueError(f"labels must be (B, T) with B = {batch_size}, got shape {tuple(labels.shape)}")
+    lm_head = model.get_output_embeddings()
+    if isinstance(lm_head, MultiLoRALinear):
+        raise ValueError(
+            "the lm_head carries LoRA adapters (patched with MultiLoRALinear): the fused MCL loss reads "
+            "the lm_head weight alone, so leave lm_head out of target_modules, or compute the loss "
+            "from the model's logits with mcl_loss_from_logits")
     inputs = repeat_batch_inputs(inputs, batch_size, num_hypotheses, layout)
     inputs.setdefault("use_cache", False)
     hidden = final_hidden_states(model, **inputs)
-    lm_head = model.get_output_embeddings()
     result = mcl_loss(
         hidden,
         lm_head.weight,
@@ -147,6 +153,9 @@ class AnnealingSchedule:
     tau <= tau_min. Step it once per optimizer step (attach(optimizer) does that)."""
 
     def __init__(self, tau0: float, rho: float, tau_min: float = 0.0):
+        for name, value in (("tau0", tau0), ("rho", rho), ("tau_min", tau_min)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a real number, got {value!r}")
         if not tau0 > 0:
             raise ValueError(f"tau0 must be > 0, got {tau0!r}")
         if not 0 < rho <= 1:

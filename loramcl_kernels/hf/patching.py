@@ -13,6 +13,7 @@ context manager; `active_hypothesis(model, k)` is the single-adapter mode of eve
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -94,7 +95,13 @@ def patch_model(
     if not 0.0 <= float(lora_dropout) < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
     if isinstance(target_modules, str):
-        re.compile(target_modules)
+        try:
+            re.compile(target_modules)
+        except re.error as exc:
+            raise ValueError(f"target_modules {target_modules!r} is not a valid regular expression: {exc}") from None
+    elif not isinstance(target_modules, (list, tuple, set, frozenset)):
+        raise TypeError("target_modules must be a regex string or a list of names, "
+                        f"got {type(target_modules).__name__}")
     else:
         target_modules = tuple(target_modules)
         if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
@@ -117,6 +124,8 @@ def patch_model(
         )
 
     lora_alpha = float(r if lora_alpha is None else lora_alpha)
+    if not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
     config = MultiLoRAConfig(
         num_hypotheses=num_hypotheses,
         r=r,

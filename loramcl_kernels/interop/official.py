@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from loramcl_kernels.hf.patching import multi_lora_modules
-from loramcl_kernels.modules import _multi_lora_linear, is_conv1d
+from loramcl_kernels.modules import _check_positive_int, _multi_lora_linear, is_conv1d
 
 GROUP_ADAPTER = "lora0"
 _PREFIX = "base_model.model."
@@ -43,7 +43,10 @@ _OFFICIAL_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapt
 # -- layout conversion ------------------------------------------------------------------------
 def official_to_multi_lora(conv_A: torch.Tensor, conv_B: torch.Tensor, num_hypotheses: int):
     """Grouped-conv weights [K*r, d_in(, 1)], [K*d_out, r(, 1)] -> views A (K, r, d_in), B (K, d_out, r)."""
-    K = num_hypotheses
+    K = _check_positive_int("num_hypotheses", num_hypotheses)
+    for name, t in (("lora_A", conv_A), ("lora_B", conv_B)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"official {name} must be a tensor, got {type(t).__name__}")
     if conv_A.dim() == 3:
         conv_A = conv_A.squeeze(-1)
     if conv_B.dim() == 3:
@@ -114,22 +117,28 @@ def load_official_state_dict(model: nn.Module, state_dict: dict, *, strict: bool
     missing = [n for n in modules if n not in pairs]
     if strict and (unexpected or missing):
         raise ValueError(f"official state dict mismatch: unexpected keys {unexpected[:8]}, missing modules {missing[:8]}")
+    converted = {}  # every module checked before any is written
+    for name, ab in pairs.items():
+        m = modules[name]
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"module {name!r} needs both lora_A and lora_B, got lora_{''.join(sorted(ab))}")
+        try:
+            A, B = official_to_multi_lora(ab["A"], ab["B"], m.num_hypotheses)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"module {name!r}: {exc}") from None
+        if A.shape != m.lora_A.shape or B.shape != m.lora_B.shape:
+            raise ValueError(
+                f"module {name!r}: official weights give A {tuple(A.shape)}, B {tuple(B.shape)}; "
+                f"the patched module has {tuple(m.lora_A.shape)}, {tuple(m.lora_B.shape)}"
+            )
+        converted[name] = A, B
     with torch.no_grad():
-        for name, ab in pairs.items():
+        for name, (A, B) in converted.items():
             m = modules[name]
-            if set(ab) != {"A", "B"}:
-                raise ValueError(f"module {name!r} needs both lora_A and lora_B, got lora_{''.join(sorted(ab))}")
-            try:
-                A, B = official_to_multi_lora(ab["A"], ab["B"], m.num_hypotheses)
-            except ValueError as exc:
-                raise ValueError(f"module {name!r}: {exc}") from None
-            if A.shape != m.lora_A.shape or B.shape != m.lora_B.shape:
-                raise ValueError(
-                    f"module {name!r}: official weights give A {tuple(A.shape)}, B {tuple(B.shape)}; "
-                    f"the patched module has {tuple(m.lora_A.shape)}, {tuple(m.lora_B.shape)}"
-                )
             m.lora_A.copy_(A)
-            m.lora_B.copy_(B.float() / m.scaling if convention == "multi" else B)
+            if convention == "multi":  # the official B carries no alpha/r: divided in fp32 at least
+                B = B.to(torch.promote_types(B.dtype, torch.float32)) / m.scaling
+            m.lora_B.copy_(B)
     return sorted(pairs)
 
 
@@ -233,6 +242,18 @@ def unpatch_group_linear(cls: type) -> type:
 
 
 # -- loss -----------------------------------------------------------------------------------------
+def _model_hypotheses(model: nn.Module) -> int | None:
+    """K of the model's LoRA layers: ours (patch_model), or official ones (groups of the grouped
+    convolution of the group adapter); None when it has neither."""
+    for _, module in multi_lora_modules(model):
+        return module.num_hypotheses
+    for module in model.modules():
+        lora_A = getattr(module, "lora_A", None)
+        if isinstance(lora_A, nn.ModuleDict) and GROUP_ADAPTER in lora_A:
+            return getattr(lora_A[GROUP_ADAPTER], "groups", None)
+    return None
+
+
 def official_loss_hook(
     num_hypotheses: int,
     *,
@@ -247,11 +268,27 @@ def official_loss_hook(
     LoRA-MCL model: `inputs` holds B un-repeated rows and labels (B, T); the rows are repeated
     batch-major, the model runs to its final hidden states and the fused MCL loss replaces the
     official full-logits loss. With a schedule (AnnealingSchedule) the temperature follows it."""
+    from loramcl_kernels.ops.mcl_loss import _check_config, _check_ignore_index
+
+    num_hypotheses = _check_positive_int("num_hypotheses", num_hypotheses)
+    if mode == "annealed" and temperature is None:  # the schedule gives the temperature
+        if schedule is None:
+            raise ValueError("mode='annealed' needs temperature= or an AnnealingSchedule (schedule=)")
+        _check_config(num_hypotheses, "batch_major", "wta", epsilon, None, "mean")
+    else:
+        _check_config(num_hypotheses, "batch_major", mode, epsilon, temperature, "mean")
+    _check_ignore_index(ignore_index)
 
     def compute_loss(model, inputs, return_outputs: bool = False, **_unused):
         from loramcl_kernels.hf.mcl_model import mcl_forward
 
         inputs = dict(inputs)
+        if "labels" not in inputs:
+            raise ValueError("official_loss_hook: the inputs have no 'labels' (B, T)")
+        model_hypotheses = _model_hypotheses(model)
+        if model_hypotheses is not None and model_hypotheses != num_hypotheses:
+            raise ValueError(f"official_loss_hook was built for num_hypotheses={num_hypotheses}, but the model's "
+                             f"LoRA layers hold {model_hypotheses}")
         labels = inputs.pop("labels")
         run_mode, tau = mode, temperature
         if run_mode == "annealed" and tau is None:

@@ -27,13 +27,14 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from loramcl_kernels.hf.patching import get_config, multi_lora_modules, patch_model
+from loramcl_kernels.hf.patching import get_config, multi_lora_modules, patch_model, unpatch_model
 from loramcl_kernels.modules import MultiLoRALinear
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
+PEFT_DEFAULT_LORA_ALPHA = 8  # peft.LoraConfig's, for a config that omits lora_alpha
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 
 
@@ -118,7 +119,7 @@ class _Adapter:
         self.origin = origin
         _check_supported(config, origin)
         self.r = int(config["r"])
-        self.lora_alpha = float(config.get("lora_alpha", self.r))
+        self.lora_alpha = float(config.get("lora_alpha", PEFT_DEFAULT_LORA_ALPHA))
         self.use_rslora = bool(config.get("use_rslora", False))
         self.scaling = self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
         self.lora_dropout = float(config.get("lora_dropout", 0.0) or 0.0)
@@ -163,6 +164,8 @@ def _check_supported(config: dict, origin: str) -> None:
         "layer_replication": "adapters with layer_replication are not supported",
         "rank_pattern": "adapters with a rank_pattern are not supported",
         "alpha_pattern": "adapters with an alpha_pattern are not supported",
+        "alora_invocation_tokens": "activated LoRA adapters (alora_invocation_tokens) are not supported: they "
+                                   "apply the adapter only from the invocation tokens on",
     }
     for key, message in refused.items():
         if config.get(key):
@@ -275,6 +278,15 @@ def from_peft(
         use_rslora=use_rslora,
         backend=backend,
     )
+    try:
+        _load_adapters(base_model, module_names, adapters)
+    except BaseException:
+        unpatch_model(base_model)  # the caller's model as it was
+        raise
+    return base_model
+
+
+def _load_adapters(base_model: nn.Module, module_names: list[str], adapters: list[_Adapter]) -> None:
     with torch.no_grad():
         for name in module_names:
             module = base_model.get_submodule(name)
@@ -292,5 +304,6 @@ def from_peft(
                 fold = adapter.scaling / module.scaling
                 module.lora_A[k].zero_()
                 module.lora_A[k, : adapter.r].copy_(A)
-                module.lora_B[k, :, : adapter.r].copy_(B.float() * fold if fold != 1.0 else B)
-    return base_model
+                # the fold in fp32 at least (fp64 adapters keep fp64)
+                module.lora_B[k, :, : adapter.r].copy_(B.to(torch.promote_types(B.dtype, torch.float32)) * fold
+                                                       if fold != 1.0 else B)

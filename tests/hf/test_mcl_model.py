@@ -129,6 +129,8 @@ def test_annealing_schedule():
     assert fresh.step_count == 4 and fresh.temperature is None
     with pytest.raises(ValueError, match="rho"):
         AnnealingSchedule(1.0, 1.5)
+    with pytest.raises(TypeError, match="tau0 must be a real number"):
+        AnnealingSchedule("1", 0.5)
 
     model = _patched()
     ids, labels = _data()
@@ -143,6 +145,14 @@ def test_annealing_schedule():
         MCLModel(model)(input_ids=ids, labels=labels, mode="annealed")
     with pytest.raises(ValueError, match="patched with 3"):
         MCLModel(model, num_hypotheses=2)
+
+
+def test_lora_on_the_lm_head_is_refused():
+    """The fused loss reads the lm_head weight alone: adapters on the lm_head would be dropped."""
+    model = patch_model(TINY_MODELS["llama"]().double(), K, R, ALPHA, target_modules=["q_proj", "lm_head"])
+    ids, labels = _data()
+    with pytest.raises(ValueError, match="lm_head carries LoRA adapters"):
+        MCLModel(model)(input_ids=ids, labels=labels)
 
 
 def test_audio_model_inputs_repeated_and_encoder_adapted():

@@ -131,6 +131,16 @@ def test_bad_arguments():
         patch_model(tiny_llama(), K, R, lora_dropout=1.0)
     with pytest.raises(TypeError, match="not nn.Linear or transformers Conv1D: model.embed_tokens"):
         patch_model(tiny_llama(), K, R, target_modules=("embed_tokens",))
+    with pytest.raises(TypeError, match="target_modules must be a regex string or a list"):
+        patch_model(tiny_llama(), K, R, target_modules=5)
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        patch_model(tiny_llama(), K, R, target_modules="([")
+    for alpha in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lora_alpha must be a finite number"):
+            patch_model(tiny_llama(), K, R, lora_alpha=alpha)
+    np = pytest.importorskip("numpy")
+    numpy_ints = patch_model(tiny_llama(), np.int64(K), np.int64(R))
+    assert numpy_ints.loramcl_config.num_hypotheses == K and type(numpy_ints.loramcl_config.r) is int
     model = patch_model(tiny_llama(), K, R)
     with pytest.raises(ValueError, match="already patched"):
         patch_model(model, K, R)

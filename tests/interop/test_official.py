@@ -19,6 +19,7 @@ from loramcl_kernels.interop.official import (  # noqa: E402
     load_official_state_dict,
     official_loss_hook,
     official_state_dict,
+    official_to_multi_lora,
     patch_group_linear,
     save_official,
     unpatch_group_linear,
@@ -247,9 +248,43 @@ def test_state_dict_conventions_and_round_trip(tmp_path):
         load_official_state_dict(wrong_k, official_state_dict(ours))
 
 
+def test_load_official_state_dict_checks_everything_first_and_keeps_fp64():
+    ours = patch_model(tiny_llama().double(), K, R, ALPHA)  # scaling 2
+    g = torch.Generator().manual_seed(3)
+    sd = {k: torch.randn(v.shape, generator=g, dtype=torch.float64) / 3 for k, v in official_state_dict(ours).items()}
+    load_official_state_dict(ours, sd)
+    for name, m in multi_lora_modules(ours):  # B / 2 in fp64: exact
+        conv_B = sd[f"base_model.model.{name}.lora_B.weight"]
+        assert torch.equal(m.lora_B, conv_B.view(m.lora_B.shape) / 2)
+    before = {n: m.lora_B.clone() for n, m in multi_lora_modules(ours)}
+    partial = {k: v * 5 for k, v in sd.items() if not k.endswith("layers.1.mlp.down_proj.lora_B.weight")}
+    with pytest.raises(ValueError, match="needs both lora_A and lora_B"):
+        load_official_state_dict(ours, partial, strict=False)
+    assert all(torch.equal(m.lora_B, before[n]) for n, m in multi_lora_modules(ours))  # nothing written
+    with pytest.raises(TypeError, match="must be a tensor"):
+        load_official_state_dict(ours, {k: v.numpy() for k, v in sd.items()})
+    for bad_k in (0, 3.0):
+        with pytest.raises(ValueError, match="num_hypotheses must be an integer >= 1"):
+            official_to_multi_lora(torch.zeros(6, 4), torch.zeros(6, 2), bad_k)
+
+
 def official_state_dict_of(model):
     """The official model's adapters as PEFT would save them (adapter name dropped)."""
     return {f"base_model.model.{k.replace('.lora0', '')}": v for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def test_official_loss_hook_arguments_checked(patched_class):
+    with pytest.raises(ValueError, match="needs temperature= or an AnnealingSchedule"):
+        official_loss_hook(K, mode="annealed")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        official_loss_hook(K, mode="best")
+    with pytest.raises(ValueError, match="num_hypotheses must be an integer >= 1"):
+        official_loss_hook(0)
+    model, ids = official_model(), _ids()
+    with pytest.raises(ValueError, match="built for num_hypotheses=2, but the model's LoRA layers hold 3"):
+        official_loss_hook(2)(model, {"input_ids": ids, "labels": ids})
+    with pytest.raises(ValueError, match="no 'labels'"):
+        official_loss_hook(K)(model, {"input_ids": ids})
 
 
 def test_official_loss_hook(patched_class):

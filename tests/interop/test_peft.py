@@ -95,6 +95,37 @@ def test_from_peft_model_with_mixed_ranks_alphas_and_targets():
     assert not torch.allclose(expected[0], expected[1])
 
 
+def test_from_peft_defaults_and_failures(tmp_path):
+    """A config without lora_alpha means PEFT's default 8; fp64 adapters whose scalings differ are
+    folded in fp64; an adapter that does not fit leaves the caller's model unpatched."""
+    model = patch_model(TINY_MODELS["llama"]().double(), 2, 4, 8, target_modules=["q_proj"])
+    randomize_lora(model)
+    save_hypothesis(model, 0, tmp_path / "h0")
+    cfg_file = tmp_path / "h0" / "adapter_config.json"
+    config = json.loads(cfg_file.read_text())
+    del config["lora_alpha"]
+    config["r"] = 4
+    cfg_file.write_text(json.dumps(config))
+    save_hypothesis(model, 1, tmp_path / "h1")
+    cfg1 = json.loads((tmp_path / "h1" / "adapter_config.json").read_text())
+    (tmp_path / "h1" / "adapter_config.json").write_text(json.dumps({**cfg1, "lora_alpha": 2}))
+    loaded = from_peft([tmp_path / "h0", tmp_path / "h1"], TINY_MODELS["llama"]().double())
+    ours = dict(multi_lora_modules(model))
+    for name, m in multi_lora_modules(loaded):
+        assert m.scaling == 1.0  # scalings 8/4 and 2/4 differ: folded into B under a scaling of 1
+        torch.testing.assert_close(m.lora_B[0], ours[name].lora_B[0] * 2.0, rtol=1e-15, atol=0)
+        torch.testing.assert_close(m.lora_B[1], ours[name].lora_B[1] * 0.5, rtol=1e-15, atol=0)
+
+    wide = TINY_MODELS["llama"]().double()
+    with torch.no_grad():  # a base whose q_proj does not match the adapter's shapes
+        wide.model.layers[0].self_attn.q_proj = torch.nn.Linear(32, 40, bias=False).double()
+    flags = {n: p.requires_grad for n, p in wide.named_parameters()}
+    with pytest.raises(ValueError, match="but the base layer maps 32 -> 40"):
+        from_peft([tmp_path / "h0", tmp_path / "h1"], wide)
+    assert not multi_lora_modules(wide) and not hasattr(wide, "loramcl_config")
+    assert {n: p.requires_grad for n, p in wide.named_parameters()} == flags
+
+
 def test_from_peft_list_of_peft_models_and_dirs(tmp_path):
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
     a = _peft_with_adapters([cfg])
@@ -128,6 +159,7 @@ def test_unknown_keys_ignored_and_unsupported_refused(tmp_path):
         ("modules_to_save", ["lm_head"], "modules_to_save"),
         ("bias", "lora_only", "trained biases"),
         ("peft_type", "IA3", "only LoRA adapters"),
+        ("alora_invocation_tokens", [8, 9], "activated LoRA"),
     ]:
         cfg_file.write_text(json.dumps({**config, key: value}))
         with pytest.raises(ValueError, match=message):

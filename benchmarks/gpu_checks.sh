@@ -23,6 +23,8 @@ for step in $STEPS; do
         timeout 60 python3 benchmarks/profile_multi_lora.py --K 5 --T 780 --r 8 --shared; } 2>&1 | tee "$OUT/profile.log" ;;
     host)
       { timeout 60 python3 benchmarks/profile_multi_lora.py --K 5 --T 780 --r 8 --host
+        echo "## the same, every launch through Triton's JIT (LORAMCL_TRITON_LAUNCH=triton)"
+        LORAMCL_TRITON_LAUNCH=triton timeout 60 python3 benchmarks/profile_multi_lora.py --K 5 --T 780 --r 8 --host
         timeout 60 python3 benchmarks/profile_multi_lora.py --K 5 --T 8 --r 8 --host --paths fused,cublas,decode; } 2>&1 | tee "$OUT/host.log" ;;
     e2e)
       timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_e2e.py --out "$OUT/e2e.json" 2>&1 | tee "$OUT/bench_e2e.log" ;;

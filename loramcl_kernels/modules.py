@@ -41,6 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from loramcl_kernels.ops._autocast import autocast_enabled
+
 LAYOUTS = ("batch_major", "hypothesis_major")
 
 
@@ -192,7 +194,7 @@ class MultiLoRALinear(nn.Module):
         Under autocast the op casts every operand to the autocast dtype itself."""
         lora_A, lora_B = self.lora_A, self.lora_B
         dtype = self.base_layer.weight.dtype
-        if lora_A.dtype != dtype and not torch.is_autocast_enabled(lora_A.device.type):
+        if lora_A.dtype != dtype and not autocast_enabled(lora_A.device.type):
             lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
         return lora_A, lora_B
 

@@ -252,3 +252,19 @@ def test_fp32_master_adapters_on_a_16_bit_base(dropout):
     with pytest.raises(TypeError, match="adapter_dtype"):
         MultiLoRALinear(base, K, R, adapter_dtype=torch.int32)
 
+
+
+def test_meta_module_and_inference_mode_ids():
+    """A module moved to the meta device infers shapes (no autocast on meta); ids made under
+    inference_mode route like any other ids."""
+    m = _module(backend="reference")
+    x = torch.randn(6, 3, D_IN, dtype=torch.float64)
+    ids = torch.tensor([2, -1, 0, 1, 2, 0])
+    with torch.inference_mode():
+        m.hypothesis_ids = torch.tensor([2, -1, 0, 1, 2, 0])
+        y = m(x)
+    torch.testing.assert_close(y, _per_row(m, x, ids))
+    m.hypothesis_ids = None
+    meta = _module(backend="reference").to("meta")
+    y = meta(x.to("meta"))
+    assert y.device.type == "meta" and y.shape == (6, 3, D_OUT) and y.dtype == torch.float64

@@ -1029,7 +1029,7 @@ def _mcl_loss_forward_op(
     layout: str,
     mode: str,
     epsilon: float,
-    temperature: float,
+    temperature: torch.Tensor,
     sequence_reduction: str,
     ignore_index: int,
     shift_labels: bool,
@@ -1040,9 +1040,11 @@ def _mcl_loss_forward_op(
     """-> loss (), nll (K,B), winners (B,), weights (K,B), position_lse (R*T,), row_count (R,),
     pass1_rows () int64 on the CPU (number of supervised positions), nll_grad (n, H): with
     keep_nll_grad and the one-pass soft backward, (softmax - onehot) W of pass 1's n supervised
-    positions in their compaction order, else (0, H)."""
+    positions in their compaction order, else (0, H). temperature: a () float64 CPU tensor (a
+    tensor, so that a changing temperature does not recompile compiled graphs; reading it is no
+    device sync)."""
     return _FORWARD[backend](
-        hidden, weight, bias, labels, num_hypotheses, layout, mode, epsilon, temperature,
+        hidden, weight, bias, labels, num_hypotheses, layout, mode, epsilon, float(temperature),
         sequence_reduction, ignore_index, shift_labels, keep_nll_grad,
     )
 
@@ -1173,9 +1175,12 @@ class _MCLLossFunction(torch.autograd.Function):
 
 
 def _run_forward(*inputs):
-    """inputs: the forward op's arguments."""
+    """inputs: the forward op's arguments, with the temperature as a number."""
     if torch.compiler.is_compiling():
-        return _mcl_loss_forward_op(*inputs)
+        # the temperature as a tensor made by a multiplication: a traced float (an annealing
+        # schedule's) then stays symbolic instead of recompiling the graph for every value
+        temperature = torch.ones((), dtype=torch.float64) * inputs[8]
+        return _mcl_loss_forward_op(*inputs[:8], temperature, *inputs[9:])
     hidden, weight, bias = inputs[:3]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
         return _MCLLossFunction.apply(*inputs)
@@ -1188,6 +1193,11 @@ def _run_forward(*inputs):
 # ----------------------------------------------------------------------------------------------
 
 
+def _real(value):
+    """A number as a float; a float traced by torch.compile (SymFloat) stays symbolic."""
+    return value if isinstance(value, torch.SymFloat) else float(value)
+
+
 def _check_config(num_hypotheses, layout, mode, epsilon, temperature, sequence_reduction):
     if not isinstance(num_hypotheses, int) or isinstance(num_hypotheses, bool) or num_hypotheses < 1:
         raise ValueError(f"num_hypotheses must be an int >= 1, got {num_hypotheses!r}")
@@ -1195,9 +1205,9 @@ def _check_config(num_hypotheses, layout, mode, epsilon, temperature, sequence_r
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not 0.0 <= float(epsilon) < 1.0:
+    if not 0.0 <= _real(epsilon) < 1.0:
         raise ValueError(f"epsilon must be in [0, 1), got {epsilon!r}")
-    if temperature is not None and not float(temperature) > 0.0:
+    if temperature is not None and not _real(temperature) > 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if mode == "annealed" and temperature is None:
         raise ValueError("mode='annealed' needs a temperature > 0")
@@ -1306,7 +1316,7 @@ def mcl_loss(
                      and not (lm_head_bias is not None and lm_head_bias.requires_grad))
     loss, nll, winners, weights = _run_forward(
         hidden, lm_head_weight, lm_head_bias, labels, K, layout, mode, float(epsilon),
-        float(temperature) if temperature is not None else 1.0, sequence_reduction,
+        _real(temperature) if temperature is not None else 1.0, sequence_reduction,
         _check_ignore_index(ignore_index), bool(shift_labels), keep_nll_grad, chosen,
     )[:4]
     return MCLLossOutput(loss, nll.detach(), winners.detach(), weights.detach())

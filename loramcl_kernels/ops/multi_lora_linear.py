@@ -1090,10 +1090,12 @@ def _scaling_vector(scaling, num_hyp: int, x: Tensor) -> Tensor:
             raise ValueError(f"scaling must be a float or a tensor of shape (K,) = ({num_hyp},), "
                              f"got {tuple(scaling.shape)}")
         return scaling.to(device=x.device, dtype=_acc_dtype(x.dtype)).contiguous()
-    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+    if isinstance(scaling, bool) or not isinstance(scaling, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"scaling must be a float or a (K,) tensor, got {type(scaling).__name__}")
     dtype = _acc_dtype(x.dtype)
-    if torch.compiler.is_compiling() or (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if torch.compiler.is_compiling():  # made by a multiplication: a traced float stays symbolic (no recompiles)
+        return torch.ones((num_hyp,), device=x.device, dtype=dtype) * scaling
+    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return torch.full((num_hyp,), float(scaling), device=x.device, dtype=dtype)
     # Eagerly a float scaling becomes a cached (K,) tensor: no fill kernel per call. The cached
     # tensors are never written to; they are made outside inference mode so that autograd may save them.
@@ -1121,14 +1123,22 @@ _LAST_CHECKED_IDS: list = [None, -1, -1]  # weakref to the ids tensor, its versi
 def _check_id_values(hypothesis_ids: Tensor, num_hyp: int) -> None:
     """ids in [-1, K). Reading them is a host sync, so it happens once per ids tensor: a model's
     layers all receive the same tensor, and an in-place change bumps its version and re-checks.
-    Skipped while torch.compile traces (the values are not known there)."""
+    Inference tensors have no version counter: checked on every call. While torch.compile traces,
+    _assert_ids_in_range asserts on the device instead."""
+    if hypothesis_ids.is_inference():
+        _raise_bad_ids(hypothesis_ids, num_hyp)
+        return
     ref, version, checked_k = _LAST_CHECKED_IDS
     if ref is not None and ref() is hypothesis_ids and version == hypothesis_ids._version and checked_k == num_hyp:
         return
+    _raise_bad_ids(hypothesis_ids, num_hyp)
+    _LAST_CHECKED_IDS[:] = [weakref.ref(hypothesis_ids), hypothesis_ids._version, num_hyp]
+
+
+def _raise_bad_ids(hypothesis_ids: Tensor, num_hyp: int) -> None:
     lo, hi = int(hypothesis_ids.min()), int(hypothesis_ids.max())
     if lo < -1 or hi >= num_hyp:
         raise ValueError(f"hypothesis_ids must lie in [-1, K) = [-1, {num_hyp}), got values in [{lo}, {hi}]")
-    _LAST_CHECKED_IDS[:] = [weakref.ref(hypothesis_ids), hypothesis_ids._version, num_hyp]
 
 
 def _check_layout(n, num_hyp, layout, inner, hypothesis_ids, shared_input, device):
@@ -1149,7 +1159,10 @@ def _check_layout(n, num_hyp, layout, inner, hypothesis_ids, shared_input, devic
             raise TypeError(f"hypothesis_ids must hold integers, got {hypothesis_ids.dtype}")
         if hypothesis_ids.device != device:
             raise ValueError(f"hypothesis_ids is on {hypothesis_ids.device} but x is on {device}")
-        if not torch.compiler.is_compiling() and n > 0:
+        if torch.compiler.is_compiling():  # no host read in a graph: a device-side assert
+            torch._assert_async(((hypothesis_ids >= -1) & (hypothesis_ids < num_hyp)).all(),
+                                "hypothesis_ids must lie in [-1, K)")
+        elif n > 0:
             _check_id_values(hypothesis_ids, num_hyp)
         return
     if shared_input:

@@ -83,6 +83,11 @@ def make_data(K=3, B=3, T=7, H=32, V=203, dtype=torch.float32, device="cpu", bia
     return cast(hidden), cast(weight), (cast(b) if b is not None else None), labels.to(device)
 
 
+def tau(temperature):
+    """The registered forward op takes the temperature as a () float64 CPU tensor."""
+    return torch.tensor(temperature, dtype=torch.float64)
+
+
 def leaf(*ts):
     return [t.detach().clone().requires_grad_(True) if t is not None else None for t in ts]
 
@@ -362,7 +367,7 @@ def test_eager_path_equals_registered_op(backend, mode):
     device = TRITON_DEVICE if backend == "triton" else "cpu"
     hidden, weight, bias, labels = make_data(K=3, device=device, bias=True, seed=29)
     kw = MODE_KW[mode]
-    args = (labels, 3, "batch_major", mode, float(kw.get("epsilon", 0.0)), float(kw.get("temperature", 1.0)),
+    args = (labels, 3, "batch_major", mode, float(kw.get("epsilon", 0.0)), tau(kw.get("temperature", 1.0)),
             "mean", IGNORE, True, False, backend)
     h, w, b = leaf(hidden, weight, bias)
     op_out = mcl_module._mcl_loss_forward_op(h, w, b, *args)
@@ -497,7 +502,7 @@ def test_forward_returns_pass1_rows_on_cpu(backend):
     for per_row_labels, shift in ((False, True), (True, False)):
         hidden, weight, _, labels = make_data(K=3, device=device, per_row_labels=per_row_labels, seed=59)
         outs = mcl_module._mcl_loss_forward_op(hidden, weight, None, labels, 3, "batch_major", "wta",
-                                               0.0, 1.0, "mean", IGNORE, shift, False, backend)
+                                               0.0, tau(1.0), "mean", IGNORE, shift, False, backend)
         assert len(outs) == 8 and outs[7].shape == (0, hidden.shape[-1])
         pass1_rows = outs[6]
         supervised = labels[:, 1:] if shift else labels
@@ -670,10 +675,10 @@ def test_soft_one_pass_only_where_it_applies(small_one_pass_chunks, monkeypatch)
         assert KERNEL_STATS.pass2_rows == n_supervised, trainable
     with torch.no_grad():  # no gradient wanted: pass 1 keeps nothing
         outs = mcl_module._mcl_loss_forward_op(hidden, weight, bias, labels, K, "batch_major", "annealed",
-                                               0.0, 0.5, "mean", IGNORE, True, False, "triton")
+                                               0.0, tau(0.5), "mean", IGNORE, True, False, "triton")
     assert outs[7].shape == (0, hidden.shape[-1])
     outs = mcl_module._mcl_loss_forward_op(hidden, weight, bias, labels, K, "batch_major", "annealed",
-                                           0.0, 0.5, "mean", IGNORE, True, True, "triton")
+                                           0.0, tau(0.5), "mean", IGNORE, True, True, "triton")
     assert outs[7].shape == (n_supervised, hidden.shape[-1])
     monkeypatch.setenv("LORAMCL_MCL_SOFT_BACKWARD", "recompute")
     _, _, rows = run_frozen_head(hidden, weight, bias, labels, K, "triton", mode="annealed", temperature=0.5)
@@ -809,10 +814,10 @@ def test_opcheck(backend):
     hidden, weight, bias, labels = make_data(K=2, B=2, T=4, H=8, V=20, bias=True, dtype=dtype, device=device)
     h, w, b = leaf(hidden, weight, bias)
     for mode, eps, temp in (("wta", 0.0, 1.0), ("annealed", 0.0, 0.5)):
-        args = (h, w, b, labels, 2, "hypothesis_major", mode, eps, temp, "mean", IGNORE, True, False, backend)
+        args = (h, w, b, labels, 2, "hypothesis_major", mode, eps, tau(temp), "mean", IGNORE, True, False, backend)
         torch.library.opcheck(mcl_module._mcl_loss_forward_op, args)
     for mode, eps, hard in (("relaxed", 0.1, False), ("wta", 0.0, True)):
-        fwd = mcl_module._mcl_loss_forward_op(h, w, b, labels, 2, "batch_major", mode, eps, 1.0,
+        fwd = mcl_module._mcl_loss_forward_op(h, w, b, labels, 2, "batch_major", mode, eps, tau(1.0),
                                               "sum", IGNORE, True, False, backend)
         bargs = (torch.ones((), dtype=fwd[0].dtype, device=device), hidden, weight, bias, labels,
                  fwd[3], fwd[4], fwd[5], fwd[6], fwd[7], 2, "batch_major", "sum", IGNORE, True, hard, True,
@@ -820,7 +825,8 @@ def test_opcheck(backend):
         torch.library.opcheck(mcl_module._mcl_loss_backward_op, bargs)
     # the one-pass gradient of soft weights: a data-dependent (n, H) output, then the backward
     (h,) = leaf(hidden)
-    args = (h, weight, bias, labels, 2, "batch_major", "annealed", 0.0, 0.5, "mean", IGNORE, True, True, backend)
+    args = (h, weight, bias, labels, 2, "batch_major", "annealed", 0.0, tau(0.5), "mean", IGNORE, True, True,
+            backend)
     torch.library.opcheck(mcl_module._mcl_loss_forward_op, args)
     fwd = mcl_module._mcl_loss_forward_op(*args)
     assert fwd[7].shape == (int(fwd[6]), hidden.shape[-1]) and int(fwd[6]) > 0
@@ -871,6 +877,30 @@ def test_torch_compile_fullgraph(backend, frozen_head):
         results.append((loss, nll, winners, h.grad, w.grad, b.grad))
     for eager, comp in zip(*results):
         torch.testing.assert_close(comp, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_compile_changing_temperature_does_not_recompile(backend):
+    """An annealing schedule changes the temperature every step: a compiled step must stay one
+    (symbolic) graph rather than recompile per value (fullgraph fails after 8)."""
+    from torch._dynamo.utils import counters
+
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    hidden, weight, _, labels = make_data(K=2, B=2, T=5, H=16, V=40, device=device, seed=31)
+
+    def step(h, temperature):
+        out = mcl_loss(h, weight, labels, num_hypotheses=2, mode="annealed", temperature=temperature,
+                       backend=backend)
+        return out.loss, out.weights
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for i in range(10):
+        temperature = 2.0 * 0.7**i
+        for got, want in zip(compiled(hidden, temperature), step(hidden, temperature)):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert counters["stats"]["unique_graphs"] <= 2  # the first value, then one symbolic graph
 
 
 @pytest.mark.parametrize("mode", ["wta", "annealed"])

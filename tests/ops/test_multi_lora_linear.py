@@ -390,6 +390,24 @@ def test_torch_compile_fullgraph_matches_eager(backend, shared):
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_compile_changing_float_scaling_does_not_recompile(backend):
+    from torch._dynamo.utils import counters
+
+    device = "cpu" if backend == "reference" else TRITON_DEVICE
+    x, w, b, a, bb, _ = make_inputs(6, (3,), 16, 16, 4, 3, torch.float32, device)
+
+    def fn(x, scaling):
+        return multi_lora_linear(x, w, b, a, bb, scaling, backend=backend)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for i in range(10):
+        torch.testing.assert_close(compiled(x, 0.25 * (i + 1)), fn(x, 0.25 * (i + 1)), rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] <= 2
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_dropout_under_torch_compile_and_its_seeds(backend):
     """LoRA dropout draws one seed from torch's generator per call: the same manual_seed gives the
     same result eagerly and under torch.compile (aot_eager), another seed another mask."""
@@ -505,6 +523,53 @@ def test_autocast_runs_in_the_autocast_dtype(backend, dtype):
                                         torch.ones_like(y))
     for e, g in zip(grads_by_hand, grads_inside):
         assert torch.equal(e, g)
+
+
+def test_float64_operands_are_not_autocast():
+    """Autocast leaves float64 tensors alone (F.linear under CPU bf16 autocast stays fp64)."""
+    x, w, b, a, bb, s = make_inputs(6, (3,), 16, 12, 4, 3, torch.float64, "cpu")
+    expected = multi_lora_linear(x, w, b, a, bb, s, backend="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = multi_lora_linear(x, w, b, a, bb, s, backend="reference")
+    assert got.dtype == torch.float64 and torch.equal(got, expected)
+
+
+def test_meta_tensors_on_the_reference_backend():
+    """Shape inference on meta tensors (e.g. building a model before loading it): no autocast on meta."""
+    x, w, b, a, bb, s = make_inputs(6, (3,), 16, 12, 4, 3, torch.float32, "cpu")
+    real = multi_lora_linear(x, w, b, a, bb, s, backend="reference")
+    meta = [t.to("meta") for t in (x, w, b, a, bb)]
+    y = multi_lora_linear(*meta, s.to("meta"), backend="reference")
+    assert y.device.type == "meta" and y.shape == real.shape and y.dtype == real.dtype
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_hypothesis_ids_made_in_inference_mode(backend):
+    """Inference tensors have no version counter: their values are checked on every call."""
+    device = "cpu" if backend == "reference" else TRITON_DEVICE
+    x, w, b, a, bb, s = make_inputs(4, (2,), 8, 6, 2, 2, torch.float32, device)
+    with torch.inference_mode():
+        ids, bad = torch.tensor([0, 1, -1, 1], device=device), torch.tensor([0, 5, -1, 1], device=device)
+        y = multi_lora_linear(x, w, b, a, bb, s, hypothesis_ids=ids, backend=backend)
+        with pytest.raises(ValueError, match=r"\[-1, K\)"):
+            multi_lora_linear(x, w, b, a, bb, s, hypothesis_ids=bad, backend=backend)
+    expected = multi_lora_linear(x, w, b, a, bb, s, hypothesis_ids=ids.clone(), backend=backend)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    torch.testing.assert_close(multi_lora_linear(x, w, b, a, bb, s, hypothesis_ids=ids, backend=backend), expected,
+                               rtol=0, atol=0)
+
+
+def test_out_of_range_ids_assert_under_torch_compile():
+    """Compiled graphs cannot read the ids on the host: a device-side assert refuses bad values."""
+    x, w, b, a, bb, s = make_inputs(4, (2,), 8, 6, 2, 2, torch.float32, "cpu")
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x, ids: multi_lora_linear(x, w, b, a, bb, s, hypothesis_ids=ids, backend="reference"),
+                       backend="aot_eager", fullgraph=True)
+    good = torch.tensor([0, 1, -1, 1])
+    torch.testing.assert_close(fn(x, good), multi_lora_linear(x, w, b, a, bb, s, hypothesis_ids=good,
+                                                              backend="reference"))
+    with pytest.raises(RuntimeError, match=r"hypothesis_ids must lie in \[-1, K\)"):
+        fn(x, torch.tensor([0, 5, -3, 1]))
 
 
 # ----------------------------------------------------------------------------------------------

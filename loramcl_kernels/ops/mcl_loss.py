@@ -1352,7 +1352,9 @@ def mcl_loss_from_logits(
     targets = _targets_per_row(labels, R, K, layout, shift_labels, ignore_index).reshape(-1)
     supervised = targets != ignore_index
     flat = logits.reshape(R * T, V)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # no host read in a graph: a device-side assert on the labels
+        torch._assert_async((~supervised | ((targets >= 0) & (targets < V))).all(),
+                            f"labels: values outside [0, {V}) that are not ignore_index={ignore_index}")
         safe = torch.where(supervised, targets, 0)
         z = flat.to(cdt)
         nll_all = torch.logsumexp(z, dim=1) - z.gather(1, safe.unsqueeze(1)).squeeze(1)

@@ -920,6 +920,19 @@ def test_torch_compile_inductor_reference(mode):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_from_logits_bad_labels_under_torch_compile():
+    """The compiled path of mcl_loss_from_logits reads no labels on the host: a device-side assert."""
+    logits, labels = torch.randn(4, 5, 16), torch.randint(0, 16, (2, 5))
+    torch._dynamo.reset()
+    fn = torch.compile(lambda lg, lab: mcl_loss_from_logits(lg, lab, num_hypotheses=2).loss, backend="aot_eager",
+                       fullgraph=True)
+    torch.testing.assert_close(fn(logits, labels), mcl_loss_from_logits(logits, labels, num_hypotheses=2).loss)
+    bad = labels.clone()
+    bad[0, 3] = 16
+    with pytest.raises(RuntimeError, match="outside"):
+        fn(logits, bad)
+
+
 @pytest.mark.parametrize("mode", list(MODE_KW))
 def test_from_logits_matches(mode):
     hidden, weight, bias, labels = make_data(bias=True, seed=31)

@@ -8,7 +8,9 @@ Reported: median ms, peak extra GiB, and the ratio to the floor (GEMM FLOPs at 7
 forward 2*K*n*H*V, plus 4*n*H*V for hard WTA's backward over the winners; for soft weights, whose
 d hidden rows are formed in pass 1 as (softmax - onehot) W, one more 2*K*n*H*V and no backward
 GEMM). Soft modes also time "ours, recompute" (LORAMCL_MCL_SOFT_BACKWARD=recompute: pass 2
-recomputes the logits of every supervised row, 6*K*n*H*V in all).
+recomputes the logits of every supervised row, 6*K*n*H*V in all); on a GPU hard WTA also times
+"ours, chunked pass 1" (LORAMCL_MCL_PASS1=chunked: cuBLAS logits chunks instead of the fused GEMM
+that auto takes on Hopper).
 
     python benchmarks/bench_mcl_loss.py [--out results/mcl_loss.json]
 
@@ -170,11 +172,14 @@ def main():
             ours = lambda: mcl_loss(hidden, weight, labels, num_hypotheses=K, mode=mode,  # noqa: E731
                                     backend=backend, **kw).loss
             chunked, recompute = {"LORAMCL_MCL_PASS1": "chunked"}, {"LORAMCL_MCL_SOFT_BACKWARD": "recompute"}
-            cases = [("ours", with_env(chunked, ours))]
+            cases = [("ours", ours)]  # auto: on Hopper, hard WTA takes the fused pass 1
             if mode != "wta":  # soft weights: the pass-2 recompute next to the default one-pass gradient
                 cases.append(("ours, recompute", with_env({**chunked, **recompute}, ours)))
-            if HAS_CUDA:  # pass 1 as one fused Triton GEMM + log-sum-exp (auto takes "chunked" for now)
-                cases.append(("ours, fused pass 1", with_env({"LORAMCL_MCL_PASS1": "fused", **recompute}, ours)))
+            if HAS_CUDA and mode == "wta":  # pass 1 as cuBLAS logits chunks + Triton row kernels
+                cases.append(("ours, chunked pass 1", with_env(chunked, ours)))
+            elif HAS_CUDA:  # pass 1 as one fused Triton GEMM + log-sum-exp, then pass 2
+                cases.append(("ours, fused pass 1 + recompute",
+                              with_env({"LORAMCL_MCL_PASS1": "fused", **recompute}, ours)))
             if mode == "wta" or not HAS_CUDA:
                 cases += [
                     ("official (full fp32 logits)", lambda: official_step(hidden, weight, labels, K, mode, kw)),

@@ -75,19 +75,36 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
         print("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in row) + " |")
 
 
+_CAPTURE_STREAM = None
+
+
 def time_graph_us(fn, *, replays: int = 200) -> float:
     """Mean microseconds per replay of fn() captured in a CUDA graph: GPU time without the host's
     launch overhead (NaN on CPU). fn must already be warmed up (compiled, autotuned)."""
+    global _CAPTURE_STREAM
     if not HAS_CUDA:
         return float("nan")
-    stream = torch.cuda.Stream()
+    # one side stream, warmed up by fn() and then captured on: what fn's libraries set up lazily per
+    # stream (cuBLAS workspaces) exists before the capture instead of being made inside it
+    if _CAPTURE_STREAM is None:
+        _CAPTURE_STREAM = torch.cuda.Stream()
+    stream = _CAPTURE_STREAM
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+    generator_state = generator.clone_state()
+    try:
+        with torch.cuda.graph(graph, stream=stream):
+            fn()
+    except BaseException:
+        # a capture that fails midway leaves the CUDA generator in capture mode, and every later
+        # random draw on the device raises: put back its state from before the capture
+        generator.graphsafe_set_state(generator_state)
+        torch.cuda.synchronize()
+        raise
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -709,13 +709,18 @@ PASS1_PATHS = ("auto", "chunked", "fused")
 def _pass1_path(hidden: torch.Tensor, weight: torch.Tensor) -> str:
     """'chunked' (cuBLAS logits chunks + Triton row kernels) or 'fused' (one persistent Triton GEMM
     whose epilogue folds each logits tile into per-row log-sum-exp partials); env
-    LORAMCL_MCL_PASS1 overrides auto. auto takes 'chunked' until both are measured on a GPU.
-    fused needs TMA (Hopper, or the interpreter), 16-byte aligned rows of H and a 16-byte aligned W
-    (contiguous), and fp32 logits in pass 2."""
+    LORAMCL_MCL_PASS1 overrides auto. fused needs TMA (Hopper, or the interpreter when asked for),
+    16-byte aligned rows of H and a 16-byte aligned W (contiguous), and fp32 logits in pass 2.
+
+    auto takes fused for 16-bit operands on Hopper GPUs: benchmarks/bench_mcl_loss.py on an H200 (bf16, hard WTA,
+    fwd+bwd) measured 2.88 vs 3.00 ms (captioning), 43.4 vs 45.6 ms (dense LM) and 4.25 vs 5.13 ms
+    (small vocab) against chunked (benchmarks/measured/h200-2026-11-26-b/). Soft weights with the
+    one-pass gradient need the logits chunks and stay chunked (the caller decides)."""
     path = os.environ.get("LORAMCL_MCL_PASS1", "auto").lower()
     if path not in PASS1_PATHS:
         raise ValueError(f"LORAMCL_MCL_PASS1 must be one of {PASS1_PATHS}, got '{path}'")
-    if path != "fused":
+    measured = hidden.device.type == "cuda" and hidden.dtype in (torch.bfloat16, torch.float16)
+    if path == "chunked" or (path == "auto" and not measured):
         return "chunked"
     tma = triton_interpreting() or (hidden.device.type == "cuda" and device_facts(hidden.device)[1] >= 9)
     # pass 2 recomputes the logits with cuBLAS: its lse must come from logits of the same (fp32)

@@ -44,7 +44,7 @@ overrides):
           input the epilogue writes the K outputs of each tile;
   cublas  cuBLAS for x W^T (+ bias), then a Triton epilogue kernel that adds the expand in place
           (or writes the K shared-input outputs);
-  decode  (opt-in, forward of at most DECODE_MAX_ROWS distinct rows) one kernel per forward: each
+  decode  (forward of at most DECODE_MAX_ROWS distinct rows) one kernel per forward: each
           (rows, outputs) tile accumulates x W^T and the shrink x A_all^T in one pass over d_in,
           masks the shrink block-diagonally and adds its expand; no separate shrink launch.
 Both use the Triton shrink kernel; dA and dB are deterministic cuBLAS GEMMs over the
@@ -75,7 +75,9 @@ from loramcl_kernels.ops._triton_utils import tma_rows_ok as _tma_ok
 
 LAYOUTS = ("batch_major", "hypothesis_major")
 PATHS = ("auto", "fused", "cublas", "decode")
+FUSED_MIN_ROWS = 2048  # auto: the fused GEMM from 16 row tiles of 128 on (see _choose_path)
 DECODE_MAX_ROWS = 256  # the decode path runs one non-persistent tile grid: few rows only
+DECODE_AUTO_MAX_ROWS = 64  # auto: the decode kernel up to this many rows (see _choose_path)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -584,30 +586,38 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
     return out
 
 
-def _choose_path(x: Tensor, weight: Optional[Tensor], shared: bool = False) -> str:
+def _choose_path(x: Tensor, weight: Optional[Tensor]) -> str:
     """'fused', 'cublas' or 'decode' for this call; env LORAMCL_MULTI_LORA_PATH overrides auto.
 
-    decode (opt-in until measured on a GPU): one kernel for the whole forward of a few rows,
-    see _decode_kernel; only the forward of distinct rows, with at most DECODE_MAX_ROWS rows and
-    K * R_PAD <= 256 shrink columns (_decode_applies), else cublas.
+    decode: one kernel for the whole forward of a few rows, see _decode_kernel; only the forward
+    of distinct rows, with at most DECODE_MAX_ROWS rows and K * R_PAD <= 256 shrink columns
+    (_decode_applies); where it does not apply (the backward's dx, shared input) callers take cublas.
 
-    auto follows benchmarks/bench_multi_lora.py on an H200 (eager, bf16, d=4096): with distinct
-    rows per hypothesis cuBLAS + the Triton epilogue was faster at all four training shapes, with
-    shared input the fused GEMM (K outputs per tile) at two of four and within 1 % at a third
-    (benchmarks/measured/h200-2026-11-26/); few rows (decoding) are
-    bound by reading W, where cuBLAS's split-K kernels win. fused needs Hopper TMA and aligned rows.
+    auto, on Hopper GPUs (measured on an H200, bf16, d=4096, benchmarks/measured/h200-2026-11-26-b/
+    and -c/), elsewhere cublas:
+    - decode up to DECODE_AUTO_MAX_ROWS rows: forward replayed from a CUDA graph at 8 rows per
+      hypothesis 35.6 / 21.7 / 33.6 / 45.9 us against 38.9 / 32.4 / 41.6 / 49.1 us for cublas
+      (K, r = 5, 8 / 4, 16 / 8, 8 / 4, 64), and one launch instead of three when eager;
+    - fused from FUSED_MIN_ROWS rows: kernel time per fwd+bwd at K=4, T=2048, r=16 (8192 rows)
+      0.865 ms fused vs 0.911 ms cublas (base 0.686); replayed from a CUDA graph 0.918-0.965 /
+      1.093 ms fused vs 0.979-1.036 / 1.162 ms cublas at the 8192-row training shapes (r = 8-16 /
+      64); with shared input at 780 rows, 0.209 ms fused vs 0.186 ms cublas (224 output tiles:
+      under two waves of the persistent GEMM on 132 SMs); fused needs TMA and aligned rows;
+    - cublas in between.
     """
     path = os.environ.get("LORAMCL_MULTI_LORA_PATH", "auto").lower()
     if path not in PATHS:
         raise ValueError(f"LORAMCL_MULTI_LORA_PATH must be one of {PATHS}, got '{path}'")
-    if path == "decode":  # where the decode kernel does not apply, its callers take cublas
+    if path == "decode":
         return "decode"
     eligible = weight is not None and _tma_ok(x, weight)
     if path == "fused":
         return "fused" if eligible else "cublas"
-    if path == "cublas" or not eligible or not shared or _device_facts(x.device)[1] < 9:
+    if path == "cublas" or _device_facts(x.device)[1] < 9:
         return "cublas"
-    return "fused" if x.shape[0] >= 256 else "cublas"
+    if x.shape[0] <= DECODE_AUTO_MAX_ROWS:
+        return "decode"
+    return "fused" if eligible and x.shape[0] >= FUSED_MIN_ROWS else "cublas"
 
 
 def _launch_gemm_expand(x, weight, w_kn, init, shrink, e, e_strides, scaling, bias, out, shared_out, num_hyp, r,
@@ -672,7 +682,7 @@ def _gemm_with_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out,
     becomes ceil(K*r / BK) extra K-steps (the shared-output mode always uses the per-k epilogue).
     dropout (dx of the LoRA dropout): the expand is masked on its own, so cuBLAS + the epilogue.
     """
-    if dropout is None and _choose_path(x, weight, shared) == "fused":
+    if dropout is None and _choose_path(x, weight) == "fused":
         weight = weight.contiguous()
         if stacked_expand is not None and not shared_out and _tma_ok(shrink):
             e_all = stacked_expand()
@@ -716,6 +726,16 @@ def _decode_applies(x: Tensor, lora_A: Tensor) -> bool:
     return x.shape[0] <= DECODE_MAX_ROWS and _next_pow2(num_hyp * _r_pad(r)) <= 256
 
 
+def _decode_blocks(m: int, element_size: int, on_cpu: bool) -> tuple[int, int, int]:
+    """(BM rows, BN outputs, BK) of the decode kernel's tiles."""
+    if on_cpu:
+        return max(16, min(64, _next_pow2(m))), 16, 32
+    # H200, d=4096, CUDA graph (benchmarks/measured/h200-2026-11-26-c/sweep_decode.log): 32-row
+    # blocks, 64 outputs wide past 32 rows: 35.6 us at 40 rows and 33.6 at 64 (64 x 32 tiles took
+    # 47.3 and 40.8), 21.7 us at 32 rows
+    return max(16, min(32, _next_pow2(m))), (64 if m > 32 else 32), 256 // element_size
+
+
 def _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div):
     """y (M, d_out) and S_bd (M, K*r) in one launch: a grid of (BM rows, BN outputs) tiles."""
     m, d = x.shape
@@ -730,8 +750,7 @@ def _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row
     lora_B = lora_B.contiguous()  # addressed as (K, d_out, r) contiguous
     has_base = weight is not None
     on_cpu = x.device.type == "cpu"  # the interpreter
-    block_m = max(16, min(64, _next_pow2(m)))
-    block_n, block_k = (16, 32) if on_cpu else (32, 256 // x.element_size())
+    block_m, block_n, block_k = _decode_blocks(m, x.element_size(), on_cpu)
     block_c = _next_pow2(num_hyp * r_pad)
     # shared memory: a buffer of the x, W and A tiles per stage (measured by tests/sm90_compile.py)
     stage_bytes = (block_m + block_n + block_c) * block_k * x.element_size()

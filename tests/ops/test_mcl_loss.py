@@ -243,7 +243,8 @@ def test_fused_pass1_path_choice(monkeypatch):
     monkeypatch.setattr(mcl_module, "_mm_out_dtype_supported", lambda device: False)
     assert mcl_module._pass1_path(h32, w) == "chunked"  # pass 2's logits would be rounded to fp16
     monkeypatch.setenv("LORAMCL_MCL_PASS1", "auto")
-    assert mcl_module._pass1_path(h.float(), w.float()) == "chunked"
+    assert mcl_module._pass1_path(h.float(), w.float()) == "chunked"  # auto: GPUs only
+    assert mcl_module._pass1_path(h32, w[:, :4].repeat(1, 6)) == "chunked"
     monkeypatch.setenv("LORAMCL_MCL_PASS1", "cuBLAS")
     with pytest.raises(ValueError, match="LORAMCL_MCL_PASS1"):
         mcl_module._pass1_path(h, w)
@@ -1035,6 +1036,17 @@ def test_gpu_soft_one_pass_bf16(mode, monkeypatch):
     monkeypatch.setenv("LORAMCL_MCL_SOFT_BACKWARD", "recompute")
     _, grad_recompute, _ = run_frozen_head(hb, wb, bb, labels, 4, "triton", mode=mode, **kw)
     assert_within_budget(grad, oracle[0], grad_recompute, factor=2.0, atol=1e-4, name="vs recompute")
+
+
+@requires_cuda
+def test_gpu_auto_pass1_is_fused_for_16_bit_operands_on_hopper(monkeypatch):
+    monkeypatch.delenv("LORAMCL_MCL_PASS1", raising=False)
+    h = torch.zeros(2, 4, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.zeros(100, 64, device="cuda", dtype=torch.bfloat16)
+    hopper = torch.cuda.get_device_capability(h.device)[0] >= 9
+    expected = "fused" if hopper and mcl_module._mm_out_dtype_supported(h.device) else "chunked"
+    assert mcl_module._pass1_path(h, w) == expected
+    assert mcl_module._pass1_path(h.float(), w.float()) == "chunked"  # fp32 fused pass 1: opt-in
 
 
 @requires_cuda

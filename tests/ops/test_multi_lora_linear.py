@@ -231,8 +231,18 @@ def test_triton_fused_path_taken_when_eligible(monkeypatch):
     assert mll._choose_path(x[:, :30], w[:, :30]) == "cublas"  # rows not 16-byte aligned: no TMA
     assert mll._choose_path(x, None) == "cublas"
     monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "auto")
-    assert mll._choose_path(x, w) == "cublas"  # auto: fused only for shared input on Hopper GPUs
-    assert mll._choose_path(x, w, shared=True) == "cublas"  # (not on CPU)
+    assert mll._choose_path(x, w) == "cublas"  # auto: fused only on Hopper GPUs
+    monkeypatch.setattr(mll, "_device_facts", lambda device: (132, 9))  # Hopper
+    rows = torch.randn(mll.FUSED_MIN_ROWS, 32)
+    assert mll._choose_path(x, w) == "decode"  # a few rows: the one-kernel decode forward
+    assert mll._choose_path(rows[: mll.DECODE_AUTO_MAX_ROWS], w) == "decode"
+    assert mll._choose_path(rows[: mll.DECODE_AUTO_MAX_ROWS + 1], w) == "cublas"
+    assert mll._choose_path(rows[:-1], w) == "cublas"  # under two waves of the persistent GEMM
+    assert mll._choose_path(rows, w) == "fused"
+    assert mll._choose_path(rows[:, :30], w[:, :30]) == "cublas"  # no TMA for these rows
+    monkeypatch.setattr(mll, "_device_facts", lambda device: (132, 8))
+    assert mll._choose_path(rows, w) == "cublas"  # before Hopper: cublas for every size
+    assert mll._choose_path(x, w) == "cublas"
     monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "bogus")
     with pytest.raises(ValueError, match="LORAMCL_MULTI_LORA_PATH"):
         mll._choose_path(x, w)

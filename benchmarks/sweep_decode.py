@@ -1,0 +1,53 @@
+"""Decode forward under a CUDA graph for several (BM, BN) tiles of the decode kernel (GPU).
+
+python benchmarks/sweep_decode.py  -> a markdown table; _decode_blocks in ops/multi_lora_linear.py
+takes its tiles from such a run (benchmarks/measured/h200-2026-11-26-c/sweep_decode.log).
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from loramcl_kernels import multi_lora_linear  # noqa: E402
+from loramcl_kernels.ops import multi_lora_linear as mll  # noqa: E402
+
+if not torch.cuda.is_available():
+    print("no GPU: nothing to sweep")
+    sys.exit(0)
+os.environ["LORAMCL_MULTI_LORA_PATH"] = "decode"
+d = 4096
+print(f"decode forward, us under a CUDA graph, d={d}, bf16, 8 rows per hypothesis, {torch.cuda.get_device_name()}")
+print("| K | r | rows | BM | BN | warps | us | max abs err vs cublas path |")
+for K, r in [(5, 8), (4, 16), (8, 8), (4, 64)]:
+    torch.manual_seed(0)
+    x = torch.randn(8 * K, d, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(d, d, device="cuda") / d**0.5).to(torch.bfloat16)
+    a = (torch.randn(K, r, d, device="cuda") / d**0.5).to(torch.bfloat16)
+    b = (torch.randn(K, d, r, device="cuda") / r**0.5).to(torch.bfloat16)
+    with common.env_var("LORAMCL_MULTI_LORA_PATH", "cublas"):
+        ref = multi_lora_linear(x, w, None, a, b, 2.0, num_hypotheses=K, backend="triton")
+    base_us = common.time_graph_us(lambda: x @ w.t())
+    print(f"| {K} | {r} | {8 * K} | base | - | - | {base_us:.1f} | - |")
+    for bm in (16, 32, 64):
+        for bn in (32, 64):
+            for warps in (4,):
+                mll._decode_blocks = lambda m, es, on_cpu, bm=bm, bn=bn: (bm, bn, 256 // es)
+                original = mll.launch
+
+                def launch_with_warps(kernel, grid, *args, warps=warps, original=original, **kw):
+                    if kernel is mll._decode_kernel:
+                        kw["num_warps"] = warps
+                    return original(kernel, grid, *args, **kw)
+
+                mll.launch = launch_with_warps
+                try:
+                    f = lambda: multi_lora_linear(x, w, None, a, b, 2.0, num_hypotheses=K, backend="triton")  # noqa: E731
+                    err = (f().float() - ref.float()).abs().max().item()
+                    us = common.time_graph_us(f)
+                    print(f"| {K} | {r} | {8 * K} | {bm} | {bn} | {warps} | {us:.1f} | {err:.2e} |")
+                except Exception as exc:  # noqa: BLE001
+                    print(f"| {K} | {r} | {8 * K} | {bm} | {bn} | {warps} | error: {str(exc)[:120]} | |")
+                finally:
+                    mll.launch = original

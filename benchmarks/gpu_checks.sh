@@ -9,6 +9,11 @@ set -uo pipefail
 OUT=${OUT:-results}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# wheels carried in .whl/ (the loss benchmark's Cut Cross-Entropy and Liger rows; see NOTES.md)
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
 STEPS=${STEPS:-"env smoke tests bench"}
 PYTEST_ARGS=${PYTEST_ARGS:-"tests -q"}
 PYTEST_K=${PYTEST_K:-"gpu and not smoke"}

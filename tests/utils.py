@@ -5,6 +5,7 @@ PyTorch computing the same thing in the same dtype, plus a small absolute tolera
 """
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
@@ -25,3 +26,17 @@ def assert_within_budget(value, oracle, plain, *, factor=2.0, atol=1e-5, name="v
     err = max_abs_err(value, oracle)
     budget = factor * max_abs_err(plain, oracle) + atol
     assert err <= budget, f"{name}: error {err:.3e} exceeds budget {budget:.3e}"
+
+
+class ZerosRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shape of every zero-filled tensor made while it is active (aten.zeros, zero_)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in ("zeros", "zero_", "zeros_like", "new_zeros"):
+            self.shapes.append(tuple(out.shape))
+        return out

@@ -1127,9 +1127,12 @@ def _setup_context(ctx, inputs, output):
                           nll_grad)
     ctx.config = (K, layout, sequence_reduction, ignore_index, shift_labels, _hard_weights(mode, epsilon), backend)
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zeros made in backward for those outputs (nll_grad is n x H)
 
 
 def _backward(ctx, grad_loss, *unused_grads, backward_impl=None):
+    if grad_loss is None:  # grads are not materialised: none reached the loss
+        return (None,) * len(ctx.needs_input_grad)
     with autocast_off(grad_loss.device):
         return _backward_formula(ctx, grad_loss, backward_impl)
 

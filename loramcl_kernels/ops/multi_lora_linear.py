@@ -113,11 +113,14 @@ def _stack_A(lora_A: Tensor, dtype) -> Tensor:
 
 
 def _stack_B(lora_B: Tensor, scaling: Tensor, dtype) -> Tensor:
-    """B_all (d_out, K*r) contiguous: the s_k B_k side by side."""
-    scaled = lora_B.to(dtype) * scaling.to(dtype)[:, None, None]
+    """B_all (d_out, K*r) contiguous: the s_k B_k side by side, each product rounded once to dtype.
+
+    One elementwise kernel writes the (d_out, K, r) buffer whatever lora_B's strides (a (K, r,
+    d_out) buffer seen transposed included)."""
     num_hyp, d_out, r = lora_B.shape
-    # contiguous whatever lora_B's strides (a (K, r, d_out) buffer seen transposed included)
-    return scaled.permute(1, 0, 2).reshape(d_out, num_hyp * r).contiguous()
+    stacked = torch.empty(d_out, num_hyp, r, device=lora_B.device, dtype=dtype)
+    torch.mul(lora_B.permute(1, 0, 2), scaling[None, :, None], out=stacked)
+    return stacked.view(d_out, num_hyp * r)
 
 
 def _lora_weight_grads(grad_shrink_bd, shrink_bd, x, grad_y, scaling, lora_A, lora_B):
@@ -888,9 +891,12 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div, dropout_seed, lora_dropout, backend = inputs
     ctx.backend, ctx.row_div, ctx.lora_dropout = backend, row_div, lora_dropout
     ctx.save_for_backward(x, weight, lora_A, lora_B, scaling, hypothesis_ids, output[1], dropout_seed)
+    ctx.set_materialize_grads(False)  # S has no gradient: no (M, K*r) zeros made for it in backward
 
 
 def _backward_with(backward_impl, ctx, grad_y):
+    if grad_y is None:  # grads are not materialised: none reached y
+        return (None,) * len(ctx.needs_input_grad)
     with autocast_off(grad_y.device):
         return _backward_formula(backward_impl, ctx, grad_y)
 
@@ -940,9 +946,12 @@ def _shared_setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, scaling, num_groups, backend = inputs
     ctx.backend, ctx.num_groups = backend, num_groups
     ctx.save_for_backward(x, weight, lora_A, lora_B, scaling, output[1])
+    ctx.set_materialize_grads(False)  # S has no gradient: no zeros made for it in backward
 
 
 def _shared_backward_with(backward_impl, ctx, grad_y):
+    if grad_y is None:  # grads are not materialised: none reached y
+        return (None,) * len(ctx.needs_input_grad)
     with autocast_off(grad_y.device):
         return _shared_backward_formula(backward_impl, ctx, grad_y)
 

@@ -16,7 +16,7 @@ from loramcl_kernels.ops.mcl_loss import (
     mcl_loss,
     mcl_loss_from_logits,
 )
-from tests.utils import TRITON_DEVICE, assert_within_budget, requires_cuda
+from tests.utils import TRITON_DEVICE, ZerosRecorder, assert_within_budget, requires_cuda
 
 IGNORE = -100
 
@@ -380,6 +380,22 @@ def test_eager_path_equals_registered_op(backend, mode):
         out_no_grad = mcl_loss(hidden, weight, labels, num_hypotheses=3, lm_head_bias=bias, backend=backend,
                                mode=mode, **kw)
     assert out_no_grad.loss.grad_fn is None and torch.equal(out_no_grad.loss, out.loss)
+
+
+@pytest.mark.parametrize("mode", ["wta", "annealed"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_backward_makes_no_zeros_for_the_statistics(backend, mode):
+    """nll, winners, weights and the forward's saved tensors carry no gradient: the backward must not
+    be handed zero tensors for them (the one-pass d hidden rows alone are n x H)."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    hidden, weight, _, labels = make_data(K=3, device=device, seed=31)
+    h = hidden.clone().requires_grad_(True)
+    out = mcl_loss(h, weight, labels, num_hypotheses=3, backend=backend, mode=mode, **MODE_KW[mode])
+    with ZerosRecorder() as zeros:
+        (grad,) = torch.autograd.grad(out.loss, (h,))
+    # at most d hidden itself, filled with zeros before the supervised rows are written
+    assert all(shape == (h.shape[0] * h.shape[1], h.shape[2]) for shape in zeros.shapes), zeros.shapes
+    assert grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -10,7 +10,7 @@ import torch
 from loramcl_kernels import _backend
 from loramcl_kernels.ops import multi_lora_linear as mll
 from loramcl_kernels.ops.multi_lora_linear import multi_lora_linear
-from tests.utils import HAS_CUDA, TRITON_DEVICE, assert_within_budget, requires_cuda
+from tests.utils import HAS_CUDA, TRITON_DEVICE, ZerosRecorder, assert_within_budget, requires_cuda
 
 
 def hypotheses_of_rows(n, num_hyp, layout="batch_major", inner=1, ids=None):
@@ -453,6 +453,20 @@ def test_dropout_mask_triton_equals_reference_and_keeps_1_minus_p(p):
     assert torch.equal(dropped != 0, mll.dropout_keep_mask(seed, 37, 300, p))
     torch.testing.assert_close(dropped[dropped != 0], torch.full_like(dropped[dropped != 0], 1 / (1 - p)))
     assert not torch.equal(mll.dropout_keep_mask(seed + 1, 37, 300, p), dropped != 0)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_backward_makes_no_zeros_for_the_saved_shrink(backend, shared):
+    """S (the forward's second output, kept for the backward) has no gradient: the backward must
+    not be handed an (M, K*r) zero tensor for it."""
+    device = "cpu" if backend == "reference" else TRITON_DEVICE
+    x, w, b, a, bb, s = make_inputs(6, (3,), 16, 12, 4, 3, torch.float32, device)
+    x, a, bb = (t.clone().requires_grad_(True) for t in (x, a, bb))
+    y = multi_lora_linear(x, w, b, a, bb, s, shared_input=shared, backend=backend)
+    with ZerosRecorder() as zeros:
+        grads = torch.autograd.grad(y, (x, a, bb), torch.ones_like(y))
+    assert zeros.shapes == [] and all(g.abs().sum() > 0 for g in grads)
 
 
 @pytest.mark.parametrize("shared", [False, True])

@@ -64,11 +64,16 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"unknown backend '{backend}'; expected one of {BACKENDS}")
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The concrete backend ('triton', 'cuda' or 'reference') an op runs with on `device`."""
+def requested_backend(backend: str | None) -> str:
+    """The backend asked for, lower case: the argument, else env LORAMCL_BACKEND, else 'auto'."""
     if backend is None:
         backend = os.environ.get("LORAMCL_BACKEND", "auto") or "auto"
-    backend = backend.lower()
+    return backend.lower()
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The concrete backend ('triton', 'cuda' or 'reference') an op runs with on `device`."""
+    backend = requested_backend(backend)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got '{backend}'")
     if backend == "auto":

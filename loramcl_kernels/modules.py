@@ -34,6 +34,7 @@ own mask: the base GEMM then runs once in PyTorch and the op adds the LoRA delta
 """
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 
@@ -111,6 +112,8 @@ class MultiLoRALinear(nn.Module):
         r = _check_positive_int("r", r)
         if lora_alpha is None:
             lora_alpha = r
+        if isinstance(lora_alpha, bool) or not math.isfinite(float(lora_alpha)):
+            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
         if layout not in LAYOUTS:
@@ -166,20 +169,23 @@ class MultiLoRALinear(nn.Module):
 
     def delta_weight(self, k: int) -> torch.Tensor:
         """s * B_k A_k as (d_out, d_in), computed in fp32 (fp64 for fp64 weights), in the base dtype."""
+        return self._delta(k).to(self.base_layer.weight.dtype)
+
+    def _delta(self, k: int) -> torch.Tensor:
+        """s * B_k A_k as (d_out, d_in) in fp32 (fp64 where an operand is fp64)."""
         self._check_hypothesis(k)
-        acc = torch.promote_types(self.lora_A.dtype, torch.float32)
-        delta = self.lora_B[k].to(acc) @ self.lora_A[k].to(acc) * self.scaling
-        return delta.to(self.base_layer.weight.dtype)
+        acc = torch.promote_types(torch.promote_types(self.lora_A.dtype, self.base_layer.weight.dtype), torch.float32)
+        return self.lora_B[k].to(acc) @ self.lora_A[k].to(acc) * self.scaling
 
     @torch.no_grad()
-    def merge(self, k: int) -> nn.Linear:
-        """A plain nn.Linear computing hypothesis k: weight W + s B_k A_k, the base bias."""
-        w = self.weight
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
-        acc = torch.promote_types(w.dtype, torch.float32)
-        out.weight.copy_(w.to(acc) + self.delta_weight(k).to(acc))
-        if self.bias is not None:
-            out.bias.copy_(self.bias)
+    def merge(self, k: int) -> nn.Module:
+        """A copy of the base layer (nn.Linear, or transformers' Conv1D with its (d_in, d_out)
+        weight) computing hypothesis k: weight W + s B_k A_k rounded once to the base dtype, the
+        base bias; frozen."""
+        delta = self._delta(k)
+        merged = (self.weight.to(delta.dtype) + delta).to(self.base_layer.weight.dtype)
+        out = copy.deepcopy(self.base_layer)
+        out.weight.copy_(merged.t() if self.fan_in_fan_out else merged)
         out.requires_grad_(False)
         return out
 

@@ -11,7 +11,8 @@ forward(input_ids, attention_mask, labels, mode, epsilon, temperature, **other i
 
 Inputs whose first dimension is not the batch (Qwen2-VL's flattened image patches, say) are not
 repeated correctly; keys in NON_BATCH_KEYS are never repeated. Models that transform logits after
-the lm_head (final logit soft-capping, logit scaling) are outside what mcl_loss computes.
+the lm_head (final logit soft-capping, logit scaling: LOGIT_TRANSFORMS) are outside what mcl_loss
+computes and are refused; compute their logits and use mcl_loss_from_logits.
 
 AnnealingSchedule is the official temperature schedule: tau = tau0 * rho**step, plain WTA once
 tau <= tau_min; `attach(optimizer)` steps it after every optimizer.step().
@@ -99,6 +100,24 @@ class MCLOutput(ModelOutput):
     weights: torch.Tensor | None = None
 
 
+# config attributes with which an HF model transforms its logits after the lm_head, and the value
+# that leaves them unchanged (Gemma 2/3: tanh soft-capping; Cohere: x logit_scale; Granite: / logits_scaling)
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+def _check_plain_logits(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    configs = [config]
+    if hasattr(config, "get_text_config"):  # multimodal models keep the language model's in a sub-config
+        configs.append(config.get_text_config())
+    for (name, identity), cfg in ((item, cfg) for item in LOGIT_TRANSFORMS.items() for cfg in configs):
+        value = getattr(cfg, name, identity)
+        if value is not None and value != identity:
+            raise ValueError(
+                f"the model transforms its logits after the lm_head (config.{name}={value!r}), which the fused "
+                "MCL loss does not: compute the logits (K-repeated batch) and use mcl_loss_from_logits")
+
+
 def mcl_forward(
     model: nn.Module,
     labels: torch.Tensor,
@@ -121,6 +140,7 @@ def mcl_forward(
     batch_size = _batch_size(inputs)
     if labels.shape[0] != batch_size:
         raise ValueError(f"labels must be (B, T) with B = {batch_size}, got shape {tuple(labels.shape)}")
+    _check_plain_logits(model)
     lm_head = model.get_output_embeddings()
     if isinstance(lm_head, MultiLoRALinear):
         raise ValueError(
@@ -203,7 +223,9 @@ class MCLModel(nn.Module):
 
     mode: "wta" (hard winner-takes-all), "relaxed" (winner 1 - epsilon, others epsilon / (K-1)),
     "annealed" (weights softmax_k(-L / temperature); temperature defaults to the schedule's, and
-    the loss is plain WTA once the schedule reaches tau_min).
+    the loss is plain WTA once the schedule reaches tau_min). forward's mode=None picks annealed
+    when given a temperature or a schedule, relaxed when given epsilon > 0, else wta; an epsilon or
+    a temperature that the mode would ignore is refused.
     """
 
     def __init__(
@@ -254,10 +276,15 @@ class MCLModel(nn.Module):
         if labels is None:
             batch_size = _batch_size(inputs)
             return self.model(**repeat_batch_inputs(inputs, batch_size, self.num_hypotheses, self.layout))
-        if mode is None:
-            mode = "annealed" if self.schedule is not None else "wta"
+        if mode is None:  # from what was given: a temperature or schedule, an epsilon, else WTA
+            if self.schedule is not None or temperature is not None:
+                mode = "annealed"
+            else:
+                mode = "relaxed" if epsilon else "wta"
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if temperature is not None and mode != "annealed":
+            raise ValueError(f"temperature={temperature!r} applies to mode='annealed', got mode={mode!r}")
         if mode == "annealed" and temperature is None:
             if self.schedule is None:
                 raise ValueError("mode='annealed' needs temperature= or an AnnealingSchedule (schedule=)")

@@ -95,7 +95,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from loramcl_kernels._backend import resolve_backend, triton_interpreting
+from loramcl_kernels._backend import requested_backend, resolve_backend, triton_interpreting
 from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
 from loramcl_kernels.ops._triton_utils import (
     cdiv, contiguous_or_none, device_facts, grouped_tile, launch, next_pow2, on_input_device, set_tma_allocator,
@@ -1215,6 +1215,8 @@ def _check_config(num_hypotheses, layout, mode, epsilon, temperature, sequence_r
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not 0.0 <= _real(epsilon) < 1.0:
         raise ValueError(f"epsilon must be in [0, 1), got {epsilon!r}")
+    if mode != "relaxed" and not isinstance(epsilon, torch.SymFloat) and _real(epsilon) != 0.0:
+        raise ValueError(f"epsilon={epsilon!r} applies to mode='relaxed' (winner 1 - epsilon), got mode={mode!r}")
     if temperature is not None and not _real(temperature) > 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if mode == "annealed" and temperature is None:
@@ -1313,8 +1315,9 @@ def mcl_loss(
             raise ValueError(f"{name} is on {t.device}, hidden on {hidden.device}")
     chosen = resolve_backend(backend, hidden.device)
     if chosen == "triton" and hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        if backend is not None and backend.lower() == "triton":
-            raise TypeError(f"the triton backend supports fp16/bf16/fp32, got {hidden.dtype}")
+        if requested_backend(backend) == "triton":  # asked for by name (argument or LORAMCL_BACKEND)
+            raise TypeError(f"the triton backend supports fp16/bf16/fp32, got {hidden.dtype}; "
+                            "use backend='reference'")
         chosen = "reference"
     # soft weights (every w > 0) with a frozen lm_head: pass 1 may form d hidden's rows up to the
     # per-row scale, so the backward needs no second pass over the logits

@@ -65,7 +65,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from loramcl_kernels._backend import resolve_backend
+from loramcl_kernels._backend import requested_backend, resolve_backend
 from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
 from loramcl_kernels.ops._triton_utils import device_facts as _device_facts
 from loramcl_kernels.ops._triton_utils import next_pow2 as _next_pow2
@@ -1208,7 +1208,7 @@ def _choose_backend(backend, x: Tensor) -> str:
     if chosen == "cuda":  # resolve_backend only returns it when the extension is importable
         chosen = "triton"
     if chosen == "triton" and x.dtype not in TRITON_DTYPES:
-        if backend is None or backend == "auto":
+        if requested_backend(backend) == "auto":  # not asked for by name (argument or LORAMCL_BACKEND)
             return "reference"
         raise TypeError(f"backend 'triton' supports {TRITON_DTYPES}, got {x.dtype}; use backend='reference'")
     return chosen

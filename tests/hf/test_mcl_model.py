@@ -147,6 +147,40 @@ def test_annealing_schedule():
         MCLModel(model, num_hypotheses=2)
 
 
+def test_mode_follows_what_is_given_and_ignored_arguments_are_refused():
+    """mode=None: a temperature means annealed, an epsilon relaxed; an epsilon or temperature that
+    the chosen mode would ignore is an error (it used to train plain WTA silently)."""
+    model = _patched()
+    ids, labels = _data()
+    mcl = MCLModel(model)
+    annealed = mcl(input_ids=ids, labels=labels, temperature=2.0)
+    torch.testing.assert_close(annealed.weights, torch.softmax(-annealed.nll / 2.0, dim=0))
+    relaxed = mcl(input_ids=ids, labels=labels, epsilon=0.3)
+    expected = torch.full_like(relaxed.weights, 0.3 / (K - 1))
+    expected[relaxed.winners, torch.arange(ids.shape[0])] = 0.7
+    torch.testing.assert_close(relaxed.weights, expected)
+    with pytest.raises(ValueError, match="temperature=2.0 applies to mode='annealed'"):
+        mcl(input_ids=ids, labels=labels, mode="wta", temperature=2.0)
+    with pytest.raises(ValueError, match="epsilon=0.3 applies to mode='relaxed'"):
+        mcl(input_ids=ids, labels=labels, mode="wta", epsilon=0.3)
+    with pytest.raises(ValueError, match="epsilon=0.1 applies to mode='relaxed'"):
+        mcl(input_ids=ids, labels=labels, mode="annealed", temperature=1.0, epsilon=0.1)
+
+
+@pytest.mark.parametrize("name,value", [("final_logit_softcapping", 30.0), ("logit_scale", 0.0625),
+                                        ("logits_scaling", 8.0)])
+def test_models_that_transform_their_logits_are_refused(name, value):
+    """Gemma 2 soft-caps its logits, Cohere and Granite scale them: the fused loss, which reads the
+    lm_head weight, would compute another loss, so MCLModel says so instead."""
+    model = _patched()
+    ids, labels = _data()
+    setattr(model.config, name, value)
+    with pytest.raises(ValueError, match=f"config.{name}={value!r}"):
+        MCLModel(model)(input_ids=ids, labels=labels)
+    setattr(model.config, name, None if name == "final_logit_softcapping" else 1.0)  # no transform
+    assert torch.isfinite(MCLModel(model)(input_ids=ids, labels=labels).loss)
+
+
 def test_lora_on_the_lm_head_is_refused():
     """The fused loss reads the lm_head weight alone: adapters on the lm_head would be dropped."""
     model = patch_model(TINY_MODELS["llama"]().double(), K, R, ALPHA, target_modules=["q_proj", "lm_head"])

@@ -382,6 +382,21 @@ def test_eager_path_equals_registered_op(backend, mode):
     assert out_no_grad.loss.grad_fn is None and torch.equal(out_no_grad.loss, out.loss)
 
 
+def test_fp64_with_triton_asked_for_raises_and_auto_falls_back(monkeypatch):
+    """fp64 has no Triton kernels: asked for by name (argument or LORAMCL_BACKEND) that is an error,
+    under auto the reference backend runs."""
+    hidden, weight, _, labels = make_data(K=2, seed=37)
+    h64, w64 = hidden.double(), weight.double()
+    with pytest.raises(TypeError, match="triton backend supports"):
+        mcl_loss(h64, w64, labels, num_hypotheses=2, backend="triton")
+    monkeypatch.setenv("LORAMCL_BACKEND", "triton")
+    with pytest.raises(TypeError, match="triton backend supports"):
+        mcl_loss(h64, w64, labels, num_hypotheses=2)
+    monkeypatch.setenv("LORAMCL_BACKEND", "auto")
+    assert torch.equal(mcl_loss(h64, w64, labels, num_hypotheses=2).loss,
+                       mcl_loss(h64, w64, labels, num_hypotheses=2, backend="reference").loss)
+
+
 @pytest.mark.parametrize("mode", ["wta", "annealed"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_backward_makes_no_zeros_for_the_statistics(backend, mode):
@@ -789,6 +804,9 @@ def test_bad_inputs():
         call(mode="relaxed", epsilon=1.0)
     with pytest.raises(ValueError, match="epsilon"):
         call(mode="relaxed", epsilon=-0.1)
+    for mode, extra in (("wta", {}), ("annealed", {"temperature": 1.0})):  # it would be ignored
+        with pytest.raises(ValueError, match="epsilon=0.05 applies to mode='relaxed'"):
+            call(mode=mode, epsilon=0.05, **extra)
     with pytest.raises(ValueError, match="temperature"):
         call(mode="annealed", temperature=0.0)
     with pytest.raises(ValueError, match="temperature"):

@@ -726,6 +726,8 @@ def test_backend_selection(monkeypatch):
     x64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
     with pytest.raises(TypeError, match="backend 'triton' supports"):
         multi_lora_linear(**x64, backend="triton")
+    with pytest.raises(TypeError, match="backend 'triton' supports"):  # asked for by LORAMCL_BACKEND
+        multi_lora_linear(**x64)
     monkeypatch.setenv("LORAMCL_BACKEND", "auto")
     torch.testing.assert_close(multi_lora_linear(**x64), multi_lora_linear(**x64, backend="reference"))
 

@@ -684,7 +684,9 @@ def _gemm_with_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out,
     and E_all are 16-byte aligned the fused GEMM loads both through TMA descriptors and the expand
     becomes ceil(K*r / BK) extra K-steps (the shared-output mode always uses the per-k epilogue).
     dropout (dx of the LoRA dropout): the expand is masked on its own, so cuBLAS + the epilogue.
+    The kernels read S (M, K*r) with unit column stride (at r = 1, dS_all of shared input is not).
     """
+    shrink = _contig_rows(shrink)
     if dropout is None and _choose_path(x, weight) == "fused":
         weight = weight.contiguous()
         if stacked_expand is not None and not shared_out and _tma_ok(shrink):

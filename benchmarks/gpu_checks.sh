@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: environment, GPU tests, benchmarks. Logs and JSON go to $OUT
 # (the device tool's output folder) or ./results. Steps: env smoke tests bench profile host e2e
-# bench_loss sweep (STEPS chooses; default env smoke tests bench). smoke runs both ops once and, should
+# bench_loss profile_loss sweep (STEPS chooses; default env smoke tests bench). smoke runs both ops once and, should
 # launch() fail on this machine's Triton, sends every later step's launches through Triton's JIT.
 # PYTEST_ARGS and PYTEST_K (pytest's -k) select tests. Each step has its own time limit so a slow
 # one cannot eat the rest.
@@ -45,6 +45,8 @@ for step in $STEPS; do
       timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_e2e.py --out "$OUT/e2e.json" 2>&1 | tee "$OUT/bench_e2e.log" ;;
     sweep)
       timeout 120 python3 benchmarks/sweep_decode.py 2>&1 | tee "$OUT/sweep_decode.log" ;;
+    profile_loss)
+      timeout 150 python3 benchmarks/profile_mcl_loss.py 2>&1 | tee "$OUT/profile_mcl_loss.log" ;;
     bench_loss)
       timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_mcl_loss.py --out "$OUT/mcl_loss.json" 2>&1 | tee "$OUT/bench_mcl_loss.log" ;;
   esac

@@ -1,7 +1,7 @@
-"""Decode forward under a CUDA graph for several (BM, BN) tiles of the decode kernel (GPU).
+"""Decode forward under a CUDA graph for several (BN columns, d_in splits) of the decode kernels (GPU).
 
-python benchmarks/sweep_decode.py  -> a markdown table; _decode_blocks in ops/multi_lora_linear.py
-takes its tiles from such a run (benchmarks/measured/h200-2026-11-26-c/sweep_decode.log).
+python benchmarks/sweep_decode.py  -> a markdown table; _decode_config in ops/multi_lora_linear.py
+should take its tiles from such a run. "auto" is the configuration _decode_config picks.
 """
 import os
 import sys
@@ -19,7 +19,8 @@ if not torch.cuda.is_available():
 os.environ["LORAMCL_MULTI_LORA_PATH"] = "decode"
 d = 4096
 print(f"decode forward, us under a CUDA graph, d={d}, bf16, 8 rows per hypothesis, {torch.cuda.get_device_name()}")
-print("| K | r | rows | BM | BN | warps | us | max abs err vs cublas path |")
+print("| K | r | rows | BN | splits | us | max abs err vs cublas path |")
+auto_config = mll._decode_config
 for K, r in [(5, 8), (4, 16), (8, 8), (4, 64)]:
     torch.manual_seed(0)
     x = torch.randn(8 * K, d, device="cuda", dtype=torch.bfloat16)
@@ -29,25 +30,22 @@ for K, r in [(5, 8), (4, 16), (8, 8), (4, 64)]:
     with common.env_var("LORAMCL_MULTI_LORA_PATH", "cublas"):
         ref = multi_lora_linear(x, w, None, a, b, 2.0, num_hypotheses=K, backend="triton")
     base_us = common.time_graph_us(lambda: x @ w.t())
-    print(f"| {K} | {r} | {8 * K} | base | - | - | {base_us:.1f} | - |")
-    for bm in (16, 32, 64):
-        for bn in (32, 64):
-            for warps in (4,):
-                mll._decode_blocks = lambda m, es, on_cpu, bm=bm, bn=bn: (bm, bn, 256 // es)
-                original = mll.launch
-
-                def launch_with_warps(kernel, grid, *args, warps=warps, original=original, **kw):
-                    if kernel is mll._decode_kernel:
-                        kw["num_warps"] = warps
-                    return original(kernel, grid, *args, **kw)
-
-                mll.launch = launch_with_warps
-                try:
-                    f = lambda: multi_lora_linear(x, w, None, a, b, 2.0, num_hypotheses=K, backend="triton")  # noqa: E731
-                    err = (f().float() - ref.float()).abs().max().item()
-                    us = common.time_graph_us(f)
-                    print(f"| {K} | {r} | {8 * K} | {bm} | {bn} | {warps} | {us:.1f} | {err:.2e} |")
-                except Exception as exc:  # noqa: BLE001
-                    print(f"| {K} | {r} | {8 * K} | {bm} | {bn} | {warps} | error: {str(exc)[:120]} | |")
-                finally:
-                    mll.launch = original
+    print(f"| {K} | {r} | {8 * K} | base | - | {base_us:.1f} | - |")
+    configs = [("auto", "auto")] + [(bn, splits) for bn in (32, 64, 128) for splits in (1, 2, 4, 8)]
+    for bn, splits in configs:
+        if bn == "auto":
+            mll._decode_config = auto_config
+        else:
+            def config(m, d_in, columns, element_size, on_cpu, bn=bn, splits=splits):
+                bm, _, bk, _ = auto_config(m, d_in, columns, element_size, on_cpu)
+                return bm, bn, bk, mll.cdiv(mll.cdiv(d_in, splits), bk) * bk
+            mll._decode_config = config
+        try:
+            f = lambda: multi_lora_linear(x, w, None, a, b, 2.0, num_hypotheses=K, backend="triton")  # noqa: E731
+            err = (f().float() - ref.float()).abs().max().item()
+            us = common.time_graph_us(f)
+            print(f"| {K} | {r} | {8 * K} | {bn} | {splits} | {us:.1f} | {err:.2e} |")
+        except Exception as exc:  # noqa: BLE001
+            print(f"| {K} | {r} | {8 * K} | {bn} | {splits} | error: {str(exc)[:120]} | |")
+        finally:
+            mll._decode_config = auto_config

@@ -13,8 +13,10 @@ import triton
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "tests", "sm90_compile.py")
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+H100_SHARED_BYTES = 232448  # as in tests/sm90_compile.py
 KERNELS = {
-    "_shrink_kernel", "_gemm_expand_kernel", "_decode_kernel", "_dropout_rows_kernel",  # multi_lora_linear
+    "_shrink_kernel", "_gemm_expand_kernel", "_decode_partial_kernel", "_decode_finish_kernel",  # multi_lora_linear
+    "_dropout_rows_kernel",
     "_lse_chunk_kernel", "_sequence_weights_kernel", "_grad_logits_chunk_kernel",  # mcl_loss, chunked
     "_scale_rows_kernel",  # mcl_loss, the one-pass gradient of soft weights
     "_logits_lse_tiles_kernel", "_combine_lse_tiles_kernel",  # mcl_loss, fused pass 1
@@ -36,14 +38,16 @@ def test_every_kernel_compiles_for_sm90_within_shared_memory():
     assert {v["dtype"] for v in variants} == {"bfloat16", "float32"}
     assert summary["variants"] == len(variants) >= 40
     # Vectorised 16-bit tiles: scalar 2-byte stores in the cublas-path epilogue once made it 4.6x
-    # slower than its byte floor on an H200; the decode kernel's big loads (x, W, A, B) vectorise.
+    # slower than its byte floor on an H200; the decode kernels' loads (x, W, A; B) vectorise.
     # (S_bd rows of K*r elements vectorise only when K*r is a multiple of 16, which is not checked.)
     epilogues = [v for v in variants if v["kernel"] == "_gemm_expand_kernel" and not v["constexprs"]["HAS_BASE"]]
-    decodes = [v for v in variants if v["kernel"] == "_decode_kernel"]
-    assert epilogues and decodes
-    for v in epilogues + decodes:
-        if v["dtype"] == "bfloat16":
-            assert v["scalar_b16_stores" if v in epilogues else "scalar_b16_loads"] == 0, v
+    partials = [v for v in variants if v["kernel"] == "_decode_partial_kernel"]
+    finishes = [v for v in variants if v["kernel"] == "_decode_finish_kernel"]  # recorded as fp32: the workspace
+    assert epilogues and partials and finishes
+    assert all(v["scalar_b16_stores"] == 0 for v in epilogues if v["dtype"] == "bfloat16"), epilogues
+    assert all(v["scalar_b16_loads"] == 0 for v in partials + finishes), partials + finishes
+    # two decode programs per SM: three stages of (64 + 64) x 128 bf16 tiles
+    assert all(v["shared"] <= H100_SHARED_BYTES // 2 for v in partials if v["dtype"] == "bfloat16"), partials
     # the one-pass gradient writes a bf16 P per vocab chunk and scales bf16 rows: vector stores
     # LoRA dropout variants (the shrink, the dx epilogue, dropout(x) for dA) compile as well
     assert sum(1 for v in variants if v["constexprs"].get("DROPOUT")) == 2

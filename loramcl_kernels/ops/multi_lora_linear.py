@@ -44,9 +44,10 @@ overrides):
           input the epilogue writes the K outputs of each tile;
   cublas  cuBLAS for x W^T (+ bias), then a Triton epilogue kernel that adds the expand in place
           (or writes the K shared-input outputs);
-  decode  (forward of at most DECODE_MAX_ROWS distinct rows) one kernel per forward: each
-          (rows, outputs) tile accumulates x W^T and the shrink x A_all^T in one pass over d_in,
-          masks the shrink block-diagonally and adds its expand; no separate shrink launch.
+  decode  (forward of at most DECODE_MAX_ROWS distinct rows) two kernels per forward: split-K
+          partial products of x with the rows of [W; A_all] (the shrink is K*r more output
+          columns, computed once; W is read once), then one kernel sums the splits, masks the
+          shrink block-diagonally and adds bias and expand; no separate shrink launch.
 Both use the Triton shrink kernel; dA and dB are deterministic cuBLAS GEMMs over the
 block-diagonal matrices (no atomics). Neither path syncs with the host.
 
@@ -460,54 +461,90 @@ if triton is not None:
 
 
     @triton.jit
-    def _decode_kernel(
-        x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, scale_ptr, ids_ptr, out_ptr, shrink_ptr,
-        M, N, D, NUM_HYP, ROW_DIV,
-        stride_xm, stride_wn, stride_wd, stride_ak, stride_aj, stride_om, stride_sm,
-        R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, R_PAD: tl.constexpr,
-        HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    def _decode_partial_kernel(
+        x_ptr, w_ptr, a_ptr, ws_ptr,
+        M, N, D, KR, D_SPLIT, NT,
+        stride_xm, stride_wn, stride_ar, stride_ws_split, stride_ws_m,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
-        """Few rows (decoding): y = x W^T + bias + s_h (x A_h^T) B_h^T in one launch, one pass over d_in.
+        """Decode, step 1 of 2: split-K partial products of x with the rows of [W; A_all].
 
-        One program: BM rows x BN outputs. Its loop over d_in accumulates x W^T and the shrink
-        x A_all^T together (BC = K * R_PAD columns: column c is (k, j) = (c // R_PAD, c % R_PAD));
-        the shrink is masked block-diagonally (row m keeps block h(m)), rounded to x's dtype like
-        S_bd of the other paths, scaled, and multiplied by its (BN, BC) slice of B. Every program
-        recomputes the tiny shrink (A is read from L2); those of output tile 0 store S_bd for backward.
+        The shrink x A_all^T is x times K*r more "output rows", so it is computed once, by its own
+        column tiles, instead of once per output tile. Program (pid_m, pid_c, pid_s):
+        ws[pid_s, rows, pid_c*BN : +BN] = x[rows, d-range] [W; A_all][cols, d-range]^T in fp32, over
+        d in [pid_s * D_SPLIT, +D_SPLIT). Column tiles c < NT are rows of W (d_out), c >= NT rows
+        (c - NT) * BN + i of A_all (K*r, d_in) (NT = 0 without W). Both are read along d with unit
+        stride.
+        """
+        pid_m = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        mask_m = offs_m < M
+        # a scalar choice of (base, row stride, row count): the loads keep their known alignment
+        is_w = pid_c < NT
+        base = tl.where(is_w, w_ptr, a_ptr)
+        row_stride = tl.where(is_w, stride_wn, stride_ar)
+        offs_r = pid_c * BN + tl.arange(0, BN) - tl.where(is_w, 0, NT * BN)
+        mask_r = offs_r < tl.where(is_w, N, KR)
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        r_rows = base + offs_r.to(tl.int64)[:, None] * row_stride
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        d_lo = pid_s * D_SPLIT
+        for d0 in range(d_lo, d_lo + D_SPLIT, BK):
+            offs_d = d0 + tl.arange(0, BK)
+            mask_d = offs_d < D
+            xt = tl.load(x_rows + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            rt = tl.load(r_rows + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+            acc = tl.dot(xt, tl.trans(rt), acc, input_precision=DOT_PRECISION)
+        cols = pid_c * BN + tl.arange(0, BN)
+        tl.store(ws_ptr + pid_s * stride_ws_split + offs_m.to(tl.int64)[:, None] * stride_ws_m + cols[None, :], acc,
+                 mask=mask_m[:, None])
+
+    @triton.jit
+    def _decode_finish_kernel(
+        ws_ptr, bias_ptr, b_ptr, scale_ptr, ids_ptr, out_ptr, shrink_ptr,
+        M, N, NUM_HYP, ROW_DIV, NUM_SPLITS, A_COL0,
+        stride_ws_split, stride_ws_m, stride_om, stride_sm,
+        R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, HAS_BASE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        """Decode, step 2 of 2: y = sum_s ws_s[:, outputs] + bias + s_h S_bd B_h^T.
+
+        Program (pid_m, pid_n): BM rows x BN outputs. The shrink S = sum_s ws_s[:, A_COL0 + c]
+        (BC >= K*r columns, c = k*r + j) is masked block-diagonally (row m keeps block h(m)),
+        rounded to x's dtype like S_bd of the other paths, scaled and multiplied by its (BN, BC)
+        slice of B; the programs of output tile 0 store S_bd for backward. Splits are summed in a
+        fixed order: deterministic.
         """
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_c = tl.arange(0, BC)
-        blk = offs_c // R_PAD
-        j = offs_c % R_PAD
+        blk = offs_c // R
+        j = offs_c % R
         mask_m = offs_m < M
         mask_n = offs_n < N
-        mask_c = (blk < NUM_HYP) & (j < R)
-        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-        a_rows = a_ptr + (blk.to(tl.int64) * stride_ak + j * stride_aj)[:, None]
+        mask_c = offs_c < NUM_HYP * R
+        ws_rows = ws_ptr + offs_m.to(tl.int64)[:, None] * stride_ws_m
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         acc_s = tl.zeros((BM, BC), dtype=tl.float32)
-        for d0 in range(0, D, BK):
-            offs_d = d0 + tl.arange(0, BK)
-            mask_d = offs_d < D
-            xt = tl.load(x_rows + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        for split in range(NUM_SPLITS):
             if HAS_BASE:
-                wt = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_d[None, :] * stride_wd,
-                             mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-                acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PRECISION)
-            at = tl.load(a_rows + offs_d[None, :], mask=mask_c[:, None] & mask_d[None, :], other=0.0)
-            acc_s = tl.dot(xt, tl.trans(at), acc_s, input_precision=DOT_PRECISION)
+                acc += tl.load(ws_rows + split * stride_ws_split + offs_n[None, :],
+                               mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            acc_s += tl.load(ws_rows + split * stride_ws_split + A_COL0 + offs_c[None, :],
+                             mask=mask_m[:, None] & mask_c[None, :], other=0.0)
         if HAS_IDS:
             hyp = tl.load(ids_ptr + offs_m // ROW_DIV, mask=mask_m, other=-1)
         else:
             hyp = (offs_m // ROW_DIV) % NUM_HYP
         s_bd = tl.where(blk[None, :] == hyp[:, None], acc_s, 0.0).to(shrink_ptr.dtype.element_ty)
         if pid_n == 0:
-            tl.store(shrink_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + (blk * R + j)[None, :], s_bd,
+            tl.store(shrink_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + offs_c[None, :], s_bd,
                      mask=mask_m[:, None] & mask_c[None, :])
-        scale = tl.load(scale_ptr + blk, mask=blk < NUM_HYP, other=0.0)
+        scale = tl.load(scale_ptr + blk, mask=mask_c, other=0.0)
         # B contiguous (K, d_out, r): row stride r, known when compiling, so rows load as vectors
         bt = tl.load(b_ptr + blk.to(tl.int64)[None, :] * (N * R) + offs_n[:, None] * R + j[None, :],
                      mask=mask_n[:, None] & mask_c[None, :], other=0.0)
@@ -592,15 +629,17 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
 def _choose_path(x: Tensor, weight: Optional[Tensor]) -> str:
     """'fused', 'cublas' or 'decode' for this call; env LORAMCL_MULTI_LORA_PATH overrides auto.
 
-    decode: one kernel for the whole forward of a few rows, see _decode_kernel; only the forward
-    of distinct rows, with at most DECODE_MAX_ROWS rows and K * R_PAD <= 256 shrink columns
+    decode: the whole forward of a few rows in two kernels, see _decode_partial_kernel; only the
+    forward of distinct rows, with at most DECODE_MAX_ROWS rows, K*r <= 256 and W read along d_in
     (_decode_applies); where it does not apply (the backward's dx, shared input) callers take cublas.
 
     auto, on Hopper GPUs (measured on an H200, bf16, d=4096, benchmarks/measured/h200-2026-11-26-b/
     and -c/), elsewhere cublas:
-    - decode up to DECODE_AUTO_MAX_ROWS rows: forward replayed from a CUDA graph at 8 rows per
-      hypothesis 35.6 / 21.7 / 33.6 / 45.9 us against 38.9 / 32.4 / 41.6 / 49.1 us for cublas
-      (K, r = 5, 8 / 4, 16 / 8, 8 / 4, 64), and one launch instead of three when eager;
+    - decode up to DECODE_AUTO_MAX_ROWS rows: the one-kernel decode that the split-K pair replaced
+      took 35.6 / 21.7 / 33.6 / 45.9 us replayed from a CUDA graph at 8 rows per hypothesis against
+      38.9 / 32.4 / 41.6 / 49.1 us for cublas (K, r = 5, 8 / 4, 16 / 8, 8 / 4, 64); the pair does
+      strictly less work (W read once, the shrink once instead of per output tile) and is
+      predicted at 11-16 us (benchmarks/NOTES.md), not yet measured;
     - fused from FUSED_MIN_ROWS rows: kernel time per fwd+bwd at K=4, T=2048, r=16 (8192 rows)
       0.865 ms fused vs 0.911 ms cublas (base 0.686); replayed from a CUDA graph 0.918-0.965 /
       1.093 ms fused vs 0.979-1.036 / 1.162 ms cublas at the 8192-row training shapes (r = 8-16 /
@@ -726,50 +765,65 @@ def _a_as_expand(lora_A: Tensor):
     return lora_A, (lora_A.stride(0), lora_A.stride(2), lora_A.stride(1))
 
 
-def _decode_applies(x: Tensor, lora_A: Tensor) -> bool:
+def _decode_applies(x: Tensor, weight: Optional[Tensor], lora_A: Tensor) -> bool:
+    """Few rows, K*r <= 256 shrink columns, and W read along d_in (else the cublas path)."""
     num_hyp, r, _ = lora_A.shape
-    return x.shape[0] <= DECODE_MAX_ROWS and _next_pow2(num_hyp * _r_pad(r)) <= 256
+    return (x.shape[0] <= DECODE_MAX_ROWS and num_hyp * r <= 256
+            and (weight is None or weight.stride(1) == 1 or weight.shape[1] == 1))
 
 
-def _decode_blocks(m: int, element_size: int, on_cpu: bool) -> tuple[int, int, int]:
-    """(BM rows, BN outputs, BK) of the decode kernel's tiles."""
+def _decode_config(m: int, d: int, columns: int, element_size: int, on_cpu: bool) -> tuple[int, int, int, int]:
+    """(BM rows, BN columns, BK, D_SPLIT) of the decode kernels for m rows, d = d_in and
+    columns = d_out + K*r partial-product columns.
+
+    GPU: the rows in one block where they fit (64), so W is read once; 64-column tiles; d split so
+    that about two programs per SM stream W (d = 4096, 65 column tiles, 132 SMs: 5 splits of 896).
+    CPU (the interpreter, tests): small tiles and splits of 2 BK, so that tests cover several.
+    """
+    block_m = max(16, min(64, _next_pow2(m)))
     if on_cpu:
-        return max(16, min(64, _next_pow2(m))), 16, 32
-    # H200, d=4096, CUDA graph (benchmarks/measured/h200-2026-11-26-c/sweep_decode.log): 32-row
-    # blocks, 64 outputs wide past 32 rows: 35.6 us at 40 rows and 33.6 at 64 (64 x 32 tiles took
-    # 47.3 and 40.8), 21.7 us at 32 rows
-    return max(16, min(32, _next_pow2(m))), (64 if m > 32 else 32), 256 // element_size
+        return block_m, 16, 32, 64
+    block_n, block_k = 64, 256 // element_size
+    programs = cdiv(m, block_m) * cdiv(columns, block_n)
+    splits = max(1, min(cdiv(d, 2 * block_k), cdiv(2 * _device_facts(torch.device("cuda"))[0], programs)))
+    return block_m, block_n, block_k, cdiv(cdiv(d, splits), block_k) * block_k
 
 
 def _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div):
-    """y (M, d_out) and S_bd (M, K*r) in one launch: a grid of (BM rows, BN outputs) tiles."""
+    """y (M, d_out) and S_bd (M, K*r) in two launches: split-K partial products of x with [W; A_all]
+    into an fp32 workspace, then the sum over splits with the bias and the expand (see the kernels)."""
     m, d = x.shape
     num_hyp, r, _ = lora_A.shape
     n = lora_B.shape[1]
-    r_pad = _r_pad(r)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     shrink_bd = torch.empty(m, num_hyp * r, device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return out, shrink_bd.zero_()
-    lora_A = _contig_rows(lora_A)  # loads along d_in
+    lora_A = lora_A.contiguous()  # addressed as A_all (K*r, d_in), rows along d_in
     lora_B = lora_B.contiguous()  # addressed as (K, d_out, r) contiguous
     has_base = weight is not None
     on_cpu = x.device.type == "cpu"  # the interpreter
-    block_m, block_n, block_k = _decode_blocks(m, x.element_size(), on_cpu)
-    block_c = _next_pow2(num_hyp * r_pad)
-    # shared memory: a buffer of the x, W and A tiles per stage (measured by tests/sm90_compile.py)
-    stage_bytes = (block_m + block_n + block_c) * block_k * x.element_size()
-    stages = 1 if on_cpu else max(1, min(3, SHARED_MEMORY_BUDGET // stage_bytes))
-    grid = (cdiv(m, block_m), cdiv(n, block_n))
-    launch(_decode_kernel, grid,
-        x, weight if has_base else x, bias if bias is not None else x, lora_A, lora_B, scaling,
+    block_m, block_n, block_k, d_split = _decode_config(m, d, (n if has_base else 0) + num_hyp * r,
+                                                        x.element_size(), on_cpu)
+    w_tiles = cdiv(n, block_n) if has_base else 0
+    columns = (w_tiles + cdiv(num_hyp * r, block_n)) * block_n  # [W tiles | A_all tiles]
+    splits = cdiv(d, d_split)
+    workspace = torch.empty(splits, m, columns, device=x.device, dtype=torch.float32)
+    # shared memory: a buffer of the x and [W; A] tiles per stage (measured by tests/sm90_compile.py)
+    stages = 1 if on_cpu else max(1, min(3, SHARED_MEMORY_BUDGET // ((block_m + block_n) * block_k * x.element_size())))
+    launch(_decode_partial_kernel, (cdiv(m, block_m), columns // block_n, splits),
+        x, weight if has_base else x, lora_A, workspace, m, n, d, num_hyp * r, d_split, w_tiles,
+        x.stride(0), weight.stride(0) if has_base else 0, lora_A.stride(1), workspace.stride(0), workspace.stride(1),
+        BM=block_m, BN=block_n, BK=block_k, DOT_PRECISION=_DOT_PRECISION, num_warps=4, num_stages=stages,
+    )
+    launch(_decode_finish_kernel, (cdiv(m, block_m), cdiv(n, block_n)),
+        workspace, bias if bias is not None else x, lora_B, scaling,
         hypothesis_ids if hypothesis_ids is not None else x, out, shrink_bd,
-        m, n, d, num_hyp, row_div,
-        x.stride(0), weight.stride(0) if has_base else 0, weight.stride(1) if has_base else 0,
-        lora_A.stride(0), lora_A.stride(1), out.stride(0), shrink_bd.stride(0),
-        R=r, BM=block_m, BN=block_n, BK=block_k, BC=block_c, R_PAD=r_pad, HAS_BASE=has_base,
+        m, n, num_hyp, row_div, splits, w_tiles * block_n,
+        workspace.stride(0), workspace.stride(1), out.stride(0), shrink_bd.stride(0),
+        R=r, BM=block_m, BN=block_n, BC=max(16, _next_pow2(num_hyp * r)), HAS_BASE=has_base,
         HAS_BIAS=bias is not None, HAS_IDS=hypothesis_ids is not None, DOT_PRECISION=_DOT_PRECISION,
-        num_warps=4, num_stages=stages,
+        num_warps=4, num_stages=1,
     )
     return out, shrink_bd
 
@@ -780,7 +834,7 @@ def multi_lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, hypothesi
     num_hyp, r, _ = lora_A.shape
     x, bias = _contig_rows(x), contiguous_or_none(bias)  # the fused and decode kernels read bias flat
     dropout = (dropout_seed, lora_dropout) if lora_dropout else None
-    if dropout is None and _choose_path(x, weight) == "decode" and _decode_applies(x, lora_A):
+    if dropout is None and _choose_path(x, weight) == "decode" and _decode_applies(x, weight, lora_A):
         return _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row_div)
     # (M, K*r) from dropout(x) when training with LoRA dropout; the GEMM below reads x itself
     shrink_bd = _launch_shrink(x, lora_A, None, hypothesis_ids, row_div, block_diag=True, dropout=dropout)

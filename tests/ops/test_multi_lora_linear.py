@@ -43,7 +43,7 @@ def naive(x, weight, bias, lora_A, lora_B, scaling, hyps, sources=None, x_lora=N
     for i, h in enumerate(hyps):
         src = i if sources is None else sources[i]
         xi = x[src]
-        yi = xi @ weight.t() if weight is not None else 0
+        yi = xi @ weight.t() if weight is not None else xi.new_zeros(lora_B.shape[1])
         if bias is not None:
             yi = yi + bias
         if h >= 0:
@@ -250,33 +250,52 @@ def test_triton_fused_path_taken_when_eligible(monkeypatch):
         mll._choose_path(x, w)
 
 
-@pytest.mark.parametrize("r, num_hyp, rows, expect", [
-    (3, 3, 8, True),  # K * R_PAD = 48 -> 64 shrink columns
-    (64, 4, 8, True),  # 256 columns: the most the decode kernel holds
-    (64, 5, 8, False),  # 512 columns
-    (4, 2, mll.DECODE_MAX_ROWS + 2, False),  # too many rows for one tile grid
+@pytest.mark.parametrize("r, num_hyp, rows, w_layout, expect", [
+    (3, 3, 8, "rows", True),  # K*r = 9 shrink columns -> 16
+    (3, 3, 8, "conv1d", False),  # W read along d_out (GPT-2's Conv1D passes W^T's transpose): cublas
+    (64, 4, 8, "rows", True),  # K*r = 256: the most the decode kernels hold
+    (64, 5, 8, "rows", False),  # 320
+    (4, 2, mll.DECODE_MAX_ROWS + 2, "rows", False),  # too many rows for one tile grid
 ])
-def test_decode_path_one_launch_when_it_applies(monkeypatch, r, num_hyp, rows, expect):
-    """LORAMCL_MULTI_LORA_PATH=decode: the whole forward is one launch of _decode_kernel where it
-    applies (else cublas); values and gradients as the reference, with ids and a Conv1D-style W view."""
+def test_decode_path_two_launches_when_it_applies(monkeypatch, r, num_hyp, rows, w_layout, expect):
+    """LORAMCL_MULTI_LORA_PATH=decode: the whole forward is the two decode kernels where it
+    applies (else cublas); values and gradients as the reference, with ids including -1."""
     monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "decode")
     launches = []
-    for name in ("_decode_kernel", "_shrink_kernel", "_gemm_expand_kernel"):
+    for name in ("_decode_partial_kernel", "_decode_finish_kernel", "_shrink_kernel", "_gemm_expand_kernel"):
         kernel = getattr(mll, name)
         monkeypatch.setattr(mll, name, _Counting(kernel, name, launches))
     x, w, b, a, bb, s = make_inputs(rows, (), 32, 24, r, num_hyp, torch.float32, TRITON_DEVICE)
-    w_view = w.t().contiguous().t()  # (d_out, d_in) with stride (1, d_out), as a Conv1D base passes it
+    w_view = w if w_layout == "rows" else w.t().contiguous().t()  # (d_out, d_in), stride (1, d_out)
     ids = torch.arange(rows, device=TRITON_DEVICE) % (num_hyp + 1) - 1  # includes -1: base only
     fn = lambda *t, backend: multi_lora_linear(*t, s, hypothesis_ids=ids, backend=backend)  # noqa: E731
     with torch.no_grad():
         launches.clear()
         y = fn(x, w_view, b, a, bb, backend="triton")
-    assert launches == (["_decode_kernel"] if expect else ["_shrink_kernel", "_gemm_expand_kernel"])
+    assert launches == (["_decode_partial_kernel", "_decode_finish_kernel"] if expect
+                        else ["_shrink_kernel", "_gemm_expand_kernel"])
     got = forward_and_grads(lambda *t: fn(*t, backend="triton"), x, w_view, b, a, bb)
     want = forward_and_grads(lambda *t: fn(*t, backend="reference"), x, w, b, a, bb)
     assert torch.equal(got[0], y)
     for g, e in zip(got, want):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("delta_only", [False, True], ids=["base", "delta_only"])
+def test_decode_path_over_splits_row_blocks_and_column_tiles(monkeypatch, dtype, delta_only):
+    """The decode kernels where d_in spans several splits (64 on the CPU, the last one partial),
+    the rows two row blocks (64 each), d_out a partial output tile and K*r one A_all tile: as the
+    fp64 oracle, within the budget of plain PyTorch in the same dtype."""
+    monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "decode")
+    launches = []
+    for name in ("_decode_partial_kernel", "_decode_finish_kernel"):
+        monkeypatch.setattr(mll, name, _Counting(getattr(mll, name), name, launches))
+    ids = [(7 * i) % 4 - 1 for i in range(70)]  # -1 (base only) and every hypothesis
+    check_case(n=70, tokens=(), d_in=200, d_out=40, r=5, num_hyp=3, dtype=dtype, backend="triton",
+               ids=ids, delta_only=delta_only, atol=1e-5 if dtype == torch.float32 else 2e-3, device=TRITON_DEVICE)
+    assert launches[:2] == ["_decode_partial_kernel", "_decode_finish_kernel"]
+    assert mll._decode_config(70, 200, 40 + 15, 4, on_cpu=True)[3] == 64  # 4 splits over d_in = 200
 
 
 class _Counting:

@@ -219,6 +219,13 @@ def check_against(outputs, refs, dtype):
     return worst <= REL_TOL[dtype], worst
 
 
+# keep_no_graph: no autograd graph over x, A, B may outlive its step. A graph kept alive (here once
+# the reference output's) keeps the leaves' AccumulateGrad nodes made on the default stream, and
+# torch warns that a backward captured on a side stream then syncs with the default stream and
+# can break the CUDA-graph capture: the suspected cause of the failed captures at the first
+# training shape (benchmarks/NOTES.md), where torch printed that warning.
+
+
 def grad_inputs(impl, x, A, Bm):
     return [x, A, Bm] if impl.lora_grads else [x]
 
@@ -257,6 +264,7 @@ def bench_training(case, d_in, d_out, dtype, device, impls, timing):
     dy = torch.randn(Bsz * K, T, d_out, device=device, dtype=dtype)
     ref_y = reference(x, W, A, Bm)
     ref_grads = torch.autograd.grad(ref_y, [x, A, Bm], dy)
+    ref_y = ref_y.detach()  # frees its graph: see keep_no_graph
     fields = shape_fields(K, Bsz, T, r, d_in, d_out)
     flops_fwdbwd = 4.0 * Bsz * K * T * d_in * d_out  # the two base GEMMs: y = x W^T, dx = dy W
     rows = []
@@ -329,6 +337,7 @@ def bench_shared(case, d_in, d_out, dtype, device, ours_mode, timing):
     dy_base = dy[:Bsz]  # base_once produces B rows only
     ref_y = reference(xs, W, A, Bm, shared_input=True)
     ref_grads = torch.autograd.grad(ref_y, [xs, A, Bm], dy)
+    ref_y = ref_y.detach()  # frees its graph: see keep_no_graph
     impls = [Impl("base_once", lambda x, W, A, Bm: base_only(x, W), lora_grads=False, checked=False),
              Impl("shared_repeat", shared_repeat_bmm), Impl("shared_once", shared_once_torch),
              *ours_impls(ours_mode, shared_input=True)]

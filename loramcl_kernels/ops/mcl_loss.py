@@ -35,8 +35,8 @@ Design of the 'triton' backend
    target logit; after the last vocab chunk it writes lse and nll at the position's slot of
    (R*T,) arrays. Vocab chunks are the inner loop, so W is streamed once per row chunk. The
    combination order is fixed: deterministic, no atomics.
-   Or, fused (env LORAMCL_MCL_PASS1=fused; auto keeps the chunked path until both are measured
-   on a GPU): per row chunk the rows are gathered, then one persistent Triton GEMM (TMA
+   Or, fused (env LORAMCL_MCL_PASS1=fused; auto takes it for 16-bit operands on Hopper, where it
+   measured faster, see _pass1_path): per row chunk the rows are gathered, then one persistent Triton GEMM (TMA
    descriptors, as the multi-LoRA GEMM) computes each (BM, BN) logits tile in registers and
    leaves only its rows' (max, sum exp(z - max), target logit), 3 values per row and vocab tile;
    a second kernel combines the tiles in vocab order. The fp32 logits never reach memory.
@@ -54,8 +54,10 @@ Design of the 'triton' backend
    winners' supervised positions (1/K of the rows) are compacted the same way; with soft weights
    and a trainable lm_head (or the recompute switch), pass 1's supervised positions are
    compacted again and a row whose w underflowed to 0 contributes through c[r] = 0. Logits are
-   recomputed per chunk with cuBLAS, a Triton row kernel turns them into c * (exp(z - lse) -
-   onehot) (in the operand dtype for the next GEMM, and in fp32 when lm_head grads are needed),
+   recomputed per chunk (half pass 1's buffer: its fp32 logits, their operand-dtype copy and the
+   fp32 d hidden rows are the backward's peak memory) with cuBLAS, a Triton row kernel turns them
+   into c * (exp(z - lse) - onehot) (in the operand dtype for the next GEMM, and in fp32 when
+   lm_head grads are needed),
    then cuBLAS gives d hidden (accumulated in fp32 over vocab chunks, by an fp32-output addmm
    where torch has one) and, when lm_head requires grad, d W (fp32 GEMM into an fp32
    accumulator) and d bias (fp32 column sums). d hidden rows are scattered into a zero (R*T, H)
@@ -689,12 +691,23 @@ def _addmm_fp32_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch) -
     return out.add_(_mm_fp32_into(scratch, a, b))
 
 
-def _chunk_sizes(n_rows: int, V: int, max_rows: Optional[int] = None) -> tuple[int, int]:
+def _chunk_sizes(n_rows: int, V: int, max_rows: Optional[int] = None,
+                 elements: Optional[int] = None) -> tuple[int, int]:
+    """(rows, vocab columns) per logits chunk: at most max_rows rows and `elements` logits."""
     rows = max(1, min(n_rows, max_rows or MAX_ROW_CHUNK))
-    cols = min(V, max(16, LOGITS_CHUNK_ELEMENTS // rows))
+    cols = min(V, max(16, (elements or LOGITS_CHUNK_ELEMENTS) // rows))
     if cols < V:
         cols = max(16, cols // 128 * 128 if cols >= 128 else cols // 16 * 16)
     return rows, cols
+
+
+def _pass2_chunk_sizes(n_rows: int, V: int) -> tuple[int, int]:
+    """Half pass 1's rows and logits per chunk: pass 2 also holds an operand-dtype copy of the
+    logits and the rows' fp32 d hidden, and its GEMMs stay compute-bound (2048 x 4096 chunks with
+    the default buffer). Its peak at small vocab (1792 winner rows, H=2048, V=32000, bf16): fp32
+    logits 32 MiB + their bf16 copy 16 + d hidden 14 + rows 7 = 69 MiB (Cut Cross-Entropy's
+    whole peak there: 0.06 GiB)."""
+    return _chunk_sizes(n_rows, V, max(1, MAX_ROW_CHUNK // 2), max(16, LOGITS_CHUNK_ELEMENTS // 2))
 
 
 def _block_v(n_cols: int) -> tuple[int, int]:
@@ -953,9 +966,7 @@ def _mcl_loss_backward_triton(
         has_bias = bias is not None
         lowp = hidden.dtype != torch.float32
         store_fp32 = (not lowp) or need_weight_grad or need_bias_grad
-        # half pass 1's rows per chunk: pass 2 also holds the rows' fp32 d hidden, and its GEMMs
-        # stay compute-bound (rows x 8192-wide vocab chunks with the default buffer)
-        rows_per_chunk, cols_per_chunk = _chunk_sizes(n_rows, V, max(1, MAX_ROW_CHUNK // 2))
+        rows_per_chunk, cols_per_chunk = _pass2_chunk_sizes(n_rows, V)
         buffer = torch.empty(rows_per_chunk * cols_per_chunk, dtype=torch.float32, device=device)
         buffer_lowp = (
             torch.empty(rows_per_chunk * cols_per_chunk, dtype=hidden.dtype, device=device) if lowp else None

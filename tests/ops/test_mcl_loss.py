@@ -276,6 +276,22 @@ def test_default_chunking_triton_and_vocab_not_multiple_of_tile():
         torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("n_rows, H, V, max_mib", [
+    (1792, 2048, 32000, 70),  # small vocab (DESIGN.md section 3): Cut Cross-Entropy's peak is 0.06 GiB
+    (3584, 4096, 151936, 100),  # dense LM (CCE 0.13 GiB)
+    (128, 4096, 156032, 52),  # captioning (CCE 0.12 GiB)
+])
+def test_pass2_buffers_at_the_benchmark_regimes(n_rows, H, V, max_mib):
+    """Pass 2's buffers at default chunking (bf16): fp32 logits + their bf16 copy + fp32 d hidden
+    + the gathered rows stay within max_mib, under 1.5x CCE's peak, and the vocab chunks stay
+    >= 4096 wide so that its GEMMs remain compute-bound."""
+    rows, cols = mcl_module._pass2_chunk_sizes(n_rows, V)
+    assert rows == min(n_rows, mcl_module.MAX_ROW_CHUNK // 2)
+    assert cols >= min(V, 4096)
+    buffers = rows * cols * (4 + 2) + rows * H * (4 + 2)
+    assert buffers <= max_mib * 2**20
+
+
 # ---------------------------------------------------------------------------------------------
 # Ties, K = 1, pass-2 work
 # ---------------------------------------------------------------------------------------------

@@ -79,10 +79,11 @@ def calls():
             w = empty(512, 256, dtype=dtype)
             a, b = empty(num_hyp, r, 256, dtype=dtype), empty(num_hyp, 512, r, dtype=dtype, offset=offset)
             s = empty(num_hyp, dtype=torch.float32)
-            y, shrink = mll.multi_lora_linear_triton(x, w, None, a, b, s, None, 1)
+            row_div = m // num_hyp if m % num_hyp == 0 and m >= 64 else 1  # runs of rows: per-run shrink tiles
+            y, shrink = mll.multi_lora_linear_triton(x, w, None, a, b, s, None, row_div)
             if path == "decode":
                 continue
-            mll.multi_lora_linear_triton_backward(y, x, w, a, b, s, None, 1, shrink)
+            mll.multi_lora_linear_triton_backward(y, x, w, a, b, s, None, row_div, shrink)
             seed = empty(1, dtype=torch.int64)
             y, shrink = mll.multi_lora_linear_triton(x, w, None, a, b, s, None, 1, seed, 0.1)
             mll.multi_lora_linear_triton_backward(y, x, w, a, b, s, None, 1, shrink, seed, 0.1)

@@ -113,14 +113,17 @@ def main():
         b = torch.empty(num_hyp, 4096, r, dtype=dtype, device=meta)
         s = torch.empty(num_hyp, dtype=torch.float32, device=meta)
         hyp = torch.empty(m, dtype=torch.int64, device=meta) if ids else None
-        y, shrink = mll.multi_lora_linear_triton(x, w, None, a, b, s, hyp, 1)
+        # without ids: runs of m / K rows (the per-run shrink tiles); with ids: one row per id
+        row_div = 1 if ids or path == "decode" else m // num_hyp
+        y, shrink = mll.multi_lora_linear_triton(x, w, None, a, b, s, hyp, row_div)
         if path == "decode":
             continue
-        mll.multi_lora_linear_triton_backward(y, x, w, a, b, s, hyp, 1, shrink)
+        mll.multi_lora_linear_triton_backward(y, x, w, a, b, s, hyp, row_div, shrink)
         if path == "cublas" and dtype == torch.bfloat16:  # LoRA dropout: the shrink, the dx epilogue, dropout(x)
             seed = torch.empty(1, dtype=torch.int64, device=meta)
             y, shrink = mll.multi_lora_linear_triton(x, w, None, a, b, s, hyp, 1, seed, 0.1)
             mll.multi_lora_linear_triton_backward(y, x, w, a, b, s, hyp, 1, shrink, seed, 0.1)
+            mll.multi_lora_linear_triton(x, w, None, a, b, s, None, m // num_hyp, seed, 0.1)  # per-run shrink
         if path == "cublas":
             mll.multi_lora_linear_triton(x, None, None, a, b, s, hyp, 1)  # LoRA delta only
         if not ids:

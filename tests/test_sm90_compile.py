@@ -49,7 +49,11 @@ def test_every_kernel_compiles_for_sm90_within_shared_memory():
     # two decode programs per SM: three stages of (64 + 64) x 128 bf16 tiles
     assert all(v["shared"] <= H100_SHARED_BYTES // 2 for v in partials if v["dtype"] == "bfloat16"), partials
     # the one-pass gradient writes a bf16 P per vocab chunk and scales bf16 rows: vector stores
-    # LoRA dropout variants (the shrink, the dx epilogue, dropout(x) for dA) compile as well
-    assert sum(1 for v in variants if v["constexprs"].get("DROPOUT")) == 2
+    # LoRA dropout variants (the shrink, with all blocks and per run; the dx epilogue; dropout(x)
+    # for dA) compile as well
+    assert sum(1 for v in variants if v["constexprs"].get("DROPOUT")) == 3
+    # the shrink's per-run tiles (block-diagonal runs of a sequence's rows), bf16 loads vectorised
+    runs = [v for v in variants if v["kernel"] == "_shrink_kernel" and v["constexprs"].get("RUNS")]
+    assert len(runs) >= 4 and all(v["scalar_b16_loads"] == 0 for v in runs), runs
     one_pass = [v for v in variants if v["constexprs"].get("KEEP_P") or v["kernel"] == "_scale_rows_kernel"]
     assert len(one_pass) == 3 and all(v["scalar_b16_stores"] == 0 for v in one_pass), one_pass

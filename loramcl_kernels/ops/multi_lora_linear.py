@@ -307,21 +307,69 @@ if triton is not None:
         tl.store(out_ptr + rows * D + offs_d[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _shrink_run_tile(x_ptr, p_ptr, scale_ptr, ids_ptr, out_ptr, seed_ptr, M, D, NUM_HYP, ROW_DIV,
+                         stride_xm, stride_pk, stride_pj, stride_pd, stride_om, dropout_threshold, dropout_scale,
+                         R: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, R_PAD: tl.constexpr,
+                         HAS_IDS: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         DROPOUT: tl.constexpr):
+        """The RUNS tile of _shrink_kernel: program (run, t) takes rows run * ROW_DIV + t * BM + i
+        (i < BM, inside the run), whose hypothesis is h = ids[run] or run % K (-1: all zeros)."""
+        run = tl.program_id(0)
+        in_run = tl.program_id(1) * BM + tl.arange(0, BM)
+        offs_m = run.to(tl.int64) * ROW_DIV + in_run
+        mask_m = (in_run < ROW_DIV) & (offs_m < M)
+        if HAS_IDS:
+            hyp = tl.load(ids_ptr + run).to(tl.int32)
+        else:
+            hyp = run % NUM_HYP
+        j = tl.arange(0, R_PAD)
+        mask_j = j < tl.where(hyp >= 0, R, 0)  # no columns of P for base-only rows
+        p_rows = tl.maximum(hyp, 0).to(tl.int64) * stride_pk + j * stride_pj
+        acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
+        if DROPOUT:
+            row_key = _dropout_row_key(seed_ptr, offs_m)
+        d_end = tl.where(hyp >= 0, D, 0)  # base-only rows (h = -1) read nothing
+        for d0 in range(0, d_end, BD):
+            offs_d = d0 + tl.arange(0, BD)
+            mask_d = offs_d < D
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_d[None, :],
+                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            if DROPOUT:
+                xt = _dropped(xt, row_key, offs_d, dropout_threshold, dropout_scale).to(xt.dtype)
+            pt = tl.load(p_ptr + p_rows[:, None] + offs_d[None, :] * stride_pd,
+                         mask=mask_j[:, None] & mask_d[None, :], other=0.0)
+            acc = tl.dot(xt, tl.trans(pt), acc, input_precision=DOT_PRECISION)
+        if HAS_SCALE:
+            acc = acc * tl.load(scale_ptr + tl.maximum(hyp, 0))
+        out_rows = out_ptr + offs_m[:, None] * stride_om + j[None, :]
+        mask_out = mask_m[:, None] & (j < R)[None, :]
+        for k in range(NUM_HYP):  # block h gets the product, every other block its zeros
+            tl.store(out_rows + k * R, tl.where(k == hyp, acc, 0.0).to(out_ptr.dtype.element_ty), mask=mask_out)
+
+    @triton.jit
     def _shrink_kernel(
         x_ptr, p_ptr, scale_ptr, ids_ptr, out_ptr, seed_ptr,
         M, D, NUM_HYP, ROW_DIV,
         stride_xm, stride_pk, stride_pj, stride_pd, stride_om, dropout_threshold, dropout_scale,
         R: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, R_PAD: tl.constexpr,
         BLOCK_DIAG: tl.constexpr, HAS_IDS: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        DROPOUT: tl.constexpr = False,
+        DROPOUT: tl.constexpr = False, RUNS: tl.constexpr = False,
     ):
         """out (M, K*r) = x P^T, P (K, r, D) addressed by strides, block k scaled by s_k.
 
         BLOCK_DIAG: row m keeps only block h(m) = ids[m // ROW_DIV] (HAS_IDS) or (m // ROW_DIV) % K,
         zeros elsewhere (S_bd); else every block is kept (shared input).
         DROPOUT: x is dropout(x) (_dropped with seed_ptr's seed, kept values times dropout_scale).
-        One program: BM rows x BC columns of the padded (K * R_PAD) column space.
+        One program: BM rows x BC columns of the padded (K * R_PAD) column space; or, RUNS (block
+        diagonal): BM rows of one run of ROW_DIV rows, which all belong to one hypothesis h, so the
+        program reads only P_h and computes only block h (BC = R_PAD), then writes zeros to the
+        other blocks of its rows.
         """
+        if RUNS:
+            _shrink_run_tile(x_ptr, p_ptr, scale_ptr, ids_ptr, out_ptr, seed_ptr, M, D, NUM_HYP, ROW_DIV,
+                             stride_xm, stride_pk, stride_pj, stride_pd, stride_om, dropout_threshold,
+                             dropout_scale, R, BM, BD, R_PAD, HAS_IDS, HAS_SCALE, DOT_PRECISION, DROPOUT)
+            return
         pid_m = tl.program_id(0)
         pid_c = tl.program_id(1)
         offs_m = pid_m * BM + tl.arange(0, BM)
@@ -599,21 +647,29 @@ def _dropout_args(dropout, fallback: Tensor) -> tuple:
 def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_ids: Optional[Tensor],
                    row_div: int, block_diag: bool, dropout=None) -> Tensor:
     """x (M, D) times P (K, r, D) (any strides) -> (M, K*r) in x's dtype (S_bd when block_diag);
-    dropout = (seed, p): dropout(x) instead of x."""
+    dropout = (seed, p): dropout(x) instead of x. Block diagonal with runs of row_div >= BM rows
+    per hypothesis: per-run tiles that read only P_h (see _shrink_kernel's RUNS)."""
     m, d = x.shape
     num_hyp, r, _ = p.shape
     r_pad = _r_pad(r)
     out = torch.empty(m, num_hyp * r, device=x.device, dtype=x.dtype)
     if m == 0:
         return out
-    block_c = r_pad * min(_next_pow2(num_hyp), max(1, 256 // r_pad))
-    # x is read once; many row tiles keep every SM streaming (P, K*r x D, is re-read from L2)
     on_cpu = x.device.type == "cpu"  # CPU tensors only run under the Triton interpreter
     block_m, block_d = (16, 32) if on_cpu else (32, 256 // x.element_size())
+    # Block diagonal with runs of at least a tile of rows per hypothesis (a sequence's tokens):
+    # per-run tiles that read and multiply P_h only. Else every program takes all the blocks of
+    # BC columns and masks them (decode-like runs of few rows, shared input).
+    runs = block_diag and row_div >= block_m and cdiv(row_div, block_m) < 65536  # grid dim 1 limit
+    block_c = r_pad if runs else r_pad * min(_next_pow2(num_hyp), max(1, 256 // r_pad))
+    # x is read once; many row tiles keep every SM streaming (P is re-read from L2)
     # shared memory: (stages - 1) buffers of the x and P tiles (measured by tests/sm90_compile.py)
     stage_bytes = (block_m + block_c) * block_d * x.element_size()
     stages = 1 if on_cpu else (3 if 2 * stage_bytes <= SHARED_MEMORY_BUDGET else 2)
-    grid = (cdiv(m, block_m), cdiv(num_hyp, block_c // r_pad))
+    if runs:
+        grid = (cdiv(m, row_div), cdiv(row_div, block_m))
+    else:
+        grid = (cdiv(m, block_m), cdiv(num_hyp, block_c // r_pad))
     seed, threshold, keep_scale = _dropout_args(dropout, x)
     launch(_shrink_kernel, grid,
         x, p, scaling if scaling is not None else x, hypothesis_ids if hypothesis_ids is not None else x, out, seed,
@@ -621,7 +677,7 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
         x.stride(0), p.stride(0), p.stride(1), p.stride(2), out.stride(0), threshold, keep_scale,
         R=r, BM=block_m, BD=block_d, BC=block_c, R_PAD=r_pad, BLOCK_DIAG=block_diag,
         HAS_IDS=hypothesis_ids is not None, HAS_SCALE=scaling is not None, DOT_PRECISION=_DOT_PRECISION,
-        DROPOUT=dropout is not None, num_warps=4, num_stages=stages,
+        DROPOUT=dropout is not None, RUNS=runs, num_warps=4, num_stages=stages,
     )
     return out
 

@@ -179,6 +179,11 @@ CASES = [
     dict(n=2, tokens=(3,), d_in=20, d_out=12, r=3, num_hyp=4, shared=True, delta_only=True, bias=False),
     dict(n=6, tokens=(2,), d_in=16, d_out=8, r=1, num_hyp=3, ids=[0, 2, -1, 1, 1, 0]),  # rank 1
     dict(n=4, tokens=(), d_in=16, d_out=8, r=1, num_hyp=3, shared=True),  # rank 1: dS_all's reshape is a column view
+    # runs of >= 16 rows per hypothesis (a sequence's tokens): the per-run shrink tiles on the CPU
+    dict(n=6, tokens=(20,), d_in=24, d_out=16, r=3, num_hyp=3),  # a full and a partial tile per run
+    dict(n=4, tokens=(9,), d_in=20, d_out=12, r=4, num_hyp=2, layout="hypothesis_major"),  # runs of 18
+    dict(n=5, tokens=(17,), d_in=24, d_out=8, r=5, num_hyp=3, ids=[2, -1, 0, 1, 1]),  # -1: a run of zeros
+    dict(n=4, tokens=(8,), d_in=16, d_out=12, r=2, num_hyp=2, inner=2, non_contiguous="operands"),
 ]
 
 
@@ -190,6 +195,7 @@ DROPOUT_CASES = [  # LoRA dropout (distinct rows: the op refuses it with shared 
     dict(n=7, tokens=(2,), d_in=100, d_out=36, r=3, num_hyp=3, ids=[0, 2, -1, 1, 1, -1, 0], dropout=0.1),
     dict(n=4, tokens=(3,), d_in=24, d_out=16, r=3, num_hyp=1, dropout=0.3, delta_only=True),
     dict(n=6, tokens=(3,), d_in=16, d_out=8, r=4, num_hyp=3, non_contiguous="operands", dropout=0.2),
+    dict(n=4, tokens=(18,), d_in=24, d_out=16, r=3, num_hyp=2, ids=[1, 0, -1, 1], dropout=0.25),  # per-run tiles
 ]
 
 
@@ -336,6 +342,34 @@ def test_triton_is_deterministic(triton_path):
             for _ in range(2)]
     for first, second in zip(*runs):
         assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("tokens, shared, expect_runs", [
+    (20, False, True),  # runs of 20 rows: per-run tiles (16 rows on the CPU)
+    (4, False, False),  # runs shorter than a tile: every block, masked
+    (20, True, False),  # shared input keeps every block of every row
+])
+def test_shrink_per_run_tiles_when_runs_cover_a_tile(monkeypatch, tokens, shared, expect_runs):
+    """Block-diagonal shrinks whose runs of rows (one hypothesis each) span a tile read only their
+    hypothesis's P_k; the forward and backward shrinks both take that path, and agree with the
+    reference (the oracle cases above check the values in every layout)."""
+    seen = []
+    real_launch = mll.launch
+
+    def recording_launch(kernel, grid, *args, **kwargs):
+        if kernel is mll._shrink_kernel:
+            seen.append(kwargs["RUNS"])
+        return real_launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(mll, "launch", recording_launch)
+    monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "cublas")
+    x, w, b, a, bb, s = make_inputs(6 if not shared else 2, (tokens,), 16, 8, 3, 3, torch.float32, TRITON_DEVICE)
+    fn = lambda *t, backend: multi_lora_linear(*t, s, shared_input=shared, backend=backend)  # noqa: E731
+    got = forward_and_grads(lambda *t: fn(*t, backend="triton"), x, w, b, a, bb)
+    want = forward_and_grads(lambda *t: fn(*t, backend="reference"), x, w, b, a, bb)
+    assert seen == [expect_runs] * (1 if shared else 2)  # the shared backward forms dS by bmm
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
 
 
 def test_shrink_kernel_tiles_many_hypotheses():

@@ -307,6 +307,25 @@ if triton is not None:
         tl.store(out_ptr + rows * D + offs_d[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _rows_times_p_t(x_rows, mask_m, p_rows, mask_p, stride_pd, d_end, D, seed_ptr, offs_m, dropout_threshold,
+                        dropout_scale, acc, BD: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
+        """acc + x[rows, :d_end] P[cols, :d_end]^T (fp32): x_rows (BM, 1) and p_rows (BC,) point at
+        the start of each row; x's columns are contiguous, P's d stride is stride_pd; x is
+        dropout(x) with DROPOUT."""
+        if DROPOUT:
+            row_key = _dropout_row_key(seed_ptr, offs_m)
+        for d0 in range(0, d_end, BD):
+            offs_d = d0 + tl.arange(0, BD)
+            mask_d = offs_d < D
+            xt = tl.load(x_rows + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            if DROPOUT:
+                xt = _dropped(xt, row_key, offs_d, dropout_threshold, dropout_scale).to(xt.dtype)
+            pt = tl.load(p_rows[:, None] + offs_d[None, :] * stride_pd, mask=mask_p[:, None] & mask_d[None, :],
+                         other=0.0)
+            acc = tl.dot(xt, tl.trans(pt), acc, input_precision=DOT_PRECISION)
+        return acc
+
+    @triton.jit
     def _shrink_run_tile(x_ptr, p_ptr, scale_ptr, ids_ptr, out_ptr, seed_ptr, M, D, NUM_HYP, ROW_DIV,
                          stride_xm, stride_pk, stride_pj, stride_pd, stride_om, dropout_threshold, dropout_scale,
                          R: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, R_PAD: tl.constexpr,
@@ -325,20 +344,10 @@ if triton is not None:
         j = tl.arange(0, R_PAD)
         mask_j = j < tl.where(hyp >= 0, R, 0)  # no columns of P for base-only rows
         p_rows = tl.maximum(hyp, 0).to(tl.int64) * stride_pk + j * stride_pj
-        acc = tl.zeros((BM, R_PAD), dtype=tl.float32)
-        if DROPOUT:
-            row_key = _dropout_row_key(seed_ptr, offs_m)
         d_end = tl.where(hyp >= 0, D, 0)  # base-only rows (h = -1) read nothing
-        for d0 in range(0, d_end, BD):
-            offs_d = d0 + tl.arange(0, BD)
-            mask_d = offs_d < D
-            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_d[None, :],
-                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            if DROPOUT:
-                xt = _dropped(xt, row_key, offs_d, dropout_threshold, dropout_scale).to(xt.dtype)
-            pt = tl.load(p_ptr + p_rows[:, None] + offs_d[None, :] * stride_pd,
-                         mask=mask_j[:, None] & mask_d[None, :], other=0.0)
-            acc = tl.dot(xt, tl.trans(pt), acc, input_precision=DOT_PRECISION)
+        acc = _rows_times_p_t(x_ptr + offs_m[:, None] * stride_xm, mask_m, p_ptr + p_rows, mask_j, stride_pd, d_end,
+                              D, seed_ptr, offs_m, dropout_threshold, dropout_scale, tl.zeros((BM, R_PAD), tl.float32),
+                              BD, DOT_PRECISION, DROPOUT)
         if HAS_SCALE:
             acc = acc * tl.load(scale_ptr + tl.maximum(hyp, 0))
         out_rows = out_ptr + offs_m[:, None] * stride_om + j[None, :]
@@ -379,19 +388,9 @@ if triton is not None:
         mask_m = offs_m < M
         mask_c = (blk < NUM_HYP) & (j < R)
         p_rows = blk.to(tl.int64) * stride_pk + j * stride_pj
-        acc = tl.zeros((BM, BC), dtype=tl.float32)
-        if DROPOUT:
-            row_key = _dropout_row_key(seed_ptr, offs_m)
-        for d0 in range(0, D, BD):
-            offs_d = d0 + tl.arange(0, BD)
-            mask_d = offs_d < D
-            xt = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_d[None, :],
-                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            if DROPOUT:
-                xt = _dropped(xt, row_key, offs_d, dropout_threshold, dropout_scale).to(xt.dtype)
-            pt = tl.load(p_ptr + p_rows[:, None] + offs_d[None, :] * stride_pd,
-                         mask=mask_c[:, None] & mask_d[None, :], other=0.0)
-            acc = tl.dot(xt, tl.trans(pt), acc, input_precision=DOT_PRECISION)
+        acc = _rows_times_p_t(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm, mask_m, p_ptr + p_rows, mask_c,
+                              stride_pd, D, D, seed_ptr, offs_m, dropout_threshold, dropout_scale,
+                              tl.zeros((BM, BC), tl.float32), BD, DOT_PRECISION, DROPOUT)
         if HAS_SCALE:
             acc = acc * tl.load(scale_ptr + blk, mask=blk < NUM_HYP, other=0.0)[None, :]
         if BLOCK_DIAG:

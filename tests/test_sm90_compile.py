@@ -46,6 +46,11 @@ def test_every_kernel_compiles_for_sm90_within_shared_memory():
     assert epilogues and partials and finishes
     assert all(v["scalar_b16_stores"] == 0 for v in epilogues if v["dtype"] == "bfloat16"), epilogues
     assert all(v["scalar_b16_loads"] == 0 for v in partials + finishes), partials + finishes
+    # the compute-bound 16-bit GEMMs run on Hopper's warpgroup MMA (wgmma), not per-warp mma.sync
+    gemms = [v for v in variants if v["dtype"] == "bfloat16" and (
+        (v["kernel"] == "_gemm_expand_kernel" and v["constexprs"]["HAS_BASE"])
+        or v["kernel"] in ("_logits_lse_tiles_kernel", "_decode_partial_kernel"))]
+    assert len(gemms) >= 8 and all(v["wgmma"] > 0 and v["mma_sync"] == 0 for v in gemms), gemms
     # two decode programs per SM: three stages of (64 + 64) x 128 bf16 tiles
     assert all(v["shared"] <= H100_SHARED_BYTES // 2 for v in partials if v["dtype"] == "bfloat16"), partials
     # the one-pass gradient writes a bf16 P per vocab chunk and scales bf16 rows: vector stores

@@ -42,8 +42,9 @@ overrides):
           is ceil(K*r / BK) more K-steps over S_bd and B_all (also through TMA when their rows
           are 16-byte aligned, else a per-hypothesis epilogue), bias in the epilogue; with shared
           input the epilogue writes the K outputs of each tile;
-  cublas  cuBLAS for x W^T (+ bias), then a Triton epilogue kernel that adds the expand in place
-          (or writes the K shared-input outputs);
+  cublas  cuBLAS twice: out = S_bd B_all^T (+ bias), a small GEMM, then out += x W^T with
+          beta = 1 (the base GEMM reads out in its epilogue); shared input (K outputs per row)
+          and the dx of LoRA dropout take cuBLAS for x W^T and a Triton epilogue kernel instead;
   decode  (forward of at most DECODE_MAX_ROWS distinct rows) two kernels per forward: split-K
           partial products of x with the rows of [W; A_all] (the shrink is K*r more output
           columns, computed once; W is read once), then one kernel sums the splits, masks the
@@ -700,7 +701,9 @@ def _choose_path(x: Tensor, weight: Optional[Tensor]) -> str:
       1.093 ms fused vs 0.979-1.036 / 1.162 ms cublas at the 8192-row training shapes (r = 8-16 /
       64); with shared input at 780 rows, 0.209 ms fused vs 0.186 ms cublas (224 output tiles:
       under two waves of the persistent GEMM on 132 SMs); fused needs TMA and aligned rows;
-    - cublas in between.
+    - cublas in between. (Its figures above are of the version with a Triton epilogue after the
+      base GEMM; the expand is now a cuBLAS GEMM under the base, predicted faster, not yet
+      measured: FUSED_MIN_ROWS is to be re-decided from the next GPU run.)
     """
     path = os.environ.get("LORAMCL_MULTI_LORA_PATH", "auto").lower()
     if path not in PATHS:
@@ -770,14 +773,30 @@ def _base_then_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out,
                                num_hyp, r, rows_per_group, dropout=dropout)
 
 
+def _expand_then_base(x, weight, w_kn, bias, shrink, e_all, out):
+    """cublas path, one output per row: out = S E_all^T (+ bias) by a small cuBLAS GEMM (inner size
+    K*r), then out += x W^T by cuBLAS with beta = 1, which reads out in its epilogue. The expand
+    costs one write of out (memory bound, ~15 us at 8192 x 4096 bf16) instead of an epilogue
+    kernel's read and write of out after the base GEMM."""
+    if bias is not None:
+        torch.addmm(bias, shrink, e_all.t(), out=out)
+    else:
+        torch.mm(shrink, e_all.t(), out=out)
+    if weight is not None:
+        out.addmm_(x, weight if w_kn else weight.t())
+    return out
+
+
 def _gemm_with_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out, shared_out, num_hyp, r,
-                      rows_per_group=1, stacked_expand=None, shared=False, dropout=None):
-    """The fused path when it applies, else cuBLAS + the Triton epilogue.
+                      rows_per_group=1, stacked_expand=None, dropout=None):
+    """out = x W^T (+ bias) + expand: the fused path when it applies, else cuBLAS.
 
     stacked_expand() gives E_all (N, K*r) contiguous with the scaling folded in: when the rows of S
     and E_all are 16-byte aligned the fused GEMM loads both through TMA descriptors and the expand
     becomes ceil(K*r / BK) extra K-steps (the shared-output mode always uses the per-k epilogue).
-    dropout (dx of the LoRA dropout): the expand is masked on its own, so cuBLAS + the epilogue.
+    On the cublas path it makes the expand a cuBLAS GEMM under the base (_expand_then_base); the
+    Triton epilogue remains for the K outputs of shared input and for dropout (dx of the LoRA
+    dropout, whose expand is masked on its own).
     The kernels read S (M, K*r) with unit column stride (at r = 1, dS_all of shared input is not).
     """
     shrink = _contig_rows(shrink)
@@ -789,6 +808,8 @@ def _gemm_with_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out,
                                        out, False, num_hyp, r, expand_tma=True)
         return _launch_gemm_expand(x, weight, w_kn, None, shrink, e, e_strides, scaling, bias, out,
                                    shared_out, num_hyp, r, rows_per_group)
+    if dropout is None and stacked_expand is not None and not shared_out:
+        return _expand_then_base(x, weight, w_kn, bias, shrink, stacked_expand(), out)
     return _base_then_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out, shared_out, num_hyp, r,
                              rows_per_group, dropout=dropout)
 
@@ -926,7 +947,7 @@ def multi_lora_linear_shared_triton(x, weight, bias, lora_A, lora_B, scaling, nu
     shrink_all = _launch_shrink(x, lora_A, None, None, 1, block_diag=False)  # (G*L, K*r)
     out = torch.empty(x.shape[0] * num_hyp, lora_B.shape[1], device=x.device, dtype=x.dtype)
     y = _gemm_with_expand(x, weight, False, bias, shrink_all, *_b_as_expand(lora_B), scaling, out, True, num_hyp, r,
-                          x.shape[0] // num_groups, shared=True)
+                          x.shape[0] // num_groups)
     return y, shrink_all
 
 
@@ -939,8 +960,7 @@ def multi_lora_linear_shared_triton_backward(grad_y, x, weight, lora_A, lora_B, 
     grad_y_sum = grad_y4.sum(1, dtype=torch.float32).to(x.dtype).reshape(-1, grad_y.shape[-1])
     out = torch.empty(x.shape[0], d_in, device=x.device, dtype=x.dtype)
     grad_x = _gemm_with_expand(grad_y_sum, weight, True, None, grad_shrink_all, *_a_as_expand(lora_A), None, out,
-                               False, num_hyp, r, stacked_expand=lambda: _stack_A(lora_A, x.dtype).t().contiguous(),
-                               shared=True)
+                               False, num_hyp, r, stacked_expand=lambda: _stack_A(lora_A, x.dtype).t().contiguous())
     return grad_x, grad_A, grad_B
 
 

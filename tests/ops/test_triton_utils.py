@@ -22,7 +22,7 @@ def test_launch_matches_tritons_own_launch_on_every_launcher():
     summary = json.loads(proc.stdout.splitlines()[-1])
     assert summary["mismatch_count"] == 0
     launches = summary["launches"]
-    assert len(set(launches.values())) == 1 and launches["triton"] >= 150
+    assert len(set(launches.values())) == 1 and launches["triton"] >= 130
     # the second run through launch() never went through Triton: every launch was a cache hit
     assert summary["recorded_through_triton"]["direct, misses"] == summary["compiled_variants"]
     assert summary["recorded_through_triton"]["direct, hits"] == 0

@@ -103,6 +103,8 @@ from loramcl_kernels.ops._triton_utils import (
     cdiv, contiguous_or_none, device_facts, grouped_tile, launch, next_pow2, on_input_device, set_tma_allocator,
     tma_rows_ok,
 )
+from loramcl_kernels.ops._triton_utils import addmm_out_dtype_supported as _addmm_out_dtype_supported
+from loramcl_kernels.ops._triton_utils import mm_out_dtype_supported as _mm_out_dtype_supported
 
 LAYOUTS = ("batch_major", "hypothesis_major")
 MODES = ("wta", "relaxed", "annealed")
@@ -629,47 +631,6 @@ def _combine_lse_tiles_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-
-_PROBES: dict = {}
-
-
-def _probe_once(name: str, device: torch.device, run) -> bool:
-    """One cached try per (name, device) of run(device) -> bool; CUDA only, an error means no."""
-    key = (name, str(device))
-    if key not in _PROBES:
-        ok = False
-        if device.type == "cuda":
-            try:
-                ok = bool(run(device))
-            except Exception:
-                ok = False
-        _PROBES[key] = ok
-    return _PROBES[key]
-
-
-def _probe_mm(device):
-    a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
-    out = torch.empty(16, 16, dtype=torch.float32, device=device)
-    torch.mm(a, a, out_dtype=torch.float32, out=out)
-    return out[0, 0] == 16.0
-
-
-def _probe_addmm(device):
-    a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
-    c = torch.ones(16, 16, dtype=torch.float32, device=device)
-    torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
-    return (c == 17.0).all()
-
-
-def _mm_out_dtype_supported(device: torch.device) -> bool:
-    """Does torch.mm(a, b, out_dtype=float32) run for 16-bit operands on this device (CUDA)?"""
-    return _probe_once("mm", device, _probe_mm)
-
-
-def _addmm_out_dtype_supported(device: torch.device) -> bool:
-    """Does torch.addmm(c, a, b, out_dtype=float32, out=c) add 16-bit a @ b into fp32 c in place (CUDA)?"""
-    return _probe_once("addmm", device, _probe_addmm)
-
 
 def _mm_fp32_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """out (fp32, contiguous) = a @ b with fp32 accumulation and output."""

@@ -70,6 +70,7 @@ from torch import Tensor
 from loramcl_kernels._backend import requested_backend, resolve_backend
 from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
 from loramcl_kernels.ops._triton_utils import device_facts as _device_facts
+from loramcl_kernels.ops._triton_utils import mm_out_dtype_supported as _mm_out_dtype_supported
 from loramcl_kernels.ops._triton_utils import next_pow2 as _next_pow2
 from loramcl_kernels.ops._triton_utils import SHARED_MEMORY_BUDGET, cdiv, contiguous_or_none, launch, on_input_device
 from loramcl_kernels.ops._triton_utils import set_tma_allocator as _set_tma_allocator
@@ -132,7 +133,11 @@ def _lora_weight_grads(grad_shrink_bd, shrink_bd, x, grad_y, scaling, lora_A, lo
     """
     num_hyp, r, d_in = lora_A.shape
     grad_A = (grad_shrink_bd.t() @ x).view(num_hyp, r, d_in)
-    grad_Bt = (shrink_bd.t() @ grad_y).view(num_hyp, r, grad_y.shape[-1])  # (K, r, d_out)
+    if grad_y.dtype != torch.float32 and _mm_out_dtype_supported(grad_y.device):
+        grad_Bt = torch.mm(shrink_bd.t(), grad_y, out_dtype=torch.float32)  # rounded once, after the scaling
+    else:
+        grad_Bt = shrink_bd.t() @ grad_y
+    grad_Bt = grad_Bt.view(num_hyp, r, grad_y.shape[-1])  # (K, r, d_out)
     # one elementwise kernel scales, transposes to (K, d_out, r) and casts (computed in fp32)
     grad_B = torch.empty_like(lora_B, memory_format=torch.contiguous_format)
     torch.mul(grad_Bt.transpose(1, 2), scaling[:, None, None], out=grad_B)
@@ -773,28 +778,29 @@ def _base_then_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out,
                                num_hyp, r, rows_per_group, dropout=dropout)
 
 
-def _expand_then_base(x, weight, w_kn, bias, shrink, e_all, out):
+def _expand_then_base(x, weight, w_kn, bias, shrink, e_all_t, out):
     """cublas path, one output per row: out = S E_all^T (+ bias) by a small cuBLAS GEMM (inner size
     K*r), then out += x W^T by cuBLAS with beta = 1, which reads out in its epilogue. The expand
     costs one write of out (memory bound, ~15 us at 8192 x 4096 bf16) instead of an epilogue
     kernel's read and write of out after the base GEMM."""
     if bias is not None:
-        torch.addmm(bias, shrink, e_all.t(), out=out)
+        torch.addmm(bias, shrink, e_all_t, out=out)
     else:
-        torch.mm(shrink, e_all.t(), out=out)
+        torch.mm(shrink, e_all_t, out=out)
     if weight is not None:
         out.addmm_(x, weight if w_kn else weight.t())
     return out
 
 
 def _gemm_with_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out, shared_out, num_hyp, r,
-                      rows_per_group=1, stacked_expand=None, dropout=None):
+                      rows_per_group=1, stacked_expand_t=None, dropout=None):
     """out = x W^T (+ bias) + expand: the fused path when it applies, else cuBLAS.
 
-    stacked_expand() gives E_all (N, K*r) contiguous with the scaling folded in: when the rows of S
-    and E_all are 16-byte aligned the fused GEMM loads both through TMA descriptors and the expand
-    becomes ceil(K*r / BK) extra K-steps (the shared-output mode always uses the per-k epilogue).
-    On the cublas path it makes the expand a cuBLAS GEMM under the base (_expand_then_base); the
+    stacked_expand_t() gives E_all^T (K*r, N) with the scaling folded in (A_all is a view of
+    lora_A): when the rows of S and of E_all (made contiguous) are 16-byte aligned the fused GEMM
+    loads both through TMA descriptors and the expand becomes ceil(K*r / BK) extra K-steps (the
+    shared-output mode always uses the per-k epilogue). On the cublas path it makes the expand a
+    cuBLAS GEMM under the base (_expand_then_base); the
     Triton epilogue remains for the K outputs of shared input and for dropout (dx of the LoRA
     dropout, whose expand is masked on its own).
     The kernels read S (M, K*r) with unit column stride (at r = 1, dS_all of shared input is not).
@@ -802,14 +808,14 @@ def _gemm_with_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out,
     shrink = _contig_rows(shrink)
     if dropout is None and _choose_path(x, weight) == "fused":
         weight = weight.contiguous()
-        if stacked_expand is not None and not shared_out and _tma_ok(shrink):
-            e_all = stacked_expand()
+        if stacked_expand_t is not None and not shared_out and _tma_ok(shrink):
+            e_all = stacked_expand_t().t().contiguous()
             return _launch_gemm_expand(x, weight, w_kn, None, shrink, e_all, (0, e_all.stride(0), 1), None, bias,
                                        out, False, num_hyp, r, expand_tma=True)
         return _launch_gemm_expand(x, weight, w_kn, None, shrink, e, e_strides, scaling, bias, out,
                                    shared_out, num_hyp, r, rows_per_group)
-    if dropout is None and stacked_expand is not None and not shared_out:
-        return _expand_then_base(x, weight, w_kn, bias, shrink, stacked_expand(), out)
+    if dropout is None and stacked_expand_t is not None and not shared_out:
+        return _expand_then_base(x, weight, w_kn, bias, shrink, stacked_expand_t(), out)
     return _base_then_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out, shared_out, num_hyp, r,
                              rows_per_group, dropout=dropout)
 
@@ -916,7 +922,7 @@ def multi_lora_linear_triton(x, weight, bias, lora_A, lora_B, scaling, hypothesi
     shrink_bd = _launch_shrink(x, lora_A, None, hypothesis_ids, row_div, block_diag=True, dropout=dropout)
     out = torch.empty(x.shape[0], lora_B.shape[1], device=x.device, dtype=x.dtype)
     y = _gemm_with_expand(x, weight, False, bias, shrink_bd, *_b_as_expand(lora_B), scaling, out, False, num_hyp, r,
-                          stacked_expand=lambda: _stack_B(lora_B, scaling, x.dtype))
+                          stacked_expand_t=lambda: _stack_B(lora_B, scaling, x.dtype).t())
     return y, shrink_bd
 
 
@@ -933,7 +939,7 @@ def multi_lora_linear_triton_backward(grad_y, x, weight, lora_A, lora_B, scaling
     grad_shrink_bd = _launch_shrink(grad_y, lora_Bt, scaling, hypothesis_ids, row_div, block_diag=True)
     out = torch.empty(grad_y.shape[0], d_in, device=x.device, dtype=x.dtype)
     grad_x = _gemm_with_expand(grad_y, weight, True, None, grad_shrink_bd, *_a_as_expand(lora_A), None, out, False,
-                               num_hyp, r, stacked_expand=lambda: _stack_A(lora_A, x.dtype).t().contiguous(),
+                               num_hyp, r, stacked_expand_t=lambda: _stack_A(lora_A, x.dtype),
                                dropout=dropout)
     x_lora = x if dropout is None else _launch_dropout_rows(x, dropout)
     grad_A, grad_B = _lora_weight_grads(grad_shrink_bd, shrink_bd, x_lora, grad_y, scaling, lora_A, lora_B)
@@ -960,7 +966,7 @@ def multi_lora_linear_shared_triton_backward(grad_y, x, weight, lora_A, lora_B, 
     grad_y_sum = grad_y4.sum(1, dtype=torch.float32).to(x.dtype).reshape(-1, grad_y.shape[-1])
     out = torch.empty(x.shape[0], d_in, device=x.device, dtype=x.dtype)
     grad_x = _gemm_with_expand(grad_y_sum, weight, True, None, grad_shrink_all, *_a_as_expand(lora_A), None, out,
-                               False, num_hyp, r, stacked_expand=lambda: _stack_A(lora_A, x.dtype).t().contiguous())
+                               False, num_hyp, r, stacked_expand_t=lambda: _stack_A(lora_A, x.dtype))
     return grad_x, grad_A, grad_B
 
 

@@ -304,6 +304,34 @@ def test_decode_path_over_splits_row_blocks_and_column_tiles(monkeypatch, dtype,
     assert mll._decode_config(70, 200, 40 + 15, 4, on_cpu=True)[3] == 64  # 4 splits over d_in = 200
 
 
+def test_grad_B_rounds_once_with_the_fp32_output_gemm(monkeypatch):
+    """Where torch has the fp32-output GEMM (CUDA), dB_k = s_k (dy^T S_bd) is scaled in fp32 and
+    rounded once to fp16: within half an ulp (+ the fp32 sums' error) of the value formed from the
+    same fp16 dy and S_bd in fp64. The CPU has no such GEMM, so it is emulated here by an fp32
+    product; without it dB is rounded twice (product, then scaled)."""
+    real_mm = torch.mm
+
+    def mm(a, b, *, out_dtype=None, out=None):
+        if out_dtype is None:
+            return real_mm(a, b) if out is None else real_mm(a, b, out=out)
+        return real_mm(a.to(out_dtype), b.to(out_dtype))
+
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(mll, "_mm_out_dtype_supported", lambda device: True)
+    torch.manual_seed(0)
+    num_hyp, r, m, d_out = 3, 4, 64, 48
+    shrink_bd = (torch.randn(m, num_hyp * r) * 3).half()
+    grad_y = (torch.randn(m, d_out) * 3).half()
+    scaling = torch.tensor([0.37, 1.9, 5.3])
+    lora_A, lora_B = torch.empty(num_hyp, r, 8).half(), torch.empty(num_hyp, d_out, r).half()
+    _, grad_B = mll._lora_weight_grads(torch.zeros(m, num_hyp * r).half(), shrink_bd, torch.zeros(m, 8).half(),
+                                       grad_y, scaling, lora_A, lora_B)
+    exact = (shrink_bd.double().t() @ grad_y.double()).view(num_hyp, r, d_out).transpose(1, 2)
+    exact = exact * scaling.double()[:, None, None]
+    ulp = torch.finfo(torch.float16).eps * exact.abs().clamp(min=2.0**-14)  # one ulp of each value, at most
+    assert ((grad_B.double() - exact).abs() <= 0.5 * ulp + 1e-6 * exact.abs().max()).all()
+
+
 class _Counting:
     """A kernel whose launches (kernel[grid](...)) are recorded by name."""
 

@@ -119,3 +119,17 @@ def test_ratios_and_targets(smoke_run):
             assert row["status"] is None  # CPU times are not judged against the GPU targets
             ratio = row.get("ratio_to_base", row.get("ratio_to_repeat"))
             assert ratio is not None and math.isfinite(ratio) and ratio > 0
+
+
+@pytest.mark.parametrize("script, says", [
+    ("profile_multi_lora.py", "no GPU: nothing to profile"),
+    ("profile_mcl_loss.py", "no GPU: nothing to profile"),
+    ("sweep_decode.py", "no GPU: nothing to sweep"),
+])
+def test_gpu_only_scripts_say_so_and_exit_0_without_a_gpu(script, says):
+    """The profiling and sweep scripts (GPU only) import, say there is nothing to do and exit 0."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "benchmarks", script)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == says

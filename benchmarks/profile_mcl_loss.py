@@ -2,7 +2,7 @@
 
 python benchmarks/profile_mcl_loss.py [--regimes captioning,"small vocab"] [--modes wta,relaxed] [--pass1 auto]
 For each regime of bench_mcl_loss.py (lm_head frozen, bf16): the forward alone and forward+backward
-under CUDA events (median of 10), the GEMM floors of each (forward 2*K*n*H*V, hard WTA's backward
+(median ms, as the benchmark times them), the GEMM floors of each (forward 2*K*n*H*V, hard WTA's backward
 4*n_win*H*V at 781 TFLOP/s), and torch.profiler's CUDA kernel table of 10 forward+backward calls:
 what separates a regime from its floor.
 """
@@ -14,18 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_mcl_loss import GPU_REGIMES, MODES, PEAK_TFLOPS, make_inputs  # noqa: E402
-
-
-def median_ms(fn, reps=10):
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+from benchmarks.common import time_ms  # noqa: E402
 
 
 def main():
@@ -59,8 +48,8 @@ def main():
             for _ in range(3):
                 fwd_bwd()
             with torch.no_grad():
-                fwd_ms = median_ms(forward)
-            total_ms = median_ms(fwd_bwd)
+                fwd_ms = time_ms(forward)
+            total_ms = time_ms(fwd_bwd)
             rows = B * n_sup  # supervised positions per hypothesis
             floor_fwd = 2 * K * rows * H * V / PEAK_TFLOPS / 1e9
             floor_bwd = 4 * rows * H * V / PEAK_TFLOPS / 1e9 if mode == "wta" else 0.0

@@ -800,9 +800,8 @@ def _gemm_with_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out,
     lora_A): when the rows of S and of E_all (made contiguous) are 16-byte aligned the fused GEMM
     loads both through TMA descriptors and the expand becomes ceil(K*r / BK) extra K-steps (the
     shared-output mode always uses the per-k epilogue). On the cublas path it makes the expand a
-    cuBLAS GEMM under the base (_expand_then_base); the
-    Triton epilogue remains for the K outputs of shared input and for dropout (dx of the LoRA
-    dropout, whose expand is masked on its own).
+    cuBLAS GEMM under the base (_expand_then_base); the Triton epilogue remains for the K outputs
+    of shared input and for dropout (dx of the LoRA dropout, whose expand is masked on its own).
     The kernels read S (M, K*r) with unit column stride (at r = 1, dS_all of shared input is not).
     """
     shrink = _contig_rows(shrink)

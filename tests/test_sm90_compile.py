@@ -17,8 +17,9 @@ H100_SHARED_BYTES = 232448  # as in tests/sm90_compile.py
 KERNELS = {
     "_shrink_kernel", "_gemm_expand_kernel", "_decode_partial_kernel", "_decode_finish_kernel",  # multi_lora_linear
     "_dropout_rows_kernel",
+    "_row_counts_kernel", "_compact_positions_kernel",  # mcl_loss, the supervised positions
     "_lse_chunk_kernel", "_sequence_weights_kernel", "_grad_logits_chunk_kernel",  # mcl_loss, chunked
-    "_scale_rows_kernel",  # mcl_loss, the one-pass gradient of soft weights
+    "_scatter_rows_kernel",  # mcl_loss, d hidden rows to their positions (scaled: the one-pass gradient)
     "_logits_lse_tiles_kernel", "_combine_lse_tiles_kernel",  # mcl_loss, fused pass 1
 }
 
@@ -35,7 +36,7 @@ def test_every_kernel_compiles_for_sm90_within_shared_memory():
     summary, variants = records[-1], records[:-1]
     assert summary["over_shared_memory"] == []
     assert {v["kernel"] for v in variants} == KERNELS
-    assert {v["dtype"] for v in variants} == {"bfloat16", "float32"}
+    assert {v["dtype"] for v in variants} == {"bfloat16", "float32", "int64"}  # int64: the label kernels
     assert summary["variants"] == len(variants) >= 40
     # Vectorised 16-bit tiles: scalar 2-byte stores in the cublas-path epilogue once made it 4.6x
     # slower than its byte floor on an H200; the decode kernels' loads (x, W, A; B) vectorise.
@@ -60,5 +61,8 @@ def test_every_kernel_compiles_for_sm90_within_shared_memory():
     # the shrink's per-run tiles (block-diagonal runs of a sequence's rows), bf16 loads vectorised
     runs = [v for v in variants if v["kernel"] == "_shrink_kernel" and v["constexprs"].get("RUNS")]
     assert len(runs) >= 4 and all(v["scalar_b16_loads"] == 0 for v in runs), runs
-    one_pass = [v for v in variants if v["constexprs"].get("KEEP_P") or v["kernel"] == "_scale_rows_kernel"]
+    one_pass = [v for v in variants if v["constexprs"].get("KEEP_P") or v["constexprs"].get("SCALE")]
     assert len(one_pass) == 3 and all(v["scalar_b16_stores"] == 0 for v in one_pass), one_pass
+    # d hidden's rows reach their positions as 16-byte vectors in pass 2 too
+    scatters = [v for v in variants if v["kernel"] == "_scatter_rows_kernel"]
+    assert len(scatters) == 2 and all(v["scalar_b16_stores"] == 0 for v in scatters), scatters

@@ -24,10 +24,17 @@ d bias = column sums. Rows with w = 0 contribute nothing; the losers of hard WTA
 
 Design of the 'triton' backend
 ------------------------------
-1. Compaction. The supervised mask of the (R*T) positions is built on the device; a stable
-   argsort of ~mask puts the supervised positions first, in row-major order, with a fixed-size
-   result (no torch.nonzero). Unsupervised positions then cost nothing: with captioning shapes
-   (32 of 780 positions supervised) the GEMMs see 4 % of the rows.
+1. Compaction. Two small Triton kernels, one program per hidden row each, read the labels where
+   they are (shift, shared or per-row labels, the layout) and write the supervised positions
+   r*T + t and their targets in row-major order into fixed-size (R*T,) arrays: the first counts
+   each row's supervised positions and bad labels, the second places a row's positions after
+   those of the rows before it (a prefix sum of the counts, then a cumulative sum within the
+   row) and writes the totals. No sort, no torch.nonzero, two launches where torch ops took ~15.
+   Unsupervised positions then cost nothing: with captioning shapes (32 of 780 positions
+   supervised) the GEMMs see 4 % of the rows. Pass 2 compacts the same way, keeping only the
+   rows of non-zero weight. The kernels that follow read the rest where it lives (each row's
+   coefficient c[r] from the weights and counts, lse at its position) instead of gathering it
+   with torch ops.
 2. Pass 1 (all K hypotheses): for row chunks x vocab chunks, one cuBLAS GEMM writes fp32 logits
    (bf16/fp16 operands, fp32 accumulation and output) into one reused buffer of
    LOGITS_CHUNK_ELEMENTS elements (64 MiB by default: memory O(chunk x V_chunk), never rows x V);
@@ -41,8 +48,8 @@ Design of the 'triton' backend
    leaves only its rows' (max, sum exp(z - max), target logit), 3 values per row and vocab tile;
    a second kernel combines the tiles in vocab order. The fp32 logits never reach memory.
 3. A small Triton kernel, one program per sequence, sums nll over t for each k (fixed order),
-   divides by the count, takes the argmin (ties -> lowest k) and writes the weights. The loss is
-   a torch reduction of w * L. No host sync.
+   divides by the count, takes the argmin (ties -> lowest k), writes the weights and sum_k w L;
+   the loss is the mean of that over sequences. No host sync.
 4. Soft weights (relaxed with epsilon > 0, annealed, or K = 1) with a frozen lm_head: every
    w > 0, so every supervised row needs d hidden, and d hidden[p] = c[r] * (softmax(z_p) -
    onehot) W where only the scalar c[r] waits for the weights. Pass 1 therefore also forms
@@ -60,17 +67,18 @@ Design of the 'triton' backend
    lm_head grads are needed),
    then cuBLAS gives d hidden (accumulated in fp32 over vocab chunks, by an fp32-output addmm
    where torch has one) and, when lm_head requires grad, d W (fp32 GEMM into an fp32
-   accumulator) and d bias (fp32 column sums). d hidden rows are scattered into a zero (R*T, H)
-   tensor (unique rows, deterministic).
+   accumulator) and d bias (fp32 column sums). A Triton kernel scatters the d hidden rows into
+   a zero (R*T, H) tensor, rounding once (unique rows, deterministic).
 
 Host syncs. cuBLAS needs the number of compacted rows on the host. The forward reads (number of
 supervised positions n_rows, number of out-of-range labels) in one .tolist(), which also serves
-the label check, and returns n_rows as `pass1_rows`, an int64 CPU tensor of shape () that autograd
-saves for the backward. The backward reads it with int() (host memory, no device sync) and derives
-its own count (or, with the one-pass gradient of soft weights, reads nothing: the kept rows carry
-their count): n_rows with soft weights or K = 1; n_rows // K with hard weights and labels (B, T)
-shared by the hypotheses (one winner row per sequence, whose supervised count is the sequence's).
-So a forward + backward costs one sync. The exception is hard weights with per-row labels (B*K, T),
+the label check; only the two compaction kernels are launched before it, since after a sync the
+GPU idles while the host launches the next kernels. It returns n_rows as `pass1_rows`, an int64
+CPU tensor of shape () that autograd saves for the backward. The backward reads it with int()
+(host memory, no device sync) and derives its own count (or, with the one-pass gradient of soft
+weights, reads nothing: the kept rows carry their count): n_rows with soft weights or K = 1;
+n_rows // K with hard weights and labels (B, T) shared by the hypotheses (one winner row per
+sequence, whose supervised count is the sequence's). So a forward + backward costs one sync. The exception is hard weights with per-row labels (B*K, T),
 K > 1: the winners' supervised count is data-dependent and the backward reads it with one .item().
 Each sync sits outside every kernel, inside the custom op's body: the op is opaque to
 torch.compile, so torch.compile(fullgraph=True) traces through it (CUDA-graph capture of the op
@@ -340,6 +348,135 @@ def _mcl_loss_backward_reference(
 
 
 @triton.jit
+def _row_kb(r, K, B, BATCH_MAJOR: tl.constexpr):
+    """(k, b) of hidden row r: batch_major r = b*K + k, hypothesis_major r = k*B + b."""
+    if BATCH_MAJOR:
+        return r % K, r // K
+    return r // B, r % B
+
+
+@triton.jit
+def _position_targets(labels_ptr, r, ts, T, K, B, stride_label_row, stride_label_t, ignore_index,
+                      SHARED_LABELS: tl.constexpr, BATCH_MAJOR: tl.constexpr, SHIFT: tl.constexpr):
+    """int64 targets of the positions (r, ts), ts < T: the label each predicts (labels[b(r), t + 1]
+    with shift and labels (B, T) shared by the hypotheses; labels[r, t] per row, no shift), and
+    ignore_index where none (the last position with shift)."""
+    label_row = r
+    if SHARED_LABELS:
+        label_row = _row_kb(r, K, B, BATCH_MAJOR)[1]
+    cols = ts
+    if SHIFT:
+        cols = ts + 1
+    valid = cols < T
+    ptrs = labels_ptr + label_row.to(tl.int64) * stride_label_row + cols.to(tl.int64) * stride_label_t
+    labels = tl.load(ptrs, mask=valid, other=0).to(tl.int64)
+    return tl.where(valid, labels, ignore_index)
+
+
+@triton.jit
+def _row_counts_kernel(
+    labels_ptr,  # (B, T) or (R, T) integer labels, any strides
+    row_count_ptr,  # (R,) int32 out: supervised positions of each hidden row
+    row_bad_ptr,  # (R,) int32 out: their labels outside [0, V) (shared labels: on k = 0 rows only)
+    position_lse_ptr,  # (R*T,) fp32 out: zeroed (pass 1 fills the supervised positions)
+    position_nll_ptr,  # (R*T,) fp32 out: zeroed
+    T, K, B, V, stride_label_row, stride_label_t, ignore_index,
+    SHARED_LABELS: tl.constexpr,
+    BATCH_MAJOR: tl.constexpr,
+    SHIFT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """One program per hidden row r: count its supervised positions and bad labels, zero its slots
+    of the per-position arrays."""
+    r = tl.program_id(0)
+    supervised = tl.zeros([BLOCK_T], dtype=tl.int32)
+    bad = tl.zeros([BLOCK_T], dtype=tl.int32)
+    row_start = r.to(tl.int64) * T
+    for t0 in range(0, T, BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)
+        target = _position_targets(labels_ptr, r, ts, T, K, B, stride_label_row, stride_label_t, ignore_index,
+                                   SHARED_LABELS, BATCH_MAJOR, SHIFT)
+        is_supervised = (target != ignore_index) & (ts < T)
+        supervised += is_supervised.to(tl.int32)
+        bad += (is_supervised & ((target < 0) | (target >= V))).to(tl.int32)
+        tl.store(position_lse_ptr + row_start + ts, 0.0, mask=ts < T)
+        tl.store(position_nll_ptr + row_start + ts, 0.0, mask=ts < T)
+    tl.store(row_count_ptr + r, tl.sum(supervised, 0))
+    n_bad = tl.sum(bad, 0)
+    if SHARED_LABELS:  # the K rows of a sequence read one label row: count it once
+        n_bad = tl.where(_row_kb(r, K, B, BATCH_MAJOR)[0] == 0, n_bad, 0)
+    tl.store(row_bad_ptr + r, n_bad)
+
+
+@triton.jit
+def _compact_positions_kernel(
+    labels_ptr,  # (B, T) or (R, T) integer labels, any strides
+    row_count_ptr,  # (R,) int32 supervised positions per row (_row_counts_kernel)
+    row_bad_ptr,  # (R,) int32 bad labels per row, read when COUNT_BAD
+    weights_ptr,  # (K, B) fp32 weights, read when ROW_WEIGHTS
+    positions_ptr,  # (R*T,) int64 out: the active supervised positions r*T + t first, row-major
+    targets_ptr,  # (R*T,) int64 out: their targets, in the same slots
+    counts_ptr,  # (2,) int64 out: number of active supervised positions, number of bad labels
+    R, T, K, B, stride_label_row, stride_label_t, ignore_index,
+    SHARED_LABELS: tl.constexpr,
+    BATCH_MAJOR: tl.constexpr,
+    SHIFT: tl.constexpr,
+    ROW_WEIGHTS: tl.constexpr,  # active rows: weight w[k(r), b(r)] != 0 (else every row)
+    COUNT_BAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """One program per hidden row r: its active supervised positions, ascending, go to the slots
+    offset_r + 0, 1, ..., offset_r = the active supervised positions of the rows before r: the
+    order of a stable sort of the mask (the row-major order), with no sort and no host sync. The
+    last program writes the counts."""
+    r = tl.program_id(0)
+    offset = tl.zeros([BLOCK_R], dtype=tl.int64)
+    for j0 in range(0, r, BLOCK_R):  # prefix sum over the rows before r (fixed, deterministic)
+        js = j0 + tl.arange(0, BLOCK_R)
+        count = tl.load(row_count_ptr + js, mask=js < r, other=0).to(tl.int64)
+        if ROW_WEIGHTS:
+            k, b = _row_kb(js, K, B, BATCH_MAJOR)
+            count = tl.where(tl.load(weights_ptr + k * B + b, mask=js < r, other=0.0) != 0.0, count, 0)
+        offset += count
+    slot = tl.sum(offset, 0)
+    own = tl.load(row_count_ptr + r).to(tl.int64)  # this row's active supervised positions
+    if ROW_WEIGHTS:
+        k, b = _row_kb(r, K, B, BATCH_MAJOR)
+        own = tl.where(tl.load(weights_ptr + k * B + b) != 0.0, own, 0)
+    if r == R - 1:
+        tl.store(counts_ptr, slot + own)
+        n_bad = tl.zeros([BLOCK_R], dtype=tl.int64)
+        if COUNT_BAD:
+            for j0 in range(0, R, BLOCK_R):
+                js = j0 + tl.arange(0, BLOCK_R)
+                n_bad += tl.load(row_bad_ptr + js, mask=js < R, other=0).to(tl.int64)
+        tl.store(counts_ptr + 1, tl.sum(n_bad, 0))
+    row_start = r.to(tl.int64) * T
+    for t0 in range(0, tl.where(own > 0, T, 0), BLOCK_T):  # an inactive row writes nothing
+        ts = t0 + tl.arange(0, BLOCK_T)
+        target = _position_targets(labels_ptr, r, ts, T, K, B, stride_label_row, stride_label_t, ignore_index,
+                                   SHARED_LABELS, BATCH_MAJOR, SHIFT)
+        keep = (target != ignore_index) & (ts < T)
+        rank = tl.cumsum(keep.to(tl.int32), 0)  # 1-based rank among this block's kept positions
+        out = slot + rank - 1
+        tl.store(positions_ptr + out, row_start + ts, mask=keep)
+        tl.store(targets_ptr + out, target, mask=keep)
+        slot += tl.sum(keep.to(tl.int32), 0)
+
+
+@triton.jit
+def _row_coefficient(r, grad_ptr, weights_ptr, row_count_ptr, K, B,
+                     BATCH_MAJOR: tl.constexpr, MEAN: tl.constexpr):
+    """c[r] = grad * w[k(r), b(r)] / B (/ max(count[r], 1) for "mean"): d loss / d nll[r, t], fp32."""
+    k, b = _row_kb(r, K, B, BATCH_MAJOR)
+    c = tl.load(weights_ptr + k * B + b) * (tl.load(grad_ptr).to(tl.float32) / B)
+    if MEAN:
+        c = c / tl.maximum(tl.load(row_count_ptr + r), 1).to(tl.float32)
+    return c
+
+
+@triton.jit
 def _load_logits(row_ptr, bias_ptr, v_start, c0, n_cols, BLOCK_V: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Columns c0 .. c0 + BLOCK_V of one row of a logits chunk (+ bias) in fp32, -inf past n_cols."""
     cols = c0 + tl.arange(0, BLOCK_V)
@@ -435,6 +572,7 @@ def _sequence_weights_kernel(
     nll_ptr,  # (K, B) fp32 out: L[k, b]
     winners_ptr,  # (B,) int64 out
     weights_ptr,  # (K, B) fp32 out
+    sequence_loss_ptr,  # (B,) fp32 out: sum_k w[k, b] L[k, b] (the loss is its mean)
     B,
     K,
     T,
@@ -446,7 +584,7 @@ def _sequence_weights_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    """One program per sequence b: L[:, b] (fixed summation order), argmin, weights."""
+    """One program per sequence b: L[:, b] (fixed summation order), argmin, weights, w . L."""
     b = tl.program_id(0)
     ks = tl.arange(0, BLOCK_K)
     seq = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -485,6 +623,7 @@ def _sequence_weights_kernel(
     tl.store(nll_ptr + ks * B + b, seq, mask=valid)
     tl.store(weights_ptr + ks * B + b, w, mask=valid)
     tl.store(winners_ptr + b, winner.to(tl.int64))
+    tl.store(sequence_loss_ptr + b, tl.sum(tl.where(valid, w * seq, 0.0), 0))
 
 
 @triton.jit
@@ -492,23 +631,30 @@ def _grad_logits_chunk_kernel(
     logits_ptr,  # (rows, n_cols) fp32 logits; overwritten with the fp32 gradient if STORE_FP32
     grad_lowp_ptr,  # (rows, n_cols) gradient in the GEMM operand dtype if STORE_LOWP
     bias_ptr,
-    target_ptr,  # (rows,) int64
-    lse_ptr,  # (rows,) fp32
-    coef_ptr,  # (rows,) fp32 c[r]
+    target_ptr,  # (rows,) int64 target of each row
+    position_ptr,  # (rows,) int64 flat position r*T + t of each row
+    position_lse_ptr,  # (R*T,) fp32 lse per position (pass 1)
+    grad_ptr,  # () d loss
+    weights_ptr,  # (K, B) fp32 weights
+    row_count_ptr,  # (R,) int32 supervised positions per row
     n_cols,
     v_start,
     stride_row,
+    T, K, B,
     HAS_BIAS: tl.constexpr,
     STORE_FP32: tl.constexpr,
     STORE_LOWP: tl.constexpr,
+    BATCH_MAJOR: tl.constexpr,
+    MEAN: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """One program per row: g = c * (exp(z - lse) - onehot(target)) over one vocab chunk."""
+    """One program per row: g = c[r] * (exp(z - lse) - onehot(target)) over one vocab chunk."""
     row = tl.program_id(0)
     offset = row.to(tl.int64) * stride_row
     target_col = tl.load(target_ptr + row) - v_start
-    lse = tl.load(lse_ptr + row)
-    coef = tl.load(coef_ptr + row)
+    position = tl.load(position_ptr + row)
+    lse = tl.load(position_lse_ptr + position)
+    coef = _row_coefficient(position // T, grad_ptr, weights_ptr, row_count_ptr, K, B, BATCH_MAJOR, MEAN)
     for c0 in range(0, n_cols, BLOCK_V):
         z, cols, in_range = _load_logits(logits_ptr + offset, bias_ptr, v_start, c0, n_cols, BLOCK_V, HAS_BIAS)
         g = coef * (tl.exp(z - lse) - tl.where(cols == target_col, 1.0, 0.0))
@@ -519,23 +665,29 @@ def _grad_logits_chunk_kernel(
 
 
 @triton.jit
-def _scale_rows_kernel(
-    rows_ptr,  # (n, H) kept gradient rows (softmax - onehot) W, in the input dtype
+def _scatter_rows_kernel(
+    rows_ptr,  # (n, H) rows: pass 2's fp32 d hidden, or the one-pass (softmax - onehot) W
     position_ptr,  # (n,) int64 flat position r*T + t of each row
-    coef_ptr,  # (R,) fp32 c[r]
-    out_ptr,  # (R*T, H) d hidden, zero-initialised; row position[i] <- c[r] * rows[i]
-    H,
-    T,
+    out_ptr,  # (R*T, H) d hidden, zero-initialised: row position[i] <- (c[r] *) rows[i]
+    grad_ptr,  # () d loss, read when SCALE
+    weights_ptr,  # (K, B) fp32 weights, read when SCALE
+    row_count_ptr,  # (R,) int32, read when SCALE
+    H, T, K, B,
+    SCALE: tl.constexpr,
+    BATCH_MAJOR: tl.constexpr,
+    MEAN: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """The one-pass backward: one program per (kept row, BLOCK_H columns), fp32 product, one rounding."""
+    """One program per (row, BLOCK_H columns): scatter a row of d hidden to its position, scaled by
+    c[r] in fp32 when SCALE (the one-pass backward), rounded once to d hidden's dtype."""
     i = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = cols < H
     position = tl.load(position_ptr + i)
-    coef = tl.load(coef_ptr + position // T)
     g = tl.load(rows_ptr + i.to(tl.int64) * H + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + position * H + cols, (coef * g).to(out_ptr.dtype.element_ty), mask=mask)
+    if SCALE:
+        g = g * _row_coefficient(position // T, grad_ptr, weights_ptr, row_count_ptr, K, B, BATCH_MAJOR, MEAN)
+    tl.store(out_ptr + position * H + cols, g.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -728,7 +880,8 @@ def _fused_config(device: torch.device, dtype: torch.dtype) -> dict:
 
 
 def _pass1_fused(h2, positions, targets, w, bias, position_lse, position_nll):
-    """lse and nll of the rows at `positions` into position_lse / position_nll, logits never stored.
+    """lse and nll of the rows at `positions` (targets: theirs) into position_lse / position_nll,
+    logits never stored.
 
     Per row chunk: gather the rows (TMA needs them contiguous), one persistent GEMM that leaves
     (max, sum-exp, target logit) per (row, vocab tile) in `part` (3 x rows x cdiv(V, BN) fp32,
@@ -745,8 +898,7 @@ def _pass1_fused(h2, positions, targets, w, bias, position_lse, position_nll):
     for r0 in range(0, n_rows, rows_per_chunk):
         pos = positions[r0 : r0 + rows_per_chunk]
         nr = pos.numel()
-        rows = h2.index_select(0, pos)
-        tgt = targets.index_select(0, pos)
+        rows, tgt = h2.index_select(0, pos), targets[r0 : r0 + rows_per_chunk]
         programs = min(num_sms, cdiv(nr, block_m) * num_pn)
         launch(_logits_lse_tiles_kernel, (programs,),
             rows, w, bias if bias is not None else rows, tgt, part, nr, V, H, nr * num_pn, programs,
@@ -759,18 +911,46 @@ def _pass1_fused(h2, positions, targets, w, bias, position_lse, position_nll):
         )
 
 
-def _row_chunk(h2, targets, pos):
-    """The rows of hidden at `pos`, their targets, and a fresh online log-sum-exp state for them:
-    running max (a finite floor), sum of exp(z - max), target logit (fp32)."""
-    nr, device = pos.numel(), h2.device
-    return (h2.index_select(0, pos), targets.index_select(0, pos),
-            torch.full((nr,), -1.0e30, dtype=torch.float32, device=device),
+def _online_lse_state(nr, device):
+    """A fresh online log-sum-exp state for nr rows: running max (a finite floor), sum of
+    exp(z - max), target logit (fp32)."""
+    return (torch.full((nr,), -1.0e30, dtype=torch.float32, device=device),
             torch.zeros(nr, dtype=torch.float32, device=device), torch.zeros(nr, dtype=torch.float32, device=device))
 
 
-def _compact(mask: torch.Tensor) -> torch.Tensor:
-    """(N,) bool -> (N,) int64 permutation: True positions first, each group in index order."""
-    return torch.argsort((~mask).to(torch.uint8), stable=True)
+def _supervised_positions(labels, R, T, K, layout, shift_labels, ignore_index, row_count, *, V=None,
+                          position_lse=None, position_nll=None, weights=None):
+    """Compacts the supervised positions on the device, in row-major order (a stable sort of the
+    mask would give the same), with no sort and no host sync.
+
+    -> positions (R*T,) int64 flat positions r*T + t, targets (R*T,) int64 their targets (the first
+    n entries of both hold them; the rest is unused) and counts (2,) int64 (n, bad labels).
+    Forward (V and the position arrays given): also fills row_count (R,) int32, counts the labels
+    outside [0, V) and zeroes position_lse / position_nll (R*T,). Else row_count is the forward's;
+    with weights (K, B) only the rows whose weight is non-zero count (pass 2 of hard weights).
+    """
+    device = labels.device
+    positions = torch.empty(R * T, dtype=torch.int64, device=device)
+    targets = torch.empty(R * T, dtype=torch.int64, device=device)
+    counts = torch.empty(2, dtype=torch.int64, device=device)
+    label_args = (T, K, R // K)
+    strides = (labels.stride(0), labels.stride(1), ignore_index)
+    layout_flags = dict(SHARED_LABELS=labels.shape[0] != R, BATCH_MAJOR=layout == "batch_major", SHIFT=shift_labels)
+    block_t = min(1024, next_pow2(T))
+    forward = position_nll is not None
+    row_bad = torch.empty(R, dtype=torch.int32, device=device) if forward else row_count
+    if forward:
+        launch(_row_counts_kernel, (R,),
+            labels, row_count, row_bad, position_lse, position_nll, *label_args, V, *strides,
+            **layout_flags, BLOCK_T=block_t,
+        )
+    launch(_compact_positions_kernel, (R,),
+        labels, row_count, row_bad, weights.contiguous() if weights is not None else row_count, positions,
+        targets, counts, R, *label_args, *strides,
+        **layout_flags, ROW_WEIGHTS=weights is not None, COUNT_BAD=forward,
+        BLOCK_R=min(1024, next_pow2(R)), BLOCK_T=block_t,
+    )
+    return positions, targets, counts
 
 
 @on_input_device
@@ -782,45 +962,47 @@ def _mcl_loss_forward_triton(
     V = weight.shape[0]
     B = R // K
     device = hidden.device
-    targets = _targets_per_row(labels, R, K, layout, shift_labels, ignore_index).reshape(-1)
-    supervised = targets != ignore_index
-    order = _compact(supervised)
-    row_count = supervised.view(R, T).sum(1, dtype=torch.int32)
-    counts = torch.stack([supervised.sum(), _count_bad_labels(labels, ignore_index, V, shift_labels)])
+    row_count = torch.empty(R, dtype=torch.int32, device=device)
+    position_lse = torch.empty(R * T, dtype=torch.float32, device=device)  # zeroed by the kernel below
+    position_nll = torch.empty(R * T, dtype=torch.float32, device=device)
+    positions, targets, counts = _supervised_positions(
+        labels, R, T, K, layout, shift_labels, ignore_index, row_count, V=V,
+        position_lse=position_lse, position_nll=position_nll,
+    )
     n_rows, n_bad = counts.tolist()  # the forward's one host sync (sizes the cuBLAS GEMMs)
     _raise_bad_labels(n_bad, V, ignore_index)
     KERNEL_STATS.pass1_rows = n_rows
 
-    position_lse = torch.zeros(R * T, dtype=torch.float32, device=device)
-    position_nll = torch.zeros(R * T, dtype=torch.float32, device=device)
     w, bias = weight.contiguous(), contiguous_or_none(bias)  # the kernels index both flat
     one_pass = keep_nll_grad and _soft_backward_path() == "one_pass"
     nll_grad = hidden.new_empty(n_rows if one_pass else 0, H)
+    pass1 = (positions[:n_rows], targets[:n_rows], w, bias, position_lse, position_nll)
     if n_rows and not one_pass and _pass1_path(hidden, w) == "fused":
-        _pass1_fused(hidden.reshape(R * T, H), order[:n_rows], targets, w, bias, position_lse, position_nll)
+        _pass1_fused(hidden.reshape(R * T, H), *pass1)
     elif n_rows:
-        _pass1_chunked(hidden.reshape(R * T, H), order[:n_rows], targets, w, bias, position_lse, position_nll,
-                       nll_grad if one_pass else None)
+        _pass1_chunked(hidden.reshape(R * T, H), *pass1, nll_grad if one_pass else None)
 
     nll = torch.empty(K, B, dtype=torch.float32, device=device)
     winners = torch.empty(B, dtype=torch.int64, device=device)
     weights = torch.empty(K, B, dtype=torch.float32, device=device)
+    sequence_loss = torch.empty(B, dtype=torch.float32, device=device)
     mode_id = MODES.index(mode)
     launch(_sequence_weights_kernel, (B,),
-        position_nll, row_count, nll, winners, weights, B, K, T,
+        position_nll, row_count, nll, winners, weights, sequence_loss, B, K, T,
         float(epsilon) if K > 1 else 0.0,
         _min_temperature(temperature) if mode == "annealed" else 1.0,
         BATCH_MAJOR=layout == "batch_major", MODE=mode_id, MEAN=sequence_reduction == "mean",
         BLOCK_K=next_pow2(K), BLOCK_T=min(1024, next_pow2(T)),
     )
-    loss = (weights * nll).sum(0).mean()
+    loss = sequence_loss.mean()
     pass1_rows = torch.tensor(n_rows, dtype=torch.int64)  # CPU: the backward reads it sync-free
     return loss, nll, winners, weights, position_lse, row_count, pass1_rows, nll_grad
 
 
 def _pass1_chunked(h2, positions, targets, w, bias, position_lse, position_nll, nll_grad=None):
-    """Pass 1 over cuBLAS logits chunks: lse and nll of the rows at `positions` into position_lse /
-    position_nll, folding each (rows, vocab) chunk of fp32 logits into an online log-sum-exp.
+    """Pass 1 over cuBLAS logits chunks: lse and nll of the rows at `positions` (targets: theirs)
+    into position_lse / position_nll, folding each (rows, vocab) chunk of fp32 logits into an
+    online log-sum-exp.
 
     With nll_grad (n, H), the one-pass gradient of soft weights: it also leaves nll_grad[i] =
     (softmax(z_i) - onehot(target_i)) W for every row i (d hidden = c[r] * nll_grad, no pass 2).
@@ -845,7 +1027,8 @@ def _pass1_chunked(h2, positions, targets, w, bias, position_lse, position_nll, 
     for r0 in range(0, n_rows, rows_per_chunk):
         pos = positions[r0 : r0 + rows_per_chunk]
         nr = pos.numel()
-        rows, tgt, run_max, run_sum, tgt_logit = _row_chunk(h2, targets, pos)
+        rows, tgt = h2.index_select(0, pos), targets[r0 : r0 + rows_per_chunk]
+        run_max, run_sum, tgt_logit = _online_lse_state(nr, device)
         if keep_p:
             sum_nt = torch.zeros(nr, dtype=torch.float32, device=device)
             alpha = torch.empty(nr, dtype=torch.float32, device=device)
@@ -874,28 +1057,26 @@ def _pass1_chunked(h2, positions, targets, w, bias, position_lse, position_nll, 
             nll_grad[r0 : r0 + nr] = u
 
 
-def _pass2_positions(targets, weights, pass1_rows, K, layout, T, ignore_index, shared_labels,
+def _pass2_positions(labels, weights, row_count, pass1_rows, R, T, K, layout, ignore_index, shift_labels,
                      hard_weights):
-    """-> (R*T,) int64 order whose first n_rows entries are pass 2's positions, and n_rows.
-
-    targets (R*T,); weights (K, B); pass1_rows: () int64 CPU tensor, the n_supervised of pass 1.
-    """
-    supervised = targets != ignore_index
+    """-> pass 2's positions and targets (the first n entries of each, as _supervised_positions),
+    and n. pass1_rows: () int64 CPU tensor, the n_supervised of pass 1."""
     n_supervised = int(pass1_rows)  # CPU tensor: no device sync
     if not (hard_weights and K > 1):
         # every w > 0 in exact arithmetic: all supervised positions; a row whose w underflowed to
-        # 0 gets c[r] = 0 (compacting on a row mask would take its unsupervised positions too)
-        return _compact(supervised), n_supervised
-    row_weight = _kb_to_rows(weights, layout)
-    active = supervised & (row_weight != 0).repeat_interleave(T)
-    if shared_labels:
+        # 0 gets c[r] = 0
+        positions, targets, _ = _supervised_positions(labels, R, T, K, layout, shift_labels, ignore_index, row_count)
+        return positions, targets, n_supervised
+    positions, targets, counts = _supervised_positions(
+        labels, R, T, K, layout, shift_labels, ignore_index, row_count, weights=weights)
+    if labels.shape[0] != R:
         # labels (B, T): the K rows of sequence b each have count_b supervised positions, so
         # n_supervised = K * sum_b count_b, and one winner row per sequence (w[:, b] one-hot)
         # leaves sum_b count_b = n_supervised // K active positions
-        return _compact(active), n_supervised // K
+        return positions, targets, n_supervised // K
     # per-row labels (B*K, T): the winners' supervised count is data-dependent, so this case
     # reads it from the device (the backward's only host sync)
-    return _compact(active), int(active.sum().item())
+    return positions, targets, int(counts[0].item())
 
 
 @on_input_device
@@ -907,21 +1088,26 @@ def _mcl_loss_backward_triton(
     R, T, H = hidden.shape
     V = weight.shape[0]
     device = hidden.device
-    targets = _targets_per_row(labels, R, K, layout, shift_labels, ignore_index).reshape(-1)
-    if nll_grad.shape[0] and not (need_weight_grad or need_bias_grad):
-        return _scale_nll_grad(grad_loss, hidden, targets, weights, row_count, nll_grad, layout,
-                               sequence_reduction, ignore_index)
-    order, n_rows = _pass2_positions(
-        targets, weights, pass1_rows, K, layout, T, ignore_index, labels.shape[0] != R, hard_weights,
+    weights = weights.contiguous()
+    # c[r] = grad * w[k(r), b(r)] / B (/ count[r]): the kernels compute it from these
+    coefficient_args = (grad_loss, weights, row_count)
+    coefficient_flags = dict(BATCH_MAJOR=layout == "batch_major", MEAN=sequence_reduction == "mean")
+    if nll_grad.shape[0] and not (need_weight_grad or need_bias_grad):  # the one-pass backward
+        KERNEL_STATS.pass2_rows = 0
+        positions = _supervised_positions(labels, R, T, K, layout, shift_labels, ignore_index, row_count)[0]
+        grad_h = torch.zeros(R * T, H, dtype=hidden.dtype, device=device)
+        _scatter_rows(nll_grad, positions[: nll_grad.shape[0]], grad_h, coefficient_args, coefficient_flags, T, K,
+                      R // K)
+        return grad_h.view(R, T, H), hidden.new_empty(0), hidden.new_empty(0)
+    positions, targets, n_rows = _pass2_positions(
+        labels, weights, row_count, pass1_rows, R, T, K, layout, ignore_index, shift_labels, hard_weights,
     )
     KERNEL_STATS.pass2_rows = n_rows
-    coef_row = _row_coefficients(grad_loss, weights, row_count, layout, sequence_reduction, torch.float32)
 
     grad_h = torch.zeros(R * T, H, dtype=hidden.dtype, device=device)
     grad_w = torch.zeros(V, H, dtype=torch.float32, device=device) if need_weight_grad else None
     grad_b = torch.zeros(V, dtype=torch.float32, device=device) if need_bias_grad else None
     if n_rows:
-        positions = order[:n_rows]
         h2 = hidden.reshape(R * T, H)
         w, bias = weight.contiguous(), contiguous_or_none(bias)  # the kernels index both flat
         has_bias = bias is not None
@@ -937,12 +1123,9 @@ def _mcl_loss_backward_triton(
         dh_part = torch.empty(rows_per_chunk * H, dtype=torch.float32, device=device) if fallback else None
         block_v, warps = _block_v(cols_per_chunk)
         for r0 in range(0, n_rows, rows_per_chunk):
-            pos = positions[r0 : r0 + rows_per_chunk]
+            pos = positions[r0 : min(r0 + rows_per_chunk, n_rows)]
             nr = pos.numel()
-            rows = h2.index_select(0, pos)
-            tgt = targets.index_select(0, pos)
-            lse = position_lse.index_select(0, pos)
-            coef = coef_row.index_select(0, pos // T)
+            rows, tgt = h2.index_select(0, pos), targets[r0 : r0 + nr]
             dh = dh_chunk[: nr * H].view(nr, H)
             for v0 in range(0, V, cols_per_chunk):
                 nc = min(cols_per_chunk, V - v0)
@@ -951,9 +1134,9 @@ def _mcl_loss_backward_triton(
                 _mm_fp32_into(logits, rows, w_chunk.t())
                 grad_lowp = buffer_lowp[: nr * nc].view(nr, nc) if lowp else logits
                 launch(_grad_logits_chunk_kernel, (nr,),
-                    logits, grad_lowp, bias if has_bias else logits, tgt, lse, coef, nc, v0, nc,
-                    HAS_BIAS=has_bias, STORE_FP32=store_fp32, STORE_LOWP=lowp,
-                    BLOCK_V=block_v, num_warps=warps,
+                    logits, grad_lowp, bias if has_bias else logits, tgt, pos, position_lse, *coefficient_args,
+                    nc, v0, nc, T, K, R // K, HAS_BIAS=has_bias, STORE_FP32=store_fp32, STORE_LOWP=lowp,
+                    **coefficient_flags, BLOCK_V=block_v, num_warps=warps,
                 )
                 # d hidden rows, fp32 accumulation over vocab chunks (fixed order)
                 if v0 == 0:
@@ -964,27 +1147,22 @@ def _mcl_loss_backward_triton(
                     grad_w[v0 : v0 + nc].addmm_(logits.t(), rows.float())
                 if grad_b is not None:
                     grad_b[v0 : v0 + nc] += logits.sum(0)
-            grad_h.index_copy_(0, pos, dh.to(hidden.dtype))
+            _scatter_rows(dh, pos, grad_h, None, coefficient_flags, T, K, R // K)
     grad_h = grad_h.view(R, T, H)
     grad_w = grad_w.to(weight.dtype) if grad_w is not None else hidden.new_empty(0)
     grad_b = grad_b.to(bias.dtype) if grad_b is not None else hidden.new_empty(0)
     return grad_h, grad_w, grad_b
 
 
-def _scale_nll_grad(grad_loss, hidden, targets, weights, row_count, nll_grad, layout, sequence_reduction,
-                    ignore_index):
-    """The one-pass backward: d hidden[p] = c[r(p)] * nll_grad[i] for pass 1's i-th supervised
-    position p (the same compaction, so the same order), zero elsewhere. No GEMM, no pass 2."""
-    R, T, H = hidden.shape
-    KERNEL_STATS.pass2_rows = 0
-    positions = _compact(targets != ignore_index)[: nll_grad.shape[0]]
-    coef_row = _row_coefficients(grad_loss, weights, row_count, layout, sequence_reduction, torch.float32)
-    grad_h = torch.zeros(R * T, H, dtype=hidden.dtype, device=hidden.device)
+def _scatter_rows(rows, positions, grad_h, coefficient_args, coefficient_flags, T, K, B):
+    """grad_h[positions[i]] = rows[i], times c[r] when coefficient_args (grad, weights, row_count)
+    are given (the one-pass backward), rounded once to grad_h's dtype."""
+    n, H = rows.shape
     block_h = min(1024, next_pow2(H))
-    launch(_scale_rows_kernel, (positions.numel(), cdiv(H, block_h)),
-        nll_grad, positions, coef_row.contiguous(), grad_h, H, T, BLOCK_H=block_h,
+    launch(_scatter_rows_kernel, (n, cdiv(H, block_h)),
+        rows, positions, grad_h, *(coefficient_args or (positions,) * 3), H, T, K, B,
+        SCALE=coefficient_args is not None, **coefficient_flags, BLOCK_H=block_h,
     )
-    return grad_h.view(R, T, H), hidden.new_empty(0), hidden.new_empty(0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -561,6 +561,78 @@ def test_forward_returns_pass1_rows_on_cpu(backend):
         assert int(outs[5].sum()) == expected  # row_count
 
 
+def _positions_oracle(labels, R, T, K, layout, shift, row_active=None):
+    """The supervised positions r*T + t in row-major order (torch.nonzero of the mask) and their
+    targets; with row_active (R,) bool only those rows'."""
+    targets = mcl_module._targets_per_row(labels, R, K, layout, shift, IGNORE).reshape(-1)
+    keep = targets != IGNORE
+    if row_active is not None:
+        keep &= row_active.repeat_interleave(T)
+    positions = keep.nonzero().squeeze(1)
+    return positions, targets[positions], (targets != IGNORE).view(R, T).sum(1, dtype=torch.int32)
+
+
+def _odd_labels(rows, T, V, seed):
+    """int32 labels, every other column of a wider tensor (strided), 40 % ignored, some outside
+    [0, V) (-1 and V), one all-ignored row."""
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.randint(-1, V + 1, (rows, 2 * T), generator=g)
+    wide = torch.where(torch.rand(wide.shape, generator=g) < 0.4, IGNORE, wide)
+    wide[1] = IGNORE
+    return wide.to(torch.int32)[:, ::2].to(TRITON_DEVICE)
+
+
+@pytest.mark.parametrize("shift", [True, False], ids=["shift", "noshift"])
+@pytest.mark.parametrize("per_row_labels", [False, True], ids=["shared_labels", "per_row_labels"])
+@pytest.mark.parametrize("layout", ["batch_major", "hypothesis_major"])
+def test_supervised_positions_in_row_major_order(layout, per_row_labels, shift):
+    """The Triton compaction gives the stable sort's order, the row counts, the bad-label count
+    (a shared label row counted once) and zeroed per-position arrays; with weights, the rows of
+    non-zero weight only (pass 2 of hard weights)."""
+    K, B, T, V = 3, 4, 37, 50
+    R = K * B
+    labels = _odd_labels(R if per_row_labels else B, T, V, seed=3)
+    assert not labels.is_contiguous() and labels.dtype == torch.int32
+    row_count = torch.full((R,), -7, dtype=torch.int32, device=TRITON_DEVICE)
+    lse, nll = (torch.full((R * T,), float("nan"), device=TRITON_DEVICE) for _ in range(2))
+    positions, targets, counts = mcl_module._supervised_positions(
+        labels, R, T, K, layout, shift, IGNORE, row_count, V=V, position_lse=lse, position_nll=nll)
+    want_positions, want_targets, want_count = _positions_oracle(labels.cpu(), R, T, K, layout, shift)
+    n = want_positions.numel()
+    bad = int(mcl_module._count_bad_labels(labels.cpu(), IGNORE, V, shift))
+    assert bad > 0 and 0 < n < R * T
+    assert counts.tolist() == [n, bad]
+    assert torch.equal(positions[:n].cpu(), want_positions) and torch.equal(targets[:n].cpu(), want_targets)
+    assert torch.equal(row_count.cpu(), want_count)
+    assert (lse == 0).all() and (nll == 0).all()
+
+    weights = torch.rand(K, B, generator=torch.Generator().manual_seed(4))
+    weights[torch.rand(K, B, generator=torch.Generator().manual_seed(5)) < 0.5] = 0.0
+    row_active = mcl_module._kb_to_rows(weights, layout) != 0
+    assert 0 < int(row_active.sum()) < R
+    positions, targets, counts = mcl_module._supervised_positions(
+        labels, R, T, K, layout, shift, IGNORE, row_count, weights=weights.to(TRITON_DEVICE))
+    want_positions, want_targets, _ = _positions_oracle(labels.cpu(), R, T, K, layout, shift, row_active)
+    n = want_positions.numel()
+    assert int(counts[0]) == n
+    assert torch.equal(positions[:n].cpu(), want_positions) and torch.equal(targets[:n].cpu(), want_targets)
+
+
+def test_supervised_positions_many_rows_and_long_rows():
+    """Prefix sums over more rows than one block (1024) and rows longer than one block of T."""
+    for R, T in ((1030, 3), (3, 2500)):
+        labels = _odd_labels(R, T, 7, seed=R)
+        row_count = torch.empty(R, dtype=torch.int32, device=TRITON_DEVICE)
+        lse, nll = (torch.empty(R * T, device=TRITON_DEVICE) for _ in range(2))
+        positions, targets, counts = mcl_module._supervised_positions(
+            labels, R, T, 1, "batch_major", False, IGNORE, row_count, V=7, position_lse=lse, position_nll=nll)
+        want_positions, want_targets, want_count = _positions_oracle(labels.cpu(), R, T, 1, "batch_major", False)
+        n = want_positions.numel()
+        assert int(counts[0]) == n
+        assert torch.equal(positions[:n].cpu(), want_positions) and torch.equal(targets[:n].cpu(), want_targets)
+        assert torch.equal(row_count.cpu(), want_count)
+
+
 HOST_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
 
 

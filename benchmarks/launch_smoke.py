@@ -12,8 +12,8 @@ y.float().square().sum().backward()
 hidden = torch.randn(8, 16, 64, device=dev, dtype=dt, requires_grad=True)
 head = torch.randn(1000, 64, device=dev, dtype=dt)
 labels = torch.randint(0, 1000, (2, 16), device=dev)
-for mode in ("wta", "annealed"):
-    out = lk.mcl_loss(hidden, head, labels, num_hypotheses=4, mode=mode, temperature=1.0)
+for mode, temperature in (("wta", None), ("annealed", 1.0)):
+    out = lk.mcl_loss(hidden, head, labels, num_hypotheses=4, mode=mode, temperature=temperature)
     out.loss.backward()
 torch.cuda.synchronize()
 print("launch smoke ok:", float(y.detach().float().abs().mean()), float(out.loss.detach()))

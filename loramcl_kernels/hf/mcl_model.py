@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - transformers is optional for the packa
 
 from loramcl_kernels.hf.patching import get_config
 from loramcl_kernels.modules import LAYOUTS, MultiLoRALinear, repeat_rows
+from loramcl_kernels.ops.mcl_loss import _check_config
 
 NON_BATCH_KEYS = frozenset({"cache_position", "logits_to_keep", "num_logits_to_keep", "past_key_values"})
 
@@ -215,9 +216,6 @@ class AnnealingSchedule:
         )
 
 
-MODES = ("wta", "relaxed", "annealed")
-
-
 class MCLModel(nn.Module):
     """A patched HF causal LM trained with the LoRA-MCL loss; see the module docstring.
 
@@ -281,16 +279,14 @@ class MCLModel(nn.Module):
                 mode = "annealed"
             else:
                 mode = "relaxed" if epsilon else "wta"
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if temperature is not None and mode != "annealed":
-            raise ValueError(f"temperature={temperature!r} applies to mode='annealed', got mode={mode!r}")
         if mode == "annealed" and temperature is None:
             if self.schedule is None:
                 raise ValueError("mode='annealed' needs temperature= or an AnnealingSchedule (schedule=)")
             temperature = self.schedule.temperature
             if temperature is None:
                 mode = "wta"  # the schedule reached tau_min: plain WTA from here on
+        # before the model runs: the mode, and an epsilon or temperature the mode would ignore
+        _check_config(self.num_hypotheses, self.layout, mode, epsilon, temperature, self.sequence_reduction)
         return mcl_forward(
             self.model,
             labels,
@@ -298,7 +294,7 @@ class MCLModel(nn.Module):
             layout=self.layout,
             mode=mode,
             epsilon=epsilon,
-            temperature=temperature if mode == "annealed" else None,
+            temperature=temperature,
             sequence_reduction=self.sequence_reduction,
             ignore_index=self.ignore_index,
             backend=self.backend,

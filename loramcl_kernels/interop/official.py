@@ -271,8 +271,6 @@ def official_loss_hook(
     from loramcl_kernels.ops.mcl_loss import _check_config, _check_ignore_index
 
     num_hypotheses = _check_positive_int("num_hypotheses", num_hypotheses)
-    if temperature is not None and mode != "annealed":
-        raise ValueError(f"temperature={temperature!r} applies to mode='annealed', got mode={mode!r}")
     if mode == "annealed" and temperature is None:  # the schedule gives the temperature
         if schedule is None:
             raise ValueError("mode='annealed' needs temperature= or an AnnealingSchedule (schedule=)")

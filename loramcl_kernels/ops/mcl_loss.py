@@ -1367,6 +1367,9 @@ def _check_config(num_hypotheses, layout, mode, epsilon, temperature, sequence_r
         raise ValueError(f"epsilon must be in [0, 1), got {epsilon!r}")
     if mode != "relaxed" and not isinstance(epsilon, torch.SymFloat) and _real(epsilon) != 0.0:
         raise ValueError(f"epsilon={epsilon!r} applies to mode='relaxed' (winner 1 - epsilon), got mode={mode!r}")
+    if mode != "annealed" and temperature is not None:  # mode defaults to "wta": no silent WTA
+        raise ValueError(f"temperature={temperature!r} applies to mode='annealed' (w = softmax_k(-L / temperature)), "
+                         f"got mode={mode!r}")
     if temperature is not None and not _real(temperature) > 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if mode == "annealed" and temperature is None:
@@ -1539,7 +1542,8 @@ class MCLLoss(torch.nn.Module):
     """nn.Module around mcl_loss: forward(hidden, lm_head_weight, labels, lm_head_bias=None).
 
     `temperature` may be changed between steps (annealing schedule); set mode='wta' once it falls
-    below the schedule's minimum, as the official recipe does.
+    below the schedule's minimum, as the official recipe does (the temperature is used in mode
+    'annealed' only, so it may stay set).
     """
 
     def __init__(
@@ -1556,7 +1560,8 @@ class MCLLoss(torch.nn.Module):
         backend: Optional[str] = None,
     ):
         super().__init__()
-        _check_config(num_hypotheses, layout, mode, epsilon, temperature, sequence_reduction)
+        _check_config(num_hypotheses, layout, mode, epsilon, temperature if mode == "annealed" else None,
+                      sequence_reduction)
         self.num_hypotheses = num_hypotheses
         self.layout = layout
         self.mode = mode
@@ -1571,7 +1576,8 @@ class MCLLoss(torch.nn.Module):
         return mcl_loss(
             hidden, lm_head_weight, labels, num_hypotheses=self.num_hypotheses,
             lm_head_bias=lm_head_bias, layout=self.layout, mode=self.mode, epsilon=self.epsilon,
-            temperature=self.temperature, sequence_reduction=self.sequence_reduction,
+            temperature=self.temperature if self.mode == "annealed" else None,
+            sequence_reduction=self.sequence_reduction,
             ignore_index=self.ignore_index, shift_labels=self.shift_labels, backend=self.backend,
         )
 

@@ -278,6 +278,8 @@ def test_official_loss_hook_arguments_checked(patched_class):
         official_loss_hook(K, mode="annealed")
     with pytest.raises(ValueError, match="mode must be one of"):
         official_loss_hook(K, mode="best")
+    with pytest.raises(ValueError, match="temperature=0.5 applies to mode='annealed'"):
+        official_loss_hook(K, temperature=0.5)  # the default mode, wta, would ignore it
     with pytest.raises(ValueError, match="num_hypotheses must be an integer >= 1"):
         official_loss_hook(0)
     model, ids = official_model(), _ids()

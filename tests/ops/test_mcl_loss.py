@@ -841,7 +841,8 @@ def test_non_contiguous_inputs(backend, mode, frozen_head, small_one_pass_chunks
     strided = lambda t: torch.stack([t, torch.full_like(t, 7)], -1)[..., 0]  # noqa: E731 - stride 2
     views = (strided(hidden), weight.t().contiguous().t(), strided(bias), strided(labels))
     assert not any(v.is_contiguous() for v in views)
-    kw = dict(mode=mode, temperature=0.7, shift_labels=mode == "wta")  # strided labels used as they are
+    kw = dict(mode=mode, temperature=0.7 if mode == "annealed" else None,
+              shift_labels=mode == "wta")  # strided labels used as they are
     results = []
     for h, w, b, lab in ((hidden, weight, bias, labels), views):
         h, w, b = h.detach().clone() if h.is_contiguous() else h.detach(), w.detach(), b.detach()
@@ -895,6 +896,9 @@ def test_bad_inputs():
     for mode, extra in (("wta", {}), ("annealed", {"temperature": 1.0})):  # it would be ignored
         with pytest.raises(ValueError, match="epsilon=0.05 applies to mode='relaxed'"):
             call(mode=mode, epsilon=0.05, **extra)
+    for mode in ("wta", "relaxed", None):  # None: the default mode, wta
+        with pytest.raises(ValueError, match="temperature=0.5 applies to mode='annealed'"):
+            call(temperature=0.5, **({"mode": mode} if mode else {}))
     with pytest.raises(ValueError, match="temperature"):
         call(mode="annealed", temperature=0.0)
     with pytest.raises(ValueError, match="temperature"):
@@ -1030,7 +1034,7 @@ def test_torch_compile_changing_temperature_does_not_recompile(backend):
 def test_torch_compile_inductor_reference(mode):
     hidden, weight, _, labels = make_data(K=2, B=2, T=5, H=16, V=40, seed=29)
     fn = lambda h: mcl_loss(h, weight, labels, num_hypotheses=2, backend="reference", mode=mode,
-                            temperature=0.5).loss
+                            temperature=0.5 if mode == "annealed" else None).loss
     h1, h2 = leaf(hidden, hidden)
     torch._dynamo.reset()
     fn(h1).backward()

@@ -45,7 +45,8 @@ for step in $STEPS; do
     e2e)
       timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_e2e.py --out "$OUT/e2e.json" 2>&1 | tee "$OUT/bench_e2e.log" ;;
     sweep)
-      timeout 120 python3 benchmarks/sweep_decode.py 2>&1 | tee "$OUT/sweep_decode.log" ;;
+      timeout 120 python3 benchmarks/sweep_decode.py 2>&1 | tee "$OUT/sweep_decode.log"
+      timeout 120 python3 benchmarks/sweep_mcl_pass1.py 2>&1 | tee "$OUT/sweep_mcl_pass1.log" ;;
     profile_loss)
       timeout 150 python3 benchmarks/profile_mcl_loss.py 2>&1 | tee "$OUT/profile_mcl_loss.log" ;;
     bench_loss)

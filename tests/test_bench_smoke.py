@@ -125,6 +125,7 @@ def test_ratios_and_targets(smoke_run):
     ("profile_multi_lora.py", "no GPU: nothing to profile"),
     ("profile_mcl_loss.py", "no GPU: nothing to profile"),
     ("sweep_decode.py", "no GPU: nothing to sweep"),
+    ("sweep_mcl_pass1.py", "no GPU: nothing to sweep"),
 ])
 def test_gpu_only_scripts_say_so_and_exit_0_without_a_gpu(script, says):
     """The profiling and sweep scripts (GPU only) import, say there is nothing to do and exit 0."""

@@ -1,0 +1,66 @@
+"""Pass 1 of mcl_loss, the fused logits + log-sum-exp GEMM, at several tile configurations (GPU).
+
+python benchmarks/sweep_mcl_pass1.py  -> a markdown table per regime (DESIGN.md section 3, bf16):
+milliseconds, TFLOP/s over the 2 n H V FLOPs of every hypothesis' supervised rows, and the
+largest difference of lse from the default configuration's. Configurations with the default's
+vocab tile (BN) and k-step (BK) should give the same lse bit for bit (each row still combines the
+same tiles in the same order; the last column shows whether they do); another BN or BK changes
+the rounding at the ulp level, results that differ from the previous version's. _fused_config in ops/mcl_loss.py should take its
+tiles from such a run. "auto" is the configuration _fused_config picks.
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.bench_mcl_loss import GPU_REGIMES, IGNORE, make_inputs  # noqa: E402
+from benchmarks.common import time_ms  # noqa: E402
+from loramcl_kernels.ops import mcl_loss as mcl  # noqa: E402
+
+if not torch.cuda.is_available():
+    print("no GPU: nothing to sweep")
+    sys.exit(0)
+
+# (BM, BN, BK, GM, num_warps, num_stages); shared memory per stage (BM + BN) * BK * 2 bytes
+CONFIGS = [
+    (128, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 5), (128, 128, 64, 4, 8, 4),
+    (128, 128, 64, 16, 8, 4), (256, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 5),
+    (128, 256, 64, 8, 8, 3), (128, 128, 128, 8, 8, 3),
+]
+auto_config = mcl._fused_config
+print(f"mcl_loss pass 1, fused, bf16, {torch.cuda.get_device_name()}")
+for name, K, B, T, n_sup, H, V in GPU_REGIMES:
+    hidden, weight, labels = make_inputs(K, B, T, n_sup, H, V, "cuda", torch.bfloat16)
+    R = B * K
+    row_count = torch.empty(R, dtype=torch.int32, device="cuda")
+    lse, nll = (torch.empty(R * T, device="cuda") for _ in range(2))
+    positions, targets, counts = mcl._supervised_positions(
+        labels, R, T, K, "batch_major", True, IGNORE, row_count, V=V, position_lse=lse, position_nll=nll)
+    n = int(counts[0])
+    args = (hidden.detach().reshape(R * T, H), positions[:n], targets[:n], weight, None, lse, nll)
+    flop = 2 * n * H * V
+    print(f"\n{name}: n = {n} supervised rows (all K), H = {H}, V = {V}")
+    print("| BM | BN | BK | GM | warps | stages | ms | TFLOP/s | max abs lse diff vs auto |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    mcl._fused_config = auto_config
+    mcl._pass1_fused(*args)
+    auto_lse = lse[positions[:n]].clone()
+    for config in [None, *CONFIGS]:
+        if config is None:
+            mcl._fused_config = auto_config
+            c = auto_config(hidden.device, hidden.dtype)
+            label = "auto: " + " | ".join(str(c[k]) for k in ("BM", "BN", "BK", "GM", "num_warps", "num_stages"))
+        else:
+            bm, bn, bk, gm, warps, stages = config
+            mcl._fused_config = lambda device, dtype, c=dict(BM=bm, BN=bn, BK=bk, GM=gm, num_warps=warps,  # noqa: E731
+                                                             num_stages=stages): c
+            label = " | ".join(map(str, config))
+        try:
+            ms = time_ms(lambda: mcl._pass1_fused(*args))  # noqa: B023
+            diff = (lse[positions[:n]] - auto_lse).abs().max().item()
+            print(f"| {label} | {ms:.3f} | {flop / ms / 1e9:.0f} | {diff:.2e} |")
+        except Exception as exc:  # noqa: BLE001 - a configuration that does not fit is a row too
+            print(f"| {label} | error: {str(exc)[:100]} | | |")
+        finally:
+            mcl._fused_config = auto_config

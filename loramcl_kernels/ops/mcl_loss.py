@@ -933,20 +933,20 @@ def _supervised_positions(labels, R, T, K, layout, shift_labels, ignore_index, r
     positions = torch.empty(R * T, dtype=torch.int64, device=device)
     targets = torch.empty(R * T, dtype=torch.int64, device=device)
     counts = torch.empty(2, dtype=torch.int64, device=device)
-    label_args = (T, K, R // K)
-    strides = (labels.stride(0), labels.stride(1), ignore_index)
+    shape_args = (T, K, R // K)
+    label_reads = (labels.stride(0), labels.stride(1), ignore_index)  # labels read in place, any strides
     layout_flags = dict(SHARED_LABELS=labels.shape[0] != R, BATCH_MAJOR=layout == "batch_major", SHIFT=shift_labels)
     block_t = min(1024, next_pow2(T))
     forward = position_nll is not None
     row_bad = torch.empty(R, dtype=torch.int32, device=device) if forward else row_count
     if forward:
         launch(_row_counts_kernel, (R,),
-            labels, row_count, row_bad, position_lse, position_nll, *label_args, V, *strides,
+            labels, row_count, row_bad, position_lse, position_nll, *shape_args, V, *label_reads,
             **layout_flags, BLOCK_T=block_t,
         )
     launch(_compact_positions_kernel, (R,),
         labels, row_count, row_bad, weights.contiguous() if weights is not None else row_count, positions,
-        targets, counts, R, *label_args, *strides,
+        targets, counts, R, *shape_args, *label_reads,
         **layout_flags, ROW_WEIGHTS=weights is not None, COUNT_BAD=forward,
         BLOCK_R=min(1024, next_pow2(R)), BLOCK_T=block_t,
     )

@@ -49,6 +49,8 @@ def _compile_only(kernel, grid, args, kwargs, autotuned=False):
                   scalar_b16_loads=ptx.count("ld.global.b16"), scalar_b16_stores=ptx.count("st.global.b16"),
                   # Hopper's warpgroup MMA (wgmma) against the older per-warp mma.sync
                   wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
+                  # CTA-wide barriers (bar.sync / barrier.sync)
+                  barriers=ptx.count("bar.sync") + ptx.count("barrier.sync"),
                   num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
                   autotuned=autotuned, constexprs={k: v for k, v in kwargs.items() if k.isupper()})
     if record not in COMPILED:

@@ -63,6 +63,11 @@ def test_every_kernel_compiles_for_sm90_within_shared_memory():
     assert len(runs) >= 4 and all(v["scalar_b16_loads"] == 0 for v in runs), runs
     one_pass = [v for v in variants if v["constexprs"].get("KEEP_P") or v["constexprs"].get("SCALE")]
     assert len(one_pass) == 3 and all(v["scalar_b16_stores"] == 0 for v in one_pass), one_pass
+    # P is written over the logits it is computed from: a CTA barrier in each block of that sweep
+    # (3 more than without P: p_sum's reduction takes 2, the sweep's barrier the third)
+    lse = [v for v in variants if v["kernel"] == "_lse_chunk_kernel"]
+    plain = max(v["barriers"] for v in lse if not v["constexprs"]["KEEP_P"])
+    assert all(v["barriers"] >= plain + 3 for v in lse if v["constexprs"]["KEEP_P"]), lse
     # d hidden's rows reach their positions as 16-byte vectors in pass 2 too
     scatters = [v for v in variants if v["kernel"] == "_scatter_rows_kernel"]
     assert len(scatters) == 2 and all(v["scalar_b16_stores"] == 0 for v in scatters), scatters

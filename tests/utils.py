@@ -3,9 +3,12 @@
 The quality bar: a kernel's error against an fp64 oracle may be at most 2x the error of plain
 PyTorch computing the same thing in the same dtype, plus a small absolute tolerance.
 """
+import weakref
+
 import pytest
 import torch
 import torch.utils._python_dispatch
+import torch.utils._pytree
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
@@ -39,4 +42,57 @@ class ZerosRecorder(torch.utils._python_dispatch.TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if func.overloadpacket.__name__ in ("zeros", "zero_", "zeros_like", "new_zeros"):
             self.shapes.append(tuple(out.shape))
+        return out
+
+
+class AllocationRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (numel, dtype) of every tensor an allocating op makes while it is active."""
+
+    ALLOCATING = ("empty", "empty_strided", "zeros", "full", "empty_like", "zeros_like", "new_empty", "new_zeros")
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in self.ALLOCATING:
+            self.made.append((out.numel(), out.dtype))
+        return out
+
+
+class PeakBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of the storages made while it is active and still alive (a model of a device's
+    allocator on meta tensors: views and out= results share their input's storage and count
+    nothing; a storage counts until it is freed). Storages made before it count nothing, even
+    when freed inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._tracked = set()
+
+    def _track(self, storage):
+        key = id(storage)
+        if key in self._tracked:
+            return
+        nbytes = storage.nbytes()
+        self._tracked.add(key)
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+
+        def release(key=key, nbytes=nbytes):
+            self.live -= nbytes
+            self._tracked.discard(key)
+
+        weakref.finalize(storage, release)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(a.untyped_storage()) for a in torch.utils._pytree.tree_leaves((args, kwargs or {}))
+                  if isinstance(a, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in inputs:
+                self._track(t.untyped_storage())
         return out

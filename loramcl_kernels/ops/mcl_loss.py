@@ -498,12 +498,15 @@ def _lse_chunk_kernel(
     target_logit_ptr,  # (rows,) fp32 running target logit (one chunk contributes)
     position_lse_ptr,  # (R*T,) fp32 lse per position, written after the last chunk
     position_nll_ptr,  # (R*T,) fp32 nll per position, written after the last chunk
-    p_ptr,  # KEEP_P: (rows, n_cols) out, exp(z - new max) in the GEMM operand dtype, 0 at the target
+    p_ptr,  # KEEP_P: (rows, n_cols) out, exp(z - new max) in the GEMM operand dtype, 0 at the target;
+    # it lives in the logits' own memory: row r at p_ptr + r * p_stride_row, column c over the
+    # bytes of logits c/2 (16-bit P) or c (fp32 P) of the same row
     alpha_ptr,  # KEEP_P: (rows,) fp32 out, exp(old max - new max): the rescale of earlier chunks
     sum_nt_ptr,  # KEEP_P: (rows,) fp32 running sum of exp(z - max) over the non-target classes
     n_cols,
     v_start,
     stride_row,
+    p_stride_row,
     HAS_BIAS: tl.constexpr,
     IS_LAST: tl.constexpr,
     KEEP_P: tl.constexpr,
@@ -542,13 +545,17 @@ def _lse_chunk_kernel(
     target_logit = tl.load(target_logit_ptr + row) + z_target
 
     if KEEP_P:
-        # second sweep over the chunk (in L2): P in the frame of the new running max
-        p_row = p_ptr + row.to(tl.int64) * stride_row
+        # second sweep over the chunk (in L2): P in the frame of the new running max, written over
+        # the row's logits. A block's stores land at or before the logits it loads (a 16-bit P of
+        # column c covers the bytes of logit c/2), never on those of later blocks; the barrier
+        # keeps every warp's loads of a block ahead of the other warps' stores into it.
+        p_row = p_ptr + row.to(tl.int64) * p_stride_row
         p_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
         for c0 in range(0, n_cols, BLOCK_V):
             z, cols, in_range = _load_logits(row_ptr, bias_ptr, v_start, c0, n_cols, BLOCK_V, HAS_BIAS)
             p = tl.where(cols == target - v_start, 0.0, tl.exp(z - new_max))
             p_sum += p
+            tl.debug_barrier()
             tl.store(p_row + cols, p.to(p_ptr.dtype.element_ty), mask=in_range)
         alpha = tl.exp(old_max - new_max)
         tl.store(alpha_ptr + row, alpha)
@@ -1008,8 +1015,10 @@ def _pass1_chunked(h2, positions, targets, w, bias, position_lse, position_nll, 
     (softmax(z_i) - onehot(target_i)) W for every row i (d hidden = c[r] * nll_grad, no pass 2).
     Per row chunk, over vocab chunks c with the running max m and sums s (all classes), s' (all
     but the target), online as in flash attention:
-        P_c = exp(z_c - m_new) with the target column zeroed   (Triton, operand dtype)
-        u   = exp(m_old - m_new) u + P_c W_c                    (cuBLAS, fp32 accumulation)
+        P_c = exp(z_c - m_new) with the target column zeroed   (Triton, operand dtype, written
+                                                                over the chunk's own logits)
+        u   = exp(m_old - m_new) u + P_c W_c                    (u scaled in place, then cuBLAS
+                                                                adds P_c W_c onto it in fp32)
     and at the end nll_grad = (u - s' W_target) / s. Keeping the target out of P and of s' keeps
     p_target - 1 = -s'/s exact when the softmax is peaked (no 1 - p cancellation in 16 bits).
     """
@@ -1018,11 +1027,10 @@ def _pass1_chunked(h2, positions, targets, w, bias, position_lse, position_nll, 
     rows_per_chunk, cols_per_chunk = _chunk_sizes(n_rows, V, ONE_PASS_ROW_CHUNK if keep_p else None)
     buffer = torch.empty(rows_per_chunk * cols_per_chunk, dtype=torch.float32, device=device)
     if keep_p:
-        # fp32 inputs: P overwrites the logits it is computed from (each lane reads, then writes)
-        p_buffer = buffer if h2.dtype == torch.float32 else torch.empty(
-            rows_per_chunk * cols_per_chunk, dtype=h2.dtype, device=device)
         u_chunk = torch.empty(rows_per_chunk * H, dtype=torch.float32, device=device)
-        u_part = torch.empty(rows_per_chunk * H, dtype=torch.float32, device=device)
+        # u += P W_c by an fp32-output addmm onto u where torch has one, else through this scratch
+        fallback = h2.dtype != torch.float32 and not _addmm_out_dtype_supported(device)
+        u_part = torch.empty(rows_per_chunk * H, dtype=torch.float32, device=device) if fallback else None
     block_v, warps = _block_v(cols_per_chunk)
     for r0 in range(0, n_rows, rows_per_chunk):
         pos = positions[r0 : r0 + rows_per_chunk]
@@ -1038,20 +1046,21 @@ def _pass1_chunked(h2, positions, targets, w, bias, position_lse, position_nll, 
             logits = buffer[: nr * nc].view(nr, nc)
             w_chunk = w[v0 : v0 + nc]
             _mm_fp32_into(logits, rows, w_chunk.t())
-            p = p_buffer[: nr * nc].view(nr, nc) if keep_p else logits
+            # P (nr, nc) in the operand dtype over the logits' memory: row stride nc * 4 bytes
+            p = logits.view(h2.dtype)[:, :nc] if keep_p else logits
             launch(_lse_chunk_kernel, (nr,),
                 logits, bias if has_bias else logits, tgt, pos, run_max, run_sum, tgt_logit,
                 position_lse, position_nll, p, alpha if keep_p else run_max, sum_nt if keep_p else run_max,
-                nc, v0, nc, HAS_BIAS=has_bias, IS_LAST=v0 + nc >= V, KEEP_P=keep_p, BLOCK_V=block_v,
-                num_warps=warps,
+                nc, v0, nc, p.stride(0), HAS_BIAS=has_bias, IS_LAST=v0 + nc >= V, KEEP_P=keep_p,
+                BLOCK_V=block_v, num_warps=warps,
             )
             if not keep_p:
                 continue
             if v0 == 0:
                 _mm_fp32_into(u, p, w_chunk)
-            else:  # u = alpha u + P W_c in one elementwise pass
-                part = _mm_fp32_into(u_part[: nr * H].view(nr, H), p, w_chunk)
-                torch.addcmul(part, u, alpha[:, None], out=u)
+            else:  # u = alpha u + P W_c: rescale in place, then the GEMM adds onto u
+                u.mul_(alpha[:, None])
+                _addmm_fp32_(u, p, w_chunk, u_part[: nr * H].view(nr, H) if u_part is not None else None)
         if keep_p:
             u.addcmul_(sum_nt[:, None], w.index_select(0, tgt), value=-1.0).div_(run_sum[:, None])
             nll_grad[r0 : r0 + nr] = u

@@ -1046,7 +1046,8 @@ def _pass1_chunked(h2, positions, targets, w, bias, position_lse, position_nll, 
             logits = buffer[: nr * nc].view(nr, nc)
             w_chunk = w[v0 : v0 + nc]
             _mm_fp32_into(logits, rows, w_chunk.t())
-            # P (nr, nc) in the operand dtype over the logits' memory: row stride nc * 4 bytes
+            # P (nr, nc) in the operand dtype over the logits' memory, row stride nc * 4 bytes (cuBLAS
+            # reads it with that leading dimension, no copy)
             p = logits.view(h2.dtype)[:, :nc] if keep_p else logits
             launch(_lse_chunk_kernel, (nr,),
                 logits, bias if has_bias else logits, tgt, pos, run_max, run_sum, tgt_logit,

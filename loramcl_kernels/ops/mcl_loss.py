@@ -358,9 +358,9 @@ def _row_kb(r, K, B, BATCH_MAJOR: tl.constexpr):
 @triton.jit
 def _position_targets(labels_ptr, r, ts, T, K, B, stride_label_row, stride_label_t, ignore_index,
                       SHARED_LABELS: tl.constexpr, BATCH_MAJOR: tl.constexpr, SHIFT: tl.constexpr):
-    """int64 targets of the positions (r, ts), ts < T: the label each predicts (labels[b(r), t + 1]
-    with shift and labels (B, T) shared by the hypotheses; labels[r, t] per row, no shift), and
-    ignore_index where none (the last position with shift)."""
+    """int64 targets of the positions (r, ts) of hidden row r: labels[row, t + 1] with shift,
+    labels[row, t] without, where row = b(r) for labels (B, T) shared by the hypotheses and r for
+    per-row labels; ignore_index where a position predicts nothing (the last one with shift)."""
     label_row = r
     if SHARED_LABELS:
         label_row = _row_kb(r, K, B, BATCH_MAJOR)[1]

@@ -801,14 +801,14 @@ def _mm_fp32_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.
     return out
 
 
-def _addmm_fp32_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch) -> torch.Tensor:
+def _addmm_fp32_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """out (fp32, contiguous) += a @ b with fp32 accumulation, in one GEMM where cuBLAS can read out
-    (beta = 1); else through `scratch` (an fp32 tensor of out's shape): mm, then add."""
+    (beta = 1); else a @ b with its 16-bit output rounded once, then added (CPU / old torch)."""
     if a.dtype == out.dtype:
         return out.addmm_(a, b)
     if _addmm_out_dtype_supported(a.device):
         return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-    return out.add_(_mm_fp32_into(scratch, a, b))
+    return out.add_(torch.mm(a, b))
 
 
 def _chunk_sizes(n_rows: int, V: int, max_rows: Optional[int] = None,
@@ -1028,9 +1028,6 @@ def _pass1_chunked(h2, positions, targets, w, bias, position_lse, position_nll, 
     buffer = torch.empty(rows_per_chunk * cols_per_chunk, dtype=torch.float32, device=device)
     if keep_p:
         u_chunk = torch.empty(rows_per_chunk * H, dtype=torch.float32, device=device)
-        # u += P W_c by an fp32-output addmm onto u where torch has one, else through this scratch
-        fallback = h2.dtype != torch.float32 and not _addmm_out_dtype_supported(device)
-        u_part = torch.empty(rows_per_chunk * H, dtype=torch.float32, device=device) if fallback else None
     block_v, warps = _block_v(cols_per_chunk)
     for r0 in range(0, n_rows, rows_per_chunk):
         pos = positions[r0 : r0 + rows_per_chunk]
@@ -1061,7 +1058,7 @@ def _pass1_chunked(h2, positions, targets, w, bias, position_lse, position_nll, 
                 _mm_fp32_into(u, p, w_chunk)
             else:  # u = alpha u + P W_c: rescale in place, then the GEMM adds onto u
                 u.mul_(alpha[:, None])
-                _addmm_fp32_(u, p, w_chunk, u_part[: nr * H].view(nr, H) if u_part is not None else None)
+                _addmm_fp32_(u, p, w_chunk)
         if keep_p:
             u.addcmul_(sum_nt[:, None], w.index_select(0, tgt), value=-1.0).div_(run_sum[:, None])
             nll_grad[r0 : r0 + nr] = u
@@ -1129,8 +1126,6 @@ def _mcl_loss_backward_triton(
             torch.empty(rows_per_chunk * cols_per_chunk, dtype=hidden.dtype, device=device) if lowp else None
         )
         dh_chunk = torch.empty(rows_per_chunk * H, dtype=torch.float32, device=device)
-        fallback = lowp and not _addmm_out_dtype_supported(device)  # mm into dh_part, then add
-        dh_part = torch.empty(rows_per_chunk * H, dtype=torch.float32, device=device) if fallback else None
         block_v, warps = _block_v(cols_per_chunk)
         for r0 in range(0, n_rows, rows_per_chunk):
             pos = positions[r0 : min(r0 + rows_per_chunk, n_rows)]
@@ -1152,7 +1147,7 @@ def _mcl_loss_backward_triton(
                 if v0 == 0:
                     _mm_fp32_into(dh, grad_lowp, w_chunk)
                 else:
-                    _addmm_fp32_(dh, grad_lowp, w_chunk, dh_part[: nr * H].view(nr, H) if fallback else None)
+                    _addmm_fp32_(dh, grad_lowp, w_chunk)
                 if grad_w is not None:  # fp32 GEMM into the fp32 accumulator
                     grad_w[v0 : v0 + nc].addmm_(logits.t(), rows.float())
                 if grad_b is not None:

@@ -873,7 +873,7 @@ def test_one_pass_p_overwrites_its_logits_and_u_grows_in_place(monkeypatch):
     monkeypatch.setattr(mcl_module, "LOGITS_CHUNK_ELEMENTS", 8 * 48)  # 8 rows x 48 vocab columns
     monkeypatch.setattr(mcl_module, "ONE_PASS_ROW_CHUNK", 8)
     monkeypatch.setattr(mcl_module, "_addmm_out_dtype_supported", lambda device: True)
-    monkeypatch.setattr(mcl_module, "_addmm_fp32_", lambda out, a, b, scratch: out.add_(a.float() @ b.float()))
+    monkeypatch.setattr(mcl_module, "_addmm_fp32_", lambda out, a, b: out.add_(a.float() @ b.float()))
     g = torch.Generator().manual_seed(5)
     n, H, V = 20, 16, 150
     h2 = (torch.randn(n, H, generator=g) * 2).half()

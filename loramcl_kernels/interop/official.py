@@ -12,9 +12,11 @@ so weight.view(K, r, d_in) and weight.view(K, d_out, r) are exactly our lora_A /
 
 This module provides
   * patch_group_linear(cls): swaps `cls.forward` for one that runs those two paths, with that
-    scaling, on the fused multi_lora_linear op (unpatch_group_linear(cls) undoes it). The single-
-    adapter path is taken when the layer's `active_hypothesis` attribute is an int k, or when its
-    active PEFT adapter is named "lora{k}" other than the group adapter itself.
+    scaling, on the fused multi_lora_linear op (unpatch_group_linear(cls) undoes it). It selects the
+    path as the official layer does, by the number of active PEFT adapters: more than one (the
+    official training sets "lora0" .. "lora{K-1}") runs all K hypotheses, exactly one, "lora{k}",
+    runs hypothesis k alone ("lora0" included), none runs the base layer only. The layer's
+    `active_hypothesis` attribute, when an int k, selects hypothesis k alone too.
   * official_state_dict / load_official_state_dict (and save_official / load_official for
     safetensors files): our patched model <-> the official parameter layout. The official weights
     carry no alpha/r in the multi-hypothesis path, so with convention="multi" (default) loading
@@ -160,30 +162,38 @@ def load_official(model: nn.Module, path: str | os.PathLike, **kwargs):
 
 
 # -- running official layers on our op ------------------------------------------------------------
-def _single_hypothesis(layer: nn.Module, adapter_name: str) -> int | None:
+def _active_adapters(layer: nn.Module) -> list:
+    active = getattr(layer, "active_adapters", None) or []
+    return [active] if isinstance(active, str) else list(active)
+
+
+def _single_hypothesis(layer: nn.Module) -> int | None:
+    """k when the layer runs hypothesis k alone, None when it runs all K (the official rule: one
+    active adapter "lora{k}" -> k; several -> all K; an int `active_hypothesis` attribute -> k)."""
     k = getattr(layer, "active_hypothesis", None)
     if isinstance(k, int) and not isinstance(k, bool):
         return k
-    active = getattr(layer, "active_adapters", None) or []
-    if isinstance(active, str):
-        active = [active]
-    for name in active:
-        match = _SINGLE_ADAPTER.match(name)
-        if match and name != adapter_name:
-            return int(match[1])
-    return None
+    active = _active_adapters(layer)
+    if len(active) != 1:
+        return None
+    match = _SINGLE_ADAPTER.match(active[0])
+    if match is None:
+        raise ValueError(f"an official LoRA-MCL layer with one active adapter runs hypothesis k of an adapter "
+                         f"named 'lora<k>', got {active[0]!r}")
+    return int(match[1])
 
 
 def _group_linear_forward(self, x: torch.Tensor, *args, _adapter_name: str = GROUP_ADAPTER,
                           _fused_dropout: bool = False, **kwargs):
     name = _adapter_name
     base = self.get_base_layer() if hasattr(self, "get_base_layer") else self.base_layer
-    if getattr(self, "disable_adapters", False) or getattr(self, "merged", False) or name not in self.lora_A:
+    if (getattr(self, "disable_adapters", False) or getattr(self, "merged", False) or name not in self.lora_A
+            or not _active_adapters(self)):
         return self.base_layer(x, *args, **kwargs)
     conv_A, conv_B = self.lora_A[name], self.lora_B[name]
     K = conv_A.groups
     lora_A, lora_B = official_to_multi_lora(conv_A.weight, conv_B.weight, K)
-    k = _single_hypothesis(self, name)
+    k = _single_hypothesis(self)
     if k is not None:
         if not 0 <= k < K:
             raise ValueError(f"single-adapter hypothesis {k} out of range [0, {K})")
@@ -247,11 +257,26 @@ def _model_hypotheses(model: nn.Module) -> int | None:
     convolution of the group adapter); None when it has neither."""
     for _, module in multi_lora_modules(model):
         return module.num_hypotheses
+    for module in _official_layers(model):
+        return getattr(module.lora_A[GROUP_ADAPTER], "groups", None)
+    return None
+
+
+def _official_layers(model: nn.Module):
+    """The modules with the official layer's structure (a group adapter in a lora_A ModuleDict)."""
     for module in model.modules():
         lora_A = getattr(module, "lora_A", None)
         if isinstance(lora_A, nn.ModuleDict) and GROUP_ADAPTER in lora_A:
-            return getattr(lora_A[GROUP_ADAPTER], "groups", None)
-    return None
+            yield module
+
+
+def _check_all_hypotheses_active(model: nn.Module) -> None:
+    for module in _official_layers(model):
+        if _single_hypothesis(module) is not None or not _active_adapters(module):
+            raise ValueError(
+                f"official_loss_hook: the model's LoRA-MCL layers run one hypothesis (active adapters "
+                f"{_active_adapters(module)}): set all K active first, as the official training does: "
+                f"layer.set_adapter([f'lora{{k}}' for k in range(K)]) on every layer")
 
 
 def official_loss_hook(
@@ -289,6 +314,7 @@ def official_loss_hook(
         if model_hypotheses is not None and model_hypotheses != num_hypotheses:
             raise ValueError(f"official_loss_hook was built for num_hypotheses={num_hypotheses}, but the model's "
                              f"LoRA layers hold {model_hypotheses}")
+        _check_all_hypotheses_active(model)
         labels = inputs.pop("labels")
         run_mode, tau = mode, temperature
         if run_mode == "annealed" and tau is None:

@@ -1,7 +1,8 @@
 """Official LoRA-MCL layer interop. The official package is not on the registries, so its layer
 is rebuilt here from its documented structure: a PEFT LoraLayer whose adapter "lora0" holds the
-K hypotheses as grouped 1x1 convolutions (lora_A [K*r, d_in, 1], lora_B [K*d_out, r, 1]), rows
-batch-major, no alpha/r in the multi-hypothesis path, alpha/r in single-adapter mode."""
+K hypotheses as grouped 1x1 convolutions (lora_A [K*r, d_in, 1], lora_B [K*d_out, r, 1]); with
+several active adapters (training sets "lora0" .. "lora{K-1}") all K run, rows batch-major, no
+alpha/r; with one, "lora{k}", hypothesis k alone, scaled by alpha/r; with none, the base layer."""
 import math
 import re
 
@@ -49,21 +50,16 @@ class GroupLinear(nn.Module, LoraLayer):
         self.lora_B[adapter_name] = nn.Conv1d(Kn * r, Kn * self.out_features, 1, groups=Kn, bias=False)
         nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[adapter_name].weight)
-        self.active_hypothesis = None
 
     def forward(self, x):
         name = "lora0"
         result = self.base_layer(x)
-        if self.disable_adapters:
+        if self.disable_adapters or not self.active_adapters:
             return result
         conv_A, conv_B, drop = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
         Kn, r, d_in, d_out = self.num_hypotheses, self.r[name], self.in_features, self.out_features
-        k = self.active_hypothesis
-        for a in self.active_adapters:
-            m = re.fullmatch(r"lora(\d+)", a)
-            if k is None and m and a != name:
-                k = int(m[1])
-        if k is not None:  # single-adapter path: hypothesis k alone, alpha / r
+        if len(self.active_adapters) == 1:  # single-adapter path: hypothesis k alone, alpha / r
+            k = int(re.fullmatch(r"lora(\d+)", self.active_adapters[0])[1])
             A = conv_A.weight[k * r : (k + 1) * r, :, 0]
             B = conv_B.weight[k * d_out : (k + 1) * d_out, :, 0]
             return result + self.scaling[name] * F.linear(F.linear(drop(x), A), B)
@@ -84,7 +80,14 @@ def official_model(dropout=0.0, seed=0):
                 layer.lora_B["lora0"].weight.copy_(torch.randn(layer.lora_B["lora0"].weight.shape, generator=g) * 0.2)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)
+    set_all_hypotheses(model)
     return model
+
+
+def set_all_hypotheses(model):
+    """All K adapters active, as the official wrapper sets them for training: the multi path."""
+    for layer in group_layers(model).values():
+        layer.set_adapter([f"lora{k}" for k in range(K)])
 
 
 def group_layers(model):
@@ -194,24 +197,38 @@ def test_patch_group_linear_fp32_adapters_on_a_bf16_base(patched_class):
             assert_close_to_scale(g.double(), w, rel=5e-2)
 
 
-@pytest.mark.parametrize("how", ["attribute", "adapter_name"])
-def test_patch_group_linear_single_adapter_mode(patched_class, how):
+@pytest.mark.parametrize("active", [["lora2"], ["lora0"], [], "attribute"])
+def test_patch_group_linear_follows_the_official_adapter_selection(patched_class, active):
+    """One active adapter "lora{k}" runs hypothesis k alone, scaled by alpha/r ("lora0" included),
+    none runs the base layer, several run all K (the other tests); our active_hypothesis
+    attribute k runs hypothesis k alone too."""
     model = official_model().eval()
     ids = _ids()
+    multi = model(input_ids=ids.repeat_interleave(K, 0)).logits
     for layer in group_layers(model).values():
-        if how == "attribute":
+        if active == "attribute":
             layer.active_hypothesis = 2
         else:
-            layer._active_adapter = "lora2"
+            layer._active_adapter = active
     got = model(input_ids=ids).logits
     unpatch_group_linear(GroupLinear)
+    for layer in group_layers(model).values():
+        layer._active_adapter = ["lora2"] if active == "attribute" else active
     want = model(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    # Sanity: single mode applies alpha/r, so it is not the multi path's hypothesis 2.
+    # Neither is a hypothesis of the multi path (alpha/r = 2 here; none: no LoRA at all).
+    k = 0 if active == ["lora0"] else 2
+    assert (multi[k::K] - want).abs().max() > 1e-3
+
+
+def test_official_loss_hook_refuses_a_single_hypothesis_model(patched_class):
+    """The hook repeats the rows for the K hypotheses: a model left with one active adapter (the
+    official layer's state after construction) would give every copy the same hypothesis."""
+    model, ids = official_model(), _ids()
     for layer in group_layers(model).values():
-        layer.active_hypothesis, layer._active_adapter = None, "lora0"
-    multi = model(input_ids=ids.repeat_interleave(K, 0)).logits[2::K]
-    assert (multi - want).abs().max() > 1e-3
+        layer._active_adapter = "lora0"
+    with pytest.raises(ValueError, match="run one hypothesis"):
+        official_loss_hook(K)(model, {"input_ids": ids, "labels": ids})
 
 
 def test_state_dict_conventions_and_round_trip(tmp_path):
@@ -237,7 +254,7 @@ def test_state_dict_conventions_and_round_trip(tmp_path):
     # Convention "single": our single-adapter mode equals the official single-adapter path.
     load_official_state_dict(ours, official_state_dict_of(official), convention="single")
     for layer in group_layers(official).values():
-        layer.active_hypothesis = 1
+        layer.set_adapter("lora1")  # the official single-adapter path of hypothesis 1
     with active_hypothesis(ours, 1):
         torch.testing.assert_close(ours(input_ids=ids).logits, official(input_ids=ids).logits, rtol=1e-10,
                                    atol=1e-10)

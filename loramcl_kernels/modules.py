@@ -205,6 +205,9 @@ class MultiLoRALinear(nn.Module):
         return lora_A, lora_B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-1] != self.in_features:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape (N, ..., in_features={self.in_features}), got {shape}")
         weight, bias = self.weight, self.bias
         dropout = self.training and self.lora_dropout_p > 0
         k = self.active_hypothesis
@@ -223,6 +226,8 @@ class MultiLoRALinear(nn.Module):
             hypothesis_ids=self.hypothesis_ids,
             backend=self.backend,
         )
+        if self.shared_input and self.hypothesis_ids is not None:
+            raise ValueError("hypothesis_ids cannot be combined with shared_input=True")
         if not (dropout and self.shared_input):
             return _multi_lora_linear(x, weight, bias, all_A, all_B, self.scaling, shared_input=self.shared_input,
                                       lora_dropout=self.lora_dropout_p if dropout else 0.0, **kw)

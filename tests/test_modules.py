@@ -208,6 +208,15 @@ def test_extra_repr_and_bad_arguments():
         MultiLoRALinear(nn.Linear(4, 4), 2, 2, layout="rows")
     with pytest.raises(TypeError, match="wraps nn.Linear or transformers' Conv1D"):
         MultiLoRALinear(nn.Conv1d(4, 4, 1), 2, 2)
+    # forward: x of the wrong width (also in single-adapter mode), ids with shared input (also with dropout)
+    m.active_hypothesis = 1
+    with pytest.raises(ValueError, match=r"x must have shape \(N, ..., in_features=16\), got \(6, 7\)"):
+        m(torch.randn(6, 7))
+    m.active_hypothesis = None
+    m.lora_dropout_p, m.shared_input, m.hypothesis_ids = 0.1, True, torch.zeros(2, dtype=torch.long)
+    for training in (False, True):
+        with pytest.raises(ValueError, match="hypothesis_ids cannot be combined with shared_input=True"):
+            m.train(training)(torch.randn(2, D_IN))
 
 
 def test_torch_compile_fullgraph():

@@ -234,9 +234,16 @@ def multi_lora_linear_shared_ref(x, weight, bias, lora_A, lora_B, scaling, num_g
     if bias is not None:
         base = base + bias.to(acc)
     b_scaled = lora_B.to(acc) * scaling.to(acc)[:, None, None]  # (K, d_out, r)
-    delta = torch.einsum("mkr,kor->kmo", shrink_all.view(-1, num_hyp, r), b_scaled)  # (K, G*L, d_out)
-    y = (base[None] + delta).view(num_hyp, num_groups, -1, base.shape[-1]).transpose(0, 1)  # (G, K, L, d_out)
-    return y.reshape(-1, base.shape[-1]).to(x.dtype), shrink_all.to(x.dtype)
+    rows, d_out = x.shape[0], base.shape[-1]  # explicit sizes: -1 is ambiguous when d_out = 0
+    delta = torch.einsum("mkr,kor->kmo", shrink_all.view(rows, num_hyp, r), b_scaled)  # (K, G*L, d_out)
+    y = (base[None] + delta).view(num_hyp, num_groups, rows // num_groups, d_out).transpose(0, 1)  # (G, K, L, d_out)
+    return y.reshape(rows * num_hyp, d_out).to(x.dtype), shrink_all.to(x.dtype)
+
+
+def _group_rows(grad_y: Tensor, num_groups: int, num_hyp: int) -> Tensor:
+    """Shared input's output rows (G*K*L, d_out) as (G, K, L, d_out)."""
+    rows, d_out = grad_y.shape
+    return grad_y.reshape(num_groups, num_hyp, rows // (num_groups * num_hyp), d_out)
 
 
 def _shared_lora_grads(grad_y4, x, lora_A, lora_B, scaling, shrink_all):
@@ -246,11 +253,12 @@ def _shared_lora_grads(grad_y4, x, lora_A, lora_B, scaling, shrink_all):
     """
     num_hyp, r, d_in = lora_A.shape
     dtype = grad_y4.dtype
-    dy_k = grad_y4.transpose(0, 1).reshape(num_hyp, -1, grad_y4.shape[-1])  # (K, G*L, d_out)
+    rows = x.shape[0]  # G*L; explicit sizes: -1 is ambiguous when d_out = 0
+    dy_k = grad_y4.transpose(0, 1).reshape(num_hyp, rows, grad_y4.shape[-1])  # (K, G*L, d_out)
     b_scaled = lora_B.to(dtype) * scaling.to(dtype)[:, None, None]  # (K, d_out, r)
-    grad_shrink_all = torch.bmm(dy_k, b_scaled).transpose(0, 1).reshape(-1, num_hyp * r)  # (G*L, K*r)
+    grad_shrink_all = torch.bmm(dy_k, b_scaled).transpose(0, 1).reshape(rows, num_hyp * r)  # (G*L, K*r)
     grad_A = (grad_shrink_all.t() @ x.to(dtype)).view(num_hyp, r, d_in)
-    shrink_k = shrink_all.to(dtype).view(-1, num_hyp, r).transpose(0, 1)  # (K, G*L, r)
+    shrink_k = shrink_all.to(dtype).view(rows, num_hyp, r).transpose(0, 1)  # (K, G*L, r)
     grad_B = torch.bmm(dy_k.transpose(1, 2), shrink_k) * scaling.to(dtype)[:, None, None]
     return grad_shrink_all, grad_A.to(lora_A.dtype), grad_B.to(lora_B.dtype).contiguous()
 
@@ -258,11 +266,11 @@ def _shared_lora_grads(grad_y4, x, lora_A, lora_B, scaling, shrink_all):
 def multi_lora_linear_shared_ref_backward(grad_y, x, weight, lora_A, lora_B, scaling, shrink_all, num_groups):
     acc = _acc_dtype(x.dtype)
     num_hyp = lora_A.shape[0]
-    grad_y4 = grad_y.to(acc).view(num_groups, num_hyp, -1, grad_y.shape[-1])
+    grad_y4 = _group_rows(grad_y.to(acc), num_groups, num_hyp)
     grad_shrink_all, grad_A, grad_B = _shared_lora_grads(grad_y4, x, lora_A, lora_B, scaling, shrink_all)
     grad_x = grad_shrink_all @ _stack_A(lora_A, acc)
     if weight is not None:
-        grad_x = grad_x + grad_y4.sum(1).reshape(-1, grad_y.shape[-1]) @ weight.to(acc)
+        grad_x = grad_x + grad_y4.sum(1).reshape(x.shape[0], grad_y.shape[-1]) @ weight.to(acc)
     return grad_x.to(x.dtype), grad_A, grad_B
 
 
@@ -960,9 +968,9 @@ def multi_lora_linear_shared_triton(x, weight, bias, lora_A, lora_B, scaling, nu
 def multi_lora_linear_shared_triton_backward(grad_y, x, weight, lora_A, lora_B, scaling, shrink_all, num_groups):
     num_hyp, r, d_in = lora_A.shape
     x = _contig_rows(x)
-    grad_y4 = grad_y.reshape(num_groups, num_hyp, -1, grad_y.shape[-1])
+    grad_y4 = _group_rows(grad_y, num_groups, num_hyp)
     grad_shrink_all, grad_A, grad_B = _shared_lora_grads(grad_y4, x, lora_A, lora_B, scaling, shrink_all)
-    grad_y_sum = grad_y4.sum(1, dtype=torch.float32).to(x.dtype).reshape(-1, grad_y.shape[-1])
+    grad_y_sum = grad_y4.sum(1, dtype=torch.float32).to(x.dtype).reshape(x.shape[0], grad_y.shape[-1])
     out = torch.empty(x.shape[0], d_in, device=x.device, dtype=x.dtype)
     grad_x = _gemm_with_expand(grad_y_sum, weight, True, None, grad_shrink_all, *_a_as_expand(lora_A), None, out,
                                False, num_hyp, r, stacked_expand_t=lambda: _stack_A(lora_A, x.dtype))
@@ -1099,7 +1107,7 @@ def _shared_backward_formula(backward_impl, ctx, grad_y):
     grad_weight = grad_bias = None
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:  # a pass over dy only when W or bias train
         num_hyp = lora_A.shape[0]
-        grad_y_sum = grad_y.reshape(ctx.num_groups, num_hyp, -1, grad_y.shape[-1]).sum(1).reshape(-1, grad_y.shape[-1])
+        grad_y_sum = _group_rows(grad_y, ctx.num_groups, num_hyp).sum(1).reshape(x.shape[0], grad_y.shape[-1])
         grad_weight, grad_bias = _weight_grads(ctx, grad_y_sum, x)
     return grad_x, grad_weight, grad_bias, grad_A, grad_B, None, None, None
 
@@ -1224,6 +1232,9 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, num_hypotheses):
         _check_tensor("bias", bias, 1, "(d_out,)")
         if bias.shape[0] != d_out:
             raise ValueError(f"bias must have shape (d_out,) = ({d_out},), got {tuple(bias.shape)}")
+    if num_hypotheses is not None and (isinstance(num_hypotheses, bool)
+                                       or not isinstance(num_hypotheses, numbers.Integral)):
+        raise TypeError(f"num_hypotheses must be an int, got {type(num_hypotheses).__name__}")
     if num_hypotheses is not None and num_hypotheses != num_hyp:
         raise ValueError(f"num_hypotheses={num_hypotheses} does not match lora_A.shape[0]={num_hyp}")
     named = [("x", x), ("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B)]
@@ -1308,7 +1319,7 @@ def _raise_bad_ids(hypothesis_ids: Tensor, num_hyp: int) -> None:
 def _check_layout(n, num_hyp, layout, inner, hypothesis_ids, shared_input, device):
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got '{layout}'")
-    if isinstance(inner, bool) or not isinstance(inner, int) or inner < 1:
+    if isinstance(inner, bool) or not isinstance(inner, numbers.Integral) or inner < 1:
         raise ValueError(f"inner must be a positive int, got {inner!r}")
     if inner != 1 and layout != "batch_major":
         raise ValueError("inner (beams per row) applies to the batch_major layout only")
@@ -1318,7 +1329,8 @@ def _check_layout(n, num_hyp, layout, inner, hypothesis_ids, shared_input, devic
         if not isinstance(hypothesis_ids, Tensor):
             raise TypeError(f"hypothesis_ids must be an integer tensor, got {type(hypothesis_ids).__name__}")
         if hypothesis_ids.shape != (n,):
-            raise ValueError(f"hypothesis_ids must be an integer tensor of shape (N,) = ({n},)")
+            raise ValueError(f"hypothesis_ids must be an integer tensor of shape (N,) = ({n},), "
+                             f"got {tuple(hypothesis_ids.shape)}")
         if hypothesis_ids.is_floating_point() or hypothesis_ids.is_complex() or hypothesis_ids.dtype == torch.bool:
             raise TypeError(f"hypothesis_ids must hold integers, got {hypothesis_ids.dtype}")
         if hypothesis_ids.device != device:
@@ -1391,12 +1403,13 @@ def multi_lora_linear(
     num_hyp, r, d_in, d_out = _check_inputs(x, weight, bias, lora_A, lora_B, num_hypotheses)
     n = x.shape[0]
     _check_layout(n, num_hyp, layout, inner, hypothesis_ids, shared_input, x.device)
+    inner = int(inner)  # a numpy integer included
     if hypothesis_ids is not None:
         hypothesis_ids = hypothesis_ids.contiguous()
     chosen = _choose_backend(backend, x)
     scale = _scaling_vector(scaling, num_hyp, x)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, d_in)
+    x2 = x.reshape(x.shape[:-1].numel(), d_in)  # explicit rows: -1 is ambiguous when d_in = 0
     tokens = x2.shape[0] // n if n else 1
     if shared_input:
         num_groups = n // inner if layout == "batch_major" else 1

@@ -702,6 +702,7 @@ def _good(**over):
     (dict(lora_A=torch.randn(3, 0, 8), lora_B=torch.randn(3, 4, 0)), ValueError, "rank r must be >= 1"),
     (dict(lora_B=torch.randn(3, 4, 5)), ValueError, "lora_B must have shape"),
     (dict(num_hypotheses=4), ValueError, "num_hypotheses=4"),
+    (dict(num_hypotheses="3"), TypeError, "num_hypotheses must be an int, got str"),
     (dict(x=torch.randn(5, 2, 8)), ValueError, "divisible by K"),
     (dict(inner=4), ValueError, "divisible by K\\*inner"),
     (dict(layout="hypothesis_major", x=torch.randn(4, 2, 8)), ValueError, "divisible by K = 3"),
@@ -710,7 +711,7 @@ def _good(**over):
     (dict(x=torch.randint(0, 3, (6, 2, 8))), TypeError, "floating-point"),
     (dict(hypothesis_ids=torch.tensor([0, 1, 2, 3, 0, 1])), ValueError, "\\[-1, K\\)"),
     (dict(hypothesis_ids=torch.tensor([0, 1, -2, 0, 0, 1])), ValueError, "\\[-1, K\\)"),
-    (dict(hypothesis_ids=torch.tensor([0, 1, 2])), ValueError, "shape \\(N,\\)"),
+    (dict(hypothesis_ids=torch.tensor([0, 1, 2])), ValueError, "shape \\(N,\\) = \\(6,\\), got \\(3,\\)"),
     (dict(hypothesis_ids=torch.zeros(6)), TypeError, "integers"),
     (dict(hypothesis_ids=torch.zeros(6, dtype=torch.long), shared_input=True), ValueError, "shared_input"),
     (dict(scaling=torch.ones(2)), ValueError, "scaling must be"),
@@ -730,6 +731,14 @@ def test_bad_input_raises(over, err, match):
     args, kwargs = _good(**over)
     with pytest.raises(err, match=match):
         multi_lora_linear(**args, **kwargs)
+
+
+def test_numpy_integers_for_num_hypotheses_and_inner():
+    np = pytest.importorskip("numpy")
+    args, kwargs = _good(x=torch.randn(12, 2, 8))
+    expected = multi_lora_linear(**args, num_hypotheses=3, inner=2)
+    got = multi_lora_linear(**args, num_hypotheses=np.int64(3), inner=np.int32(2))
+    assert torch.equal(got, expected)
 
 
 def test_scaling_as_a_numpy_scalar_or_a_parameter_without_grad():
@@ -780,6 +789,25 @@ def test_empty_input(backend, shape, shared, triton_path):
     y.sum().backward()
     assert x.grad.shape == x.shape
     assert torch.equal(lora_A.grad, torch.zeros_like(lora_A)) and torch.equal(lora_B.grad, torch.zeros_like(lora_B))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["distinct", "shared"])
+@pytest.mark.parametrize("d_in, d_out", [(0, 5), (4, 0)], ids=["no_inputs", "no_outputs"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_feature_dims(backend, d_in, d_out, shared):
+    """d_in = 0 gives the bias (as F.linear), d_out = 0 an empty output; gradients are zeros."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    x = torch.randn(6, 3, d_in, device=device, requires_grad=True)
+    weight, bias = torch.randn(d_out, d_in, device=device), torch.randn(d_out, device=device)
+    lora_A = torch.randn(3, 2, d_in, device=device, requires_grad=True)
+    lora_B = torch.randn(3, d_out, 2, device=device, requires_grad=True)
+    y = multi_lora_linear(x, weight, bias, lora_A, lora_B, 2.0, shared_input=shared, backend=backend)
+    rows = 18 if shared else 6
+    assert y.shape == (rows, 3, d_out)
+    torch.testing.assert_close(y, bias.expand(rows, 3, d_out), rtol=0, atol=0)
+    y.sum().backward()
+    for t in (x, lora_A, lora_B):
+        assert torch.equal(t.grad, torch.zeros_like(t))
 
 
 def test_device_mismatch_raises():

@@ -111,6 +111,25 @@ def test_sampling():
     assert torch.equal(a, a2)
 
 
+def test_static_cache_decode_compiles_in_one_graph():
+    """With a static cache HF compiles the decoding step (on CUDA with mode="reduce-overhead": CUDA
+    graphs, no host work per layer). The patched model compiles there in one graph (fullgraph:
+    a graph break would raise) and generates, with left padding, the tokens of the eager call."""
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    model = _patched("llama")
+    inputs = _prompts()
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    eager = generate_hypotheses(model, inputs, **kw)
+    config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+    config._compile_all_devices = True  # HF compiles on accelerators only by default
+    compiled = generate_hypotheses(model, inputs, cache_implementation="static", compile_config=config, **kw)
+    assert hasattr(model, "_compiled_call")  # HF took the compiled decoding step
+    assert torch.equal(compiled, eager)
+    torch._dynamo.reset()
+
+
 def test_bad_arguments():
     model = _patched("llama")
     with pytest.raises(ValueError, match="patched with 3"):

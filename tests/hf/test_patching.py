@@ -149,17 +149,17 @@ def test_bad_arguments():
 
 
 def test_torch_compile_patched_model():
-    """torch.compile of a whole patched HF model (graph breaks allowed) equals eager, forward and
-    backward. fullgraph=True of the module alone is tested in tests/test_modules.py."""
+    """torch.compile(fullgraph=True) of a whole patched HF model in training mode (one graph, as
+    CUDA graphs of a training step need) equals eager, forward and backward."""
     torch._dynamo.reset()
-    model = patch_model(tiny_llama(layers=1), 2, R, ALPHA)
+    model = patch_model(tiny_llama(layers=1), 2, R, ALPHA).train()
     randomize_lora(model)
     ids = _batch(B=2, T=5).repeat_interleave(2, 0)
     eager = model(input_ids=ids).logits
     eager.square().mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, fullgraph=True)
     out = compiled(input_ids=ids).logits
     out.square().mean().backward()
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)

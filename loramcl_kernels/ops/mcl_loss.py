@@ -105,7 +105,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from loramcl_kernels._backend import requested_backend, resolve_backend, triton_interpreting
+from loramcl_kernels._backend import BACKENDS, requested_backend, resolve_backend, triton_interpreting
 from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
 from loramcl_kernels.ops._triton_utils import (
     cdiv, contiguous_or_none, device_facts, grouped_tile, launch, next_pow2, on_input_device, set_tma_allocator,
@@ -520,8 +520,9 @@ def _lse_chunk_kernel(
     """
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-    # Lanes start at a finite floor so that masked lanes (z = -inf) give exp(-inf) = 0, never NaN.
-    run_max = tl.full([BLOCK_V], -1.0e30, dtype=tl.float32)
+    # Lanes start at a finite floor, fp32's lowest value, so that masked lanes (z = -inf) give
+    # exp(-inf) = 0, never NaN, and every finite logit is at or above it.
+    run_max = tl.full([BLOCK_V], -3.4028234663852886e38, dtype=tl.float32)
     run_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
     for c0 in range(0, n_cols, BLOCK_V):
         z, cols, in_range = _load_logits(row_ptr, bias_ptr, v_start, c0, n_cols, BLOCK_V, HAS_BIAS)
@@ -742,7 +743,7 @@ def _logits_lse_tiles_kernel(
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         z = tl.where(mask_n[None, :], acc, float("-inf"))  # TMA fills rows past V with zeros
-        tile_max = tl.maximum(tl.max(z, 1), -1.0e30)  # finite: a tile of -inf logits (masked) sums to 0
+        tile_max = tl.maximum(tl.max(z, 1), -3.4028234663852886e38)  # fp32's lowest: a masked tile sums to 0
         tile_sum = tl.sum(tl.exp(z - tile_max[:, None]), 1)
         target = tl.load(target_ptr + offs_m, mask=mask_m, other=-1)
         tile_target = tl.sum(tl.where(offs_n[None, :] == target[:, None], acc, 0.0), 1)
@@ -768,14 +769,14 @@ def _combine_lse_tiles_kernel(
     (deterministic); nll = lse - target logit."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < n
-    row_max = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
+    row_max = tl.full([BLOCK_R], -3.4028234663852886e38, dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
     row_target = tl.zeros([BLOCK_R], dtype=tl.float32)
     for p0 in range(0, NUM_PN, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask = mask_r[:, None] & (offs_p < NUM_PN)[None, :]
         ptrs = part_ptr + offs_r.to(tl.int64)[:, None] * NUM_PN + offs_p[None, :]
-        tile_max = tl.load(ptrs, mask=mask, other=-1.0e30)
+        tile_max = tl.load(ptrs, mask=mask, other=-3.4028234663852886e38)
         tile_sum = tl.load(ptrs + plane, mask=mask, other=0.0)
         row_target += tl.sum(tl.load(ptrs + 2 * plane, mask=mask, other=0.0), 1)
         new_max = tl.maximum(row_max, tl.max(tile_max, 1))
@@ -792,23 +793,24 @@ def _combine_lse_tiles_kernel(
 # ----------------------------------------------------------------------------------------------
 
 def _mm_fp32_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """out (fp32, contiguous) = a @ b with fp32 accumulation and output."""
+    """out (fp32, contiguous) = a @ b with fp32 accumulation and output. Without the fp32-output GEMM
+    (the CPU, where the Triton kernels only run under the interpreter) the operands are widened:
+    a 16-bit output would round the logits, and overflow fp16's range past 65504."""
     if a.dtype == out.dtype:
         return torch.mm(a, b, out=out)
     if _mm_out_dtype_supported(a.device):
         return torch.mm(a, b, out_dtype=torch.float32, out=out)
-    out.copy_(torch.mm(a, b))  # 16-bit output rounded once (CPU / old torch fallback)
-    return out
+    return torch.mm(a.float(), b.float(), out=out)
 
 
 def _addmm_fp32_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """out (fp32, contiguous) += a @ b with fp32 accumulation, in one GEMM where cuBLAS can read out
-    (beta = 1); else a @ b with its 16-bit output rounded once, then added (CPU / old torch)."""
+    (beta = 1); else on widened operands, as _mm_fp32_into."""
     if a.dtype == out.dtype:
         return out.addmm_(a, b)
     if _addmm_out_dtype_supported(a.device):
         return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-    return out.add_(torch.mm(a, b))
+    return out.addmm_(a.float(), b.float())
 
 
 def _chunk_sizes(n_rows: int, V: int, max_rows: Optional[int] = None,
@@ -919,9 +921,9 @@ def _pass1_fused(h2, positions, targets, w, bias, position_lse, position_nll):
 
 
 def _online_lse_state(nr, device):
-    """A fresh online log-sum-exp state for nr rows: running max (a finite floor), sum of
+    """A fresh online log-sum-exp state for nr rows: running max (fp32's lowest value), sum of
     exp(z - max), target logit (fp32)."""
-    return (torch.full((nr,), -1.0e30, dtype=torch.float32, device=device),
+    return (torch.full((nr,), -3.4028234663852886e38, dtype=torch.float32, device=device),
             torch.zeros(nr, dtype=torch.float32, device=device), torch.zeros(nr, dtype=torch.float32, device=device))
 
 
@@ -1362,7 +1364,8 @@ def _real(value):
 
 
 def _check_config(num_hypotheses, layout, mode, epsilon, temperature, sequence_reduction):
-    if not isinstance(num_hypotheses, int) or isinstance(num_hypotheses, bool) or num_hypotheses < 1:
+    if (not isinstance(num_hypotheses, numbers.Integral) or isinstance(num_hypotheses, bool)
+            or num_hypotheses < 1):
         raise ValueError(f"num_hypotheses must be an int >= 1, got {num_hypotheses!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -1386,6 +1389,8 @@ def _check_config(num_hypotheses, layout, mode, epsilon, temperature, sequence_r
 def _check_ignore_index(ignore_index) -> int:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index!r}")
     return int(ignore_index)
 
 
@@ -1444,8 +1449,8 @@ def mcl_loss(
                 layout=layout, mode=mode, epsilon=epsilon, temperature=temperature,
                 sequence_reduction=sequence_reduction, ignore_index=ignore_index, shift_labels=shift_labels,
                 backend=backend)
-    K = num_hypotheses
-    _check_config(K, layout, mode, epsilon, temperature, sequence_reduction)
+    _check_config(num_hypotheses, layout, mode, epsilon, temperature, sequence_reduction)
+    K = int(num_hypotheses)  # a numpy integer included
     if not isinstance(hidden, torch.Tensor) or not isinstance(lm_head_weight, torch.Tensor):
         raise TypeError("hidden and lm_head_weight must be tensors")
     if not hidden.dtype.is_floating_point:
@@ -1509,8 +1514,8 @@ def mcl_loss_from_logits(
     Eagerly only the supervised rows are upcast and reduced (one sync to find them); under
     torch.compile a shape-static path reduces every position and masks.
     """
-    K = num_hypotheses
-    _check_config(K, layout, mode, epsilon, temperature, sequence_reduction)
+    _check_config(num_hypotheses, layout, mode, epsilon, temperature, sequence_reduction)
+    K = int(num_hypotheses)  # a numpy integer included
     if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point:
         raise TypeError("logits must be a floating tensor")
     _check_rows(logits, "logits", K)
@@ -1567,7 +1572,12 @@ class MCLLoss(torch.nn.Module):
         super().__init__()
         _check_config(num_hypotheses, layout, mode, epsilon, temperature if mode == "annealed" else None,
                       sequence_reduction)
-        self.num_hypotheses = num_hypotheses
+        if temperature is not None and not float(temperature) > 0.0:  # used in 'annealed' only, checked now
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        _check_ignore_index(ignore_index)
+        if requested_backend(backend) not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.num_hypotheses = int(num_hypotheses)
         self.layout = layout
         self.mode = mode
         self.epsilon = epsilon

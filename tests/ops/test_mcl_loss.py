@@ -267,6 +267,43 @@ def test_fp16_triton_within_budget(small_chunks):
             assert_within_budget(g, g64, gp, atol=1e-4, name=name)
 
 
+@pytest.mark.parametrize("path", ["chunked", "fused", "one_pass"])
+def test_fp16_logits_beyond_fp16_range(path, monkeypatch):
+    """fp16 operands whose logits exceed 65504: accumulated and kept in fp32 (the CPU has no
+    fp32-output GEMM of 16-bit operands; the fallback must not round the logits to fp16)."""
+    monkeypatch.setenv("LORAMCL_MCL_PASS1", "fused" if path == "fused" else "chunked")
+    g = torch.Generator().manual_seed(3)
+    hidden = (torch.randn(2, 4, 8, generator=g) * 100).half()
+    weight = (torch.randn(5, 8, generator=g) * 100).half()
+    labels = torch.randint(0, 5, (1, 4), generator=g)
+    assert (hidden.float() @ weight.float().t()).abs().max() > 65504
+    kw = dict(mode="annealed", temperature=1e5) if path == "one_pass" else {}
+    h_tri = hidden.clone().to(TRITON_DEVICE).requires_grad_()
+    out = mcl_loss(h_tri, weight.to(TRITON_DEVICE), labels.to(TRITON_DEVICE), num_hypotheses=2, backend="triton", **kw)
+    h_ref = hidden.clone().requires_grad_()
+    ref = mcl_loss(h_ref, weight, labels, num_hypotheses=2, backend="reference", **kw)
+    assert torch.isfinite(out.nll).all()
+    torch.testing.assert_close(out.nll.cpu(), ref.nll, rtol=1e-4, atol=0)
+    torch.testing.assert_close(out.loss.cpu(), ref.loss, rtol=1e-4, atol=0)
+    out.loss.backward(), ref.loss.backward()
+    torch.testing.assert_close(h_tri.grad.cpu(), h_ref.grad, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("path", ["chunked", "fused"])
+def test_logits_far_below_zero(backend, path, monkeypatch):
+    """Every logit of a position below -1e30 (a bias of -1e31): still a finite log-sum-exp."""
+    monkeypatch.setenv("LORAMCL_MCL_PASS1", path)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    hidden = torch.zeros(2, 3, 4, device=device)
+    weight = torch.zeros(3, 4, device=device)
+    bias = torch.tensor([-1.0e31, -1.1e31, -1.2e31], device=device)
+    labels = torch.tensor([[0, 0, 1]], device=device)
+    out = mcl_loss(hidden, weight, labels, num_hypotheses=2, lm_head_bias=bias, backend=backend)
+    # class 0 dominates: nll(target 0) = 0; nll(target 1) = 1e30 (fp32: within an ulp)
+    torch.testing.assert_close(out.nll.cpu(), torch.full((2, 1), 0.5e30), rtol=1e-6, atol=0)
+
+
 def test_default_chunking_triton_and_vocab_not_multiple_of_tile():
     """One vocab chunk, V = 1000 (not a power of two / tile multiple), H not a multiple of 16."""
     hidden, weight, bias, labels = make_data(V=1000, H=24, T=5, bias=True, device=TRITON_DEVICE, seed=7)
@@ -1166,6 +1203,26 @@ def test_module():
     assert torch.equal(module(hidden, weight, labels, bias).weights.argmax(0), ref.winners)
     with pytest.raises(ValueError, match="epsilon"):
         MCLLoss(3, mode="relaxed", epsilon=2.0)
+    # every argument is checked when the module is built, the temperature in any mode
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        MCLLoss(3, mode="wta", temperature=-1.0)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        MCLLoss(3, ignore_index="x")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        MCLLoss(3, backend="bogus")
+
+
+def test_integer_arguments():
+    """num_hypotheses and ignore_index: Python or numpy integers; ignore_index within int64."""
+    np = pytest.importorskip("numpy")
+    hidden, weight, _, labels = make_data(K=2, B=2, T=4, H=8, V=16)
+    ref = mcl_loss(hidden, weight, labels, num_hypotheses=2, backend="reference")
+    out = mcl_loss(hidden, weight, labels, num_hypotheses=np.int64(2), ignore_index=np.int32(IGNORE),
+                   backend="reference")
+    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
+    assert MCLLoss(np.int64(2)).num_hypotheses == 2
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        mcl_loss(hidden, weight, labels, num_hypotheses=2, ignore_index=2**70, backend="reference")
 
 
 # ---------------------------------------------------------------------------------------------

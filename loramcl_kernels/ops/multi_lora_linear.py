@@ -1270,13 +1270,14 @@ def _scaling_vector(scaling, num_hyp: int, x: Tensor) -> Tensor:
     dtype = _acc_dtype(x.dtype)
     if torch.compiler.is_compiling():  # made by a multiplication: a traced float stays symbolic (no recompiles)
         return torch.ones((num_hyp,), device=x.device, dtype=dtype) * scaling
-    if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.full((num_hyp,), float(scaling), device=x.device, dtype=dtype)
     # Eagerly a float scaling becomes a cached (K,) tensor: no fill kernel per call. The cached
-    # tensors are never written to; they are made outside inference mode so that autograd may save them.
+    # tensors are never written to; they are made outside inference mode so that autograd may save them,
+    # and outside CUDA-graph capture (a tensor made there belongs to the graph's memory pool).
     key = (float(scaling), num_hyp, x.device, dtype)
     vector = _SCALING_VECTORS.get(key)
     if vector is None:
+        if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return torch.full((num_hyp,), float(scaling), device=x.device, dtype=dtype)  # not cached
         with torch.inference_mode(False):
             vector = torch.full((num_hyp,), float(scaling), device=x.device, dtype=dtype)
         _SCALING_VECTORS[key] = vector

@@ -8,6 +8,7 @@ from loramcl_kernels.hf.mcl_model import MCLModel
 from loramcl_kernels.hf.patching import active_hypothesis, multi_lora_modules, patch_model
 
 from tests.hf.helpers import TARGETS, TINY_MODELS, VOCAB, audio_inputs, randomize_lora, tiny_qwen2_audio
+from tests.utils import requires_cuda
 
 K, R = 3, 4
 PAD = 0
@@ -127,6 +128,22 @@ def test_static_cache_decode_compiles_in_one_graph():
     compiled = generate_hypotheses(model, inputs, cache_implementation="static", compile_config=config, **kw)
     assert hasattr(model, "_compiled_call")  # HF took the compiled decoding step
     assert torch.equal(compiled, eager)
+    torch._dynamo.reset()
+
+
+@requires_cuda
+def test_gpu_static_cache_decode_from_cuda_graphs():
+    """On CUDA, HF compiles the static-cache decoding step with mode="reduce-overhead": the patched
+    model's kernels replay from CUDA graphs and give the eager tokens."""
+    torch._dynamo.reset()
+    model = patch_model(TINY_MODELS["llama"](layers=1).cuda(), K, R, 8, target_modules=TARGETS["llama"])
+    randomize_lora(model, seed=1, scale=0.5)
+    inputs = {name: t.cuda() for name, t in _prompts().items()}
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    eager = generate_hypotheses(model, inputs, **kw)
+    graphed = generate_hypotheses(model, inputs, cache_implementation="static", **kw)
+    assert hasattr(model, "_compiled_call")  # HF took the compiled decoding step
+    assert torch.equal(graphed, eager)
     torch._dynamo.reset()
 
 

@@ -1,5 +1,8 @@
 """MCLModel: loss, per-hypothesis NLL, winners and one optimizer step against the official
 recipe computed the unfused way (grouped-conv LoRA, full logits, per-sequence mean CE, WTA)."""
+import os
+import warnings
+
 import pytest
 import torch
 
@@ -18,6 +21,7 @@ from tests.hf.helpers import (
     reference_mcl_loss,
     tiny_qwen2_audio,
 )
+from tests.utils import requires_cuda
 
 K, R, ALPHA = 3, 4, 8
 
@@ -231,3 +235,31 @@ def test_torch_compile_mcl_model():
     assert torch.equal(out.winners, eager.winners)
     for p, g in zip([p for p in model.parameters() if p.requires_grad], grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+@requires_cuda
+def test_gpu_training_step_reads_the_device_once_in_the_package():
+    """A LoRA-MCL training step of a patched model on the GPU (bf16, Triton backend): the package's
+    own code waits on the device once, for mcl_loss's count of supervised positions (the README's
+    one host sync per step); the multi-LoRA layers and the backward never do. HF's model code may
+    synchronise on its own: only warnings raised from the package's files count."""
+    model = patch_model(TINY_MODELS["llama"]().to("cuda", torch.bfloat16), K, R, ALPHA, target_modules=TARGETS["llama"])
+    randomize_lora(model, scale=0.2)
+    mcl = MCLModel(model)
+    ids, labels = (t.cuda() for t in _data())
+
+    def step():
+        mcl(input_ids=ids, labels=labels).loss.backward()
+
+    step()  # compiles and autotunes
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ours = [os.path.basename(w.filename) for w in caught
+            if "synchroniz" in str(w.message) and f"{os.sep}loramcl_kernels{os.sep}" in w.filename]
+    assert ours == ["mcl_loss.py"], [(w.filename, w.lineno, str(w.message)[:80]) for w in caught]

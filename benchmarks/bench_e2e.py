@@ -139,6 +139,7 @@ def bench_layers(shape, layers, device, dtype, cuda, warmup, reps):
                        [p for p in model.parameters() if p.requires_grad], cuda, warmup, reps)
 
     unpatch_model(model)
+    model.requires_grad_(False)  # unpatch gives the base weights back their requires_grad: frozen, as in ours
     for name, (A, B) in adapters.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -48,6 +48,7 @@ import contextlib
 import gc
 import math
 import os
+import signal
 import sys
 import time
 
@@ -250,7 +251,7 @@ def shape_fields(K, Bsz, T, r, d_in, d_out):
 
 
 def error_text(exc):
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    return common.error_chain(exc)[:300]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -521,6 +522,10 @@ def print_tables(train_rows, shared_rows, decode_rows, card, dtype_name):
          f"target <= {TARGET_DECODE_VS_BASE:.1f}x (eager)", "check vs reference"], table)
 
 
+def _stop_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "results", "multi_lora.json"))
@@ -566,29 +571,33 @@ def main(argv=None):
                    Impl("loop", loop_peft), Impl("bmm", bmm_lora),
                    Impl("bmm_compiled", compiled_bmm_lora, skip=compile_skip),
                    Impl("group_conv", group_conv_lora)]
-    train_rows, shared_rows, decode_rows = [], [], []
-    for case in cases:
-        train_rows += bench_training(case, d_in, d_out, dtype, device, train_impls, timing)
-    for case in cases:
-        shared_rows += bench_shared(case, d_in, d_out, dtype, device, ours_mode, timing)
-    for case in cases:
-        decode_rows += bench_decode(case, d_in, d_out, dtype, device, ours_mode, timing)
-    wall_s = time.perf_counter() - start
-
-    print_tables(train_rows, shared_rows, decode_rows, card, dtype_name)
-    rows = train_rows + shared_rows + decode_rows
-    failures = [r_ for r_ in rows if "error" in r_ or r_.get("matched") is False]
     meta = {**common.run_meta(), "dtype": dtype_name, "smoke_run": not ON_GPU, "quick": args.quick,
-            "ours_mode": ours_mode,
-            "timing": timing, "wall_s": wall_s, "bwd_timing": "retain_graph, else fwdbwd_minus_fwd (per row)",
-            "rel_tol": REL_TOL[dtype],
+            "ours_mode": ours_mode, "timing": timing,
+            "bwd_timing": "retain_graph, else fwdbwd_minus_fwd (per row)", "rel_tol": REL_TOL[dtype],
             "targets": {"fwdbwd_vs_base_only": TARGET_FWDBWD_VS_BASE,
                         "shared_vs_shared_repeat": TARGET_SHARED_VS_REPEAT,
                         "decode_vs_base_only": TARGET_DECODE_VS_BASE}}
-    # strict JSON: a time or memory that could not be measured is null, never NaN
-    rows = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r_.items()} for r_ in rows]
-    common.write_json(rows, args.out, meta)
-    print(f"\nwall time {wall_s:.1f} s on {card}; rows written to {args.out}")
+    train_rows, shared_rows, decode_rows = [], [], []
+    # `timeout` stops a run with SIGTERM: end through the finally below, which prints the tables
+    # and writes the rows measured so far (the JSON is also written after every case)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    finished = False
+    try:
+        for table, bench in ((train_rows, lambda c: bench_training(c, d_in, d_out, dtype, device, train_impls, timing)),
+                             (shared_rows, lambda c: bench_shared(c, d_in, d_out, dtype, device, ours_mode, timing)),
+                             (decode_rows, lambda c: bench_decode(c, d_in, d_out, dtype, device, ours_mode, timing))):
+            for case in cases:
+                table += bench(case)
+                common.write_json(train_rows + shared_rows + decode_rows, args.out,
+                                  {**meta, "wall_s": time.perf_counter() - start, "complete": False})
+        finished = True
+    finally:
+        wall_s = time.perf_counter() - start
+        print_tables(train_rows, shared_rows, decode_rows, card, dtype_name)
+        rows = train_rows + shared_rows + decode_rows
+        common.write_json(rows, args.out, {**meta, "wall_s": wall_s, "complete": finished})
+        print(f"\nwall time {wall_s:.1f} s on {card}; rows written to {args.out}")
+    failures = [r_ for r_ in rows if "error" in r_ or r_.get("matched") is False]
     if failures:
         print(f"{len(failures)} row(s) failed (error or output mismatch against the reference):")
         for r_ in failures:

@@ -50,10 +50,32 @@ def peak_extra_gib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**30
 
 
+def _json_safe(value):
+    """NaN and infinities as null (strict JSON has neither), through dicts and lists."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def write_json(rows: list[dict], path: str, meta: dict) -> None:
+    """Written again after each table or regime, so that a run cut short keeps what it measured."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        json.dump(_json_safe({"meta": meta, "rows": rows}), f, indent=1)
+
+
+def error_chain(exc: BaseException) -> str:
+    """An exception and what it was raised during or from: a failed CUDA-graph capture reports
+    "operation failed due to a previous error during capture", and the first error is its context."""
+    parts = []
+    while exc is not None and len(parts) < 4:
+        parts.append(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+        exc = exc.__cause__ or exc.__context__
+    return " <- ".join(parts)
 
 
 def run_meta() -> dict:
@@ -96,13 +118,16 @@ def time_graph_us(fn, *, replays: int = 200) -> float:
     graph = torch.cuda.CUDAGraph()
     generator = torch.cuda.default_generators[torch.cuda.current_device()]
     generator_state = generator.clone_state()
+    caller_stream = torch.cuda.current_stream()
     try:
         with torch.cuda.graph(graph, stream=stream):
             fn()
     except BaseException:
         # a capture that fails midway leaves the CUDA generator in capture mode, and every later
-        # random draw on the device raises: put back its state from before the capture
+        # random draw on the device raises: put back its state from before the capture; torch's
+        # graph context also skips restoring the caller's stream when the capture fails
         generator.graphsafe_set_state(generator_state)
+        torch.cuda.set_stream(caller_stream)
         torch.cuda.synchronize()
         raise
     graph.replay()

@@ -15,7 +15,12 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 STEPS=${STEPS:-"env smoke tests bench"}
-PYTEST_ARGS=${PYTEST_ARGS:-"tests -q"}
+# pytest -v names each test as it finishes: a step cut by its time limit still shows which passed
+PYTEST_ARGS=${PYTEST_ARGS:-"tests -v"}
+# smoke's decision on this machine (results/ stays between calls while the machine is warm)
+if [ -f results/triton_launch ]; then
+  export LORAMCL_TRITON_LAUNCH=$(cat results/triton_launch)
+fi
 PYTEST_K=${PYTEST_K:-"gpu and not smoke"}
 for step in $STEPS; do
   case $step in
@@ -26,6 +31,7 @@ for step in $STEPS; do
       if ! timeout 120 python3 benchmarks/launch_smoke.py >>"$OUT/env.txt" 2>&1; then
         echo "launch() failed (see env.txt): every later launch goes through Triton" | tee -a "$OUT/env.txt"
         export LORAMCL_TRITON_LAUNCH=triton
+        mkdir -p results && echo triton > results/triton_launch
         timeout 120 python3 benchmarks/launch_smoke.py >>"$OUT/env.txt" 2>&1
       fi
       tail -2 "$OUT/env.txt" ;;
@@ -51,5 +57,7 @@ for step in $STEPS; do
       timeout 150 python3 benchmarks/profile_mcl_loss.py 2>&1 | tee "$OUT/profile_mcl_loss.log" ;;
     bench_loss)
       timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_mcl_loss.py --out "$OUT/mcl_loss.json" 2>&1 | tee "$OUT/bench_mcl_loss.log" ;;
+    *)
+      echo "unknown step '$step' (steps: env smoke tests bench profile host e2e bench_loss profile_loss sweep)" ;;
   esac
 done

@@ -134,3 +134,47 @@ def test_gpu_only_scripts_say_so_and_exit_0_without_a_gpu(script, says):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == says
+
+
+def test_a_run_stopped_by_timeout_keeps_its_rows(tmp_path):
+    """`timeout` sends SIGTERM: the run prints its tables and writes the rows measured so far,
+    marked incomplete (stopped here once the first table's rows are in the JSON)."""
+    import signal
+    import time
+
+    out = tmp_path / "multi_lora.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--quick", "--out", str(out)], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    with open(out) as f:
+        result = json.load(f)
+    if proc.returncode == 0:  # it finished before the signal arrived
+        assert result["meta"]["complete"] is True
+        return
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert result["meta"]["complete"] is False and result["rows"]
+    assert "## Multi-LoRA linear" in stdout and "rows written to" in stdout
+
+
+def test_json_without_nan_and_errors_with_their_cause(tmp_path):
+    sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
+    import common
+
+    common.write_json([{"ms": float("nan"), "gib": float("inf"), "nested": [float("nan"), 1.0]}],
+                      str(tmp_path / "r.json"), {"x": float("nan")})
+    text = (tmp_path / "r.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"meta": {"x": None}, "rows": [{"ms": None, "gib": None, "nested": [None, 1.0]}]}
+    try:
+        try:
+            raise ValueError("the first error")
+        except ValueError:
+            raise RuntimeError("operation failed due to a previous error during capture")
+    except RuntimeError as exc:
+        chain = common.error_chain(exc)
+    assert chain == "RuntimeError: operation failed due to a previous error during capture <- ValueError: the first error"

@@ -385,6 +385,16 @@ def bench_shared(case, d_in, d_out, dtype, device, ours_mode, timing):
 # ----------------------------------------------------------------------------------------------
 # Table 3: decode, forward only
 # ----------------------------------------------------------------------------------------------
+DECODE_GRAPH_LAYERS = 4
+
+
+def decode_layers(W, A, Bm):
+    """DECODE_GRAPH_LAYERS copies of a layer's weights, run one after the other in the CUDA graph:
+    4 x 32 MiB of W at d = 4096 outgrow the H200's 50 MB L2, so each call reads its W from HBM, as
+    consecutive layers of a decoding step do (replaying one W would find it in L2)."""
+    return [(W, A, Bm)] + [(W.clone(), A.clone(), Bm.clone()) for _ in range(DECODE_GRAPH_LAYERS - 1)]
+
+
 def bench_decode(case, d_in, d_out, dtype, device, ours_mode, timing):
     K, _, _, r = case
     Bsz, T = DECODE_SEQS, 1
@@ -411,9 +421,11 @@ def bench_decode(case, d_in, d_out, dtype, device, ours_mode, timing):
                         row["matched"], row["max_rel_err"] = check_against([y], [ref_y], dtype)
                     del y
                     row["us"] = common.time_ms(f, **timing) * 1e3
-                    if ON_GPU:  # GPU time alone: the same call captured in a CUDA graph
+                    if ON_GPU:  # GPU time alone: the call captured in a CUDA graph, see decode_layers
                         try:
-                            row["us_graph"] = common.time_graph_us(f)
+                            layers = decode_layers(W, A, Bm)
+                            row["us_graph"] = common.time_graph_us(
+                                lambda: [impl.fn(x, *weights) for weights in layers]) / len(layers)
                         except Exception as exc:  # noqa: BLE001 - an implementation that cannot be captured
                             print(f"{impl.name}: decode forward not captured in a CUDA graph: {error_text(exc)}")
             except Exception as exc:  # noqa: BLE001
@@ -518,7 +530,8 @@ def print_tables(train_rows, shared_rows, decode_rows, card, dtype_name):
               fmt(r_.get("ratio_graph_to_base"), ".2f"), status_cell(r_), check_cell(r_)] for r_ in decode_rows]
     common.print_table(
         f"Decode, forward in us ({DECODE_SEQS} sequences x 1 token per hypothesis), {dtype_name}, on {card}",
-        ["K", "B x T", "r", "impl", "fwd us (eager)", "/ base_only", "fwd us (CUDA graph)", "/ base_only",
+        ["K", "B x T", "r", "impl", "fwd us (eager)", "/ base_only",
+         f"fwd us (CUDA graph, {DECODE_GRAPH_LAYERS} layers' W in turn)", "/ base_only",
          f"target <= {TARGET_DECODE_VS_BASE:.1f}x (eager)", "check vs reference"], table)
 
 

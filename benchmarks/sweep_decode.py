@@ -1,7 +1,9 @@
 """Decode forward under a CUDA graph for several (BN columns, d_in splits) of the decode kernels (GPU).
 
 python benchmarks/sweep_decode.py  -> a markdown table; _decode_config in ops/multi_lora_linear.py
-should take its tiles from such a run. "auto" is the configuration _decode_config picks.
+should take its tiles from such a run. "auto" is the configuration _decode_config picks. Each
+graph runs LAYERS copies of the layer one after the other (us per call = graph time / LAYERS):
+their W outgrow the L2 cache, so each call reads W from HBM, as the layers of a decoding step do.
 """
 import os
 import sys
@@ -18,6 +20,7 @@ if not torch.cuda.is_available():
     sys.exit(0)
 os.environ["LORAMCL_MULTI_LORA_PATH"] = "decode"
 d = 4096
+LAYERS = 4  # 4 x 32 MiB of W: more than the H200's 50 MB of L2
 print(f"decode forward, us under a CUDA graph, d={d}, bf16, 8 rows per hypothesis, {torch.cuda.get_device_name()}")
 print("| K | r | rows | BN | splits | us | max abs err vs cublas path |")
 auto_config = mll._decode_config
@@ -29,7 +32,8 @@ for K, r in [(5, 8), (4, 16), (8, 8), (4, 64)]:
     b = (torch.randn(K, d, r, device="cuda") / r**0.5).to(torch.bfloat16)
     with common.env_var("LORAMCL_MULTI_LORA_PATH", "cublas"):
         ref = multi_lora_linear(x, w, None, a, b, 2.0, num_hypotheses=K, backend="triton")
-    base_us = common.time_graph_us(lambda: x @ w.t())
+    layers = [(w, a, b)] + [(w.clone(), a.clone(), b.clone()) for _ in range(LAYERS - 1)]
+    base_us = common.time_graph_us(lambda: [x @ w_.t() for w_, _, _ in layers]) / LAYERS
     print(f"| {K} | {r} | {8 * K} | base | - | {base_us:.1f} | - |")
     configs = [("auto", "auto")] + [(bn, splits) for bn in (32, 64, 128) for splits in (1, 2, 4, 8)]
     for bn, splits in configs:
@@ -43,7 +47,8 @@ for K, r in [(5, 8), (4, 16), (8, 8), (4, 64)]:
         try:
             f = lambda: multi_lora_linear(x, w, None, a, b, 2.0, num_hypotheses=K, backend="triton")  # noqa: E731
             err = (f().float() - ref.float()).abs().max().item()
-            us = common.time_graph_us(f)
+            us = common.time_graph_us(lambda: [multi_lora_linear(x, w_, None, a_, b_, 2.0, num_hypotheses=K,
+                                                                 backend="triton") for w_, a_, b_ in layers]) / LAYERS
             print(f"| {K} | {r} | {8 * K} | {bn} | {splits} | {us:.1f} | {err:.2e} |")
         except Exception as exc:  # noqa: BLE001
             print(f"| {K} | {r} | {8 * K} | {bn} | {splits} | error: {str(exc)[:120]} | |")

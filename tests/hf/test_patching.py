@@ -166,3 +166,26 @@ def test_torch_compile_patched_model():
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
+
+
+def test_torch_compile_changing_shapes_recompile_as_the_unpatched_model():
+    """Batch sizes and sequence lengths that change between steps (dynamic=True): the patched model
+    compiles as many frames as the unpatched one (the package adds no shape guard), same values."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    frames = {}
+    for patched in (False, True):
+        torch._dynamo.reset()
+        model = tiny_llama(layers=1).train()
+        if patched:
+            model = patch_model(model, 2, R, ALPHA).train()
+            randomize_lora(model)
+        counter = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
+        for B, T in ((2, 5), (4, 7), (3, 9), (5, 4)):
+            ids = _batch(B=B, T=T).repeat_interleave(2, 0)
+            torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5,
+                                       atol=1e-5)
+        frames[patched] = counter.frame_count
+    assert frames[True] == frames[False]
+    torch._dynamo.reset()

@@ -2,9 +2,11 @@
 import os
 import re
 
+import pytest
 import torch
 
-from loramcl_kernels.ops.mcl_loss import mcl_loss as mcl_loss_op
+from loramcl_kernels import unpatch_model
+from loramcl_kernels.hf.patching import active_hypothesis
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -51,8 +53,14 @@ def test_mcl_loss_example():
     torch.testing.assert_close(out.winners, out.nll.argmin(0))
     torch.testing.assert_close(out.weights.sum(0), torch.ones(B))
     assert hidden.grad is not None and hidden.grad.abs().sum() > 0
-    ref = mcl_loss_op(hidden.detach(), model.lm_head.weight, labels, num_hypotheses=K, backend="reference")
-    torch.testing.assert_close(out.loss.detach(), ref.loss)
+    # the official recipe written out: full logits, shifted per-token CE, per-sequence mean, min over k
+    logits = hidden.detach() @ model.lm_head.weight.detach().t()  # (B*K, T, V), row b*K + k
+    targets = labels.repeat_interleave(K, 0)[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                           reduction="none").view(B * K, T - 1)
+    nll = ce.mean(1).view(B, K).t()
+    torch.testing.assert_close(out.nll, nll, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss.detach(), nll.min(0).values.mean(), rtol=1e-5, atol=1e-6)
 
 
 def test_hf_example(tmp_path, monkeypatch):
@@ -64,6 +72,16 @@ def test_hf_example(tmp_path, monkeypatch):
     ns = {"model": model, "ids": ids, "mask": torch.ones_like(ids), "labels": labels, "prompt": ids[:, :4]}
     exec(python_blocks()[2], ns)
     assert torch.isfinite(ns["out"].loss)
-    assert ns["hyps"].shape[:2] == (2, 5) and ns["hyps"].dtype == torch.long
-    assert (tmp_path / "adapter_k2" / "adapter_model.safetensors").exists()
-    assert (tmp_path / "adapter_k2" / "adapter_config.json").exists()
+    model, hyps = ns["model"], ns["hyps"]
+    assert hyps.dtype == torch.long and hyps.shape[:2] == (2, 5)
+    # hypothesis 2's continuation is what the model generates with adapter 2 alone, and the saved
+    # adapter is hypothesis 2 as a standard PEFT adapter: the same logits through peft
+    with active_hypothesis(model, 2):
+        alone = model.generate(input_ids=ns["prompt"], max_new_tokens=32, do_sample=False)[:, 4:]
+        logits_k2 = model(input_ids=ids).logits
+    torch.testing.assert_close(hyps[:, 2, : alone.shape[1]], alone, rtol=0, atol=0)
+    peft = pytest.importorskip("peft")
+    base = unpatch_model(model)
+    with torch.no_grad():
+        via_peft = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter_k2")).eval()(input_ids=ids).logits
+    torch.testing.assert_close(via_peft, logits_k2, rtol=1e-4, atol=1e-5)

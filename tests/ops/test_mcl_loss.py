@@ -827,6 +827,25 @@ def test_soft_one_pass_matches_fp64_official(backend, case, layout, per_row_labe
     torch.testing.assert_close(grad, grad_recompute, rtol=1e-4, atol=1e-6 * scale)
 
 
+def test_soft_one_pass_keeps_the_logits_chunks_when_fused_pass1_is_asked(monkeypatch):
+    """The one-pass gradient needs each chunk of logits, which the fused pass 1 never stores: with
+    LORAMCL_MCL_PASS1=fused, soft weights and a frozen lm_head still take the chunked pass 1, and
+    d hidden matches the fp64 official loss's."""
+    monkeypatch.setenv("LORAMCL_MCL_PASS1", "fused")
+    fused_calls = []
+    real_fused = mcl_module._pass1_fused
+    monkeypatch.setattr(mcl_module, "_pass1_fused", lambda *a: (fused_calls.append(1), real_fused(*a))[1])
+    hidden, weight, bias, labels = make_data(K=3, bias=True, device=TRITON_DEVICE, seed=67)
+    kw = dict(mode="annealed", temperature=0.7)
+    out, grad, pass2_rows = run_frozen_head(hidden, weight, bias, labels, 3, "triton", **kw)
+    assert pass2_rows == 0 and not fused_calls
+    h64 = hidden.detach().double().requires_grad_(True)
+    loss64, _, _, _ = official_mcl_loss(h64, weight.double(), bias.double(), labels, 3, upcast=torch.float64, **kw)
+    (grad64,) = torch.autograd.grad(loss64, (h64,))
+    torch.testing.assert_close(out.loss.double(), loss64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-4, atol=1e-6 * grad64.abs().max().item())
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_soft_one_pass_target_dominates(backend):
     """1 - p_target ~ 1e-9: the gradient row (p - onehot) W is tiny and made of the non-target
@@ -1203,6 +1222,15 @@ def test_module():
     assert torch.equal(module(hidden, weight, labels, bias).weights.argmax(0), ref.winners)
     with pytest.raises(ValueError, match="epsilon"):
         MCLLoss(3, mode="relaxed", epsilon=2.0)
+    # every setting reaches mcl_loss: non-default ones give mcl_loss's result with the same keywords
+    kw = dict(layout="hypothesis_major", mode="relaxed", epsilon=0.1, sequence_reduction="sum", shift_labels=False,
+              backend="reference")
+    out = MCLLoss(3, **kw)(hidden, weight, labels, bias)
+    ref = mcl_loss(hidden, weight, labels, num_hypotheses=3, lm_head_bias=bias, **kw)
+    default = mcl_loss(hidden, weight, labels, num_hypotheses=3, lm_head_bias=bias, backend="reference")
+    for name in ("loss", "nll", "winners", "weights"):
+        assert torch.equal(getattr(out, name), getattr(ref, name)), name
+    assert not torch.equal(out.nll, default.nll) and not torch.equal(out.weights, default.weights)
     # every argument is checked when the module is built, the temperature in any mode
     with pytest.raises(ValueError, match="temperature must be > 0"):
         MCLLoss(3, mode="wta", temperature=-1.0)

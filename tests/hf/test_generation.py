@@ -99,7 +99,7 @@ def test_sampling():
                                   num_return_sequences=2)
     assert sampled.shape == (2, K, 2, 6)
     assert torch.equal(sampled[:, :, 0], greedy) and torch.equal(sampled[:, :, 1], greedy)
-    # Real sampling: reproducible under a seed, valid ids, prompts differ.
+    # Real sampling: reproducible under a seed, valid ids; batches of two prompts and of one.
     torch.manual_seed(0)
     a = generate_hypotheses(MCLModel(model), inputs, max_new_tokens=6, do_sample=True, top_k=0, pad_token_id=PAD)
     torch.manual_seed(0)

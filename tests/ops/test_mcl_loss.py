@@ -1165,8 +1165,11 @@ def test_torch_compile_inductor_reference(mode):
                             temperature=0.5 if mode == "annealed" else None).loss
     h1, h2 = leaf(hidden, hidden)
     torch._dynamo.reset()
-    fn(h1).backward()
-    torch.compile(fn, fullgraph=True)(h2).backward()
+    eager = fn(h1)
+    eager.backward()
+    compiled = torch.compile(fn, fullgraph=True)(h2)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(h2.grad, h1.grad)
 
 

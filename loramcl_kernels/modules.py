@@ -226,11 +226,11 @@ class MultiLoRALinear(nn.Module):
             hypothesis_ids=self.hypothesis_ids,
             backend=self.backend,
         )
-        if self.shared_input and self.hypothesis_ids is not None:
-            raise ValueError("hypothesis_ids cannot be combined with shared_input=True")
         if not (dropout and self.shared_input):
             return _multi_lora_linear(x, weight, bias, all_A, all_B, self.scaling, shared_input=self.shared_input,
                                       lora_dropout=self.lora_dropout_p if dropout else 0.0, **kw)
+        if self.hypothesis_ids is not None:  # the op would see repeated rows, not shared input: checked here
+            raise ValueError("hypothesis_ids cannot be combined with shared_input=True")
         base = F.linear(x, weight, bias)
         # shared input with dropout: each hypothesis draws its own mask, so repeat first, then drop
         x = repeat_rows(x, self.num_hypotheses, self.layout, self.inner)

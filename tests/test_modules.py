@@ -216,7 +216,7 @@ def test_extra_repr_and_bad_arguments():
     m.lora_dropout_p, m.shared_input, m.hypothesis_ids = 0.1, True, torch.zeros(2, dtype=torch.long)
     for training in (False, True):
         with pytest.raises(ValueError, match="hypothesis_ids cannot be combined with shared_input=True"):
-            m.train(training)(torch.randn(2, D_IN))
+            m.train(training)(torch.randn(2, D_IN, dtype=torch.float64))
 
 
 def test_torch_compile_fullgraph():

@@ -1378,12 +1378,16 @@ def _check_config(num_hypotheses, layout, mode, epsilon, temperature, sequence_r
     if mode != "annealed" and temperature is not None:  # mode defaults to "wta": no silent WTA
         raise ValueError(f"temperature={temperature!r} applies to mode='annealed' (w = softmax_k(-L / temperature)), "
                          f"got mode={mode!r}")
-    if temperature is not None and not _real(temperature) > 0.0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    _check_temperature(temperature)
     if mode == "annealed" and temperature is None:
         raise ValueError("mode='annealed' needs a temperature > 0")
     if sequence_reduction not in SEQUENCE_REDUCTIONS:
         raise ValueError(f"sequence_reduction must be one of {SEQUENCE_REDUCTIONS}, got {sequence_reduction!r}")
+
+
+def _check_temperature(temperature) -> None:
+    if temperature is not None and not _real(temperature) > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
 
 
 def _check_ignore_index(ignore_index) -> int:
@@ -1572,8 +1576,7 @@ class MCLLoss(torch.nn.Module):
         super().__init__()
         _check_config(num_hypotheses, layout, mode, epsilon, temperature if mode == "annealed" else None,
                       sequence_reduction)
-        if temperature is not None and not float(temperature) > 0.0:  # used in 'annealed' only, checked now
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        _check_temperature(temperature)  # used in mode 'annealed' only, checked now
         _check_ignore_index(ignore_index)
         if requested_backend(backend) not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

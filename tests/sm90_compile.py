@@ -4,8 +4,9 @@ Run as a script in a process without TRITON_INTERPRET (tests/test_sm90_compile.p
 Triton driver reports an sm_90 target, launches become compile-only (`warmup=True`), and the
 launchers run on meta tensors, so each kernel is compiled with the block sizes, specialisations
 and constexprs its GPU launches use. Prints one JSON line per compiled kernel variant: name,
-shared memory, warps, stages, and the number of scalar 2-byte global loads and stores in the PTX
-(16-bit tiles that did not vectorise). A compile error fails the script.
+shared memory, warps, stages, the number of scalar 2-byte global loads and stores in the PTX
+(16-bit tiles that did not vectorise), and how deep its loops nest after Triton's passes (TTGIR).
+A compile error fails the script.
 """
 import json
 import os
@@ -36,6 +37,24 @@ class Sm90Driver:
         return GPUTarget("cuda", 90, 32)
 
 
+def loop_depth(ttgir: str) -> int:
+    """Deepest nesting of scf.for loops in a TTGIR listing: 1 when no loop holds another, e.g. a
+    persistent GEMM whose tile and K loops Triton flattened into one software pipeline."""
+    open_regions, deepest = [], 0  # (indentation, opened by scf.for) of each region still open
+    for line in ttgir.splitlines():
+        text = line.strip()
+        indent = len(line) - len(line.lstrip())
+        if text.startswith("}"):
+            while open_regions and open_regions[-1][0] >= indent:
+                open_regions.pop()
+        if text.endswith("{"):
+            is_for = text.startswith("scf.for") or " = scf.for " in text
+            if is_for:
+                deepest = max(deepest, 1 + sum(opened_by_for for _, opened_by_for in open_regions))
+            open_regions.append((indent, is_for))
+    return deepest
+
+
 COMPILED = []
 NO_CONFIG_FITS = []  # autotuned launches none of whose configs fits in shared memory
 
@@ -51,6 +70,7 @@ def _compile_only(kernel, grid, args, kwargs, autotuned=False):
                   wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
                   # CTA-wide barriers (bar.sync / barrier.sync)
                   barriers=ptx.count("bar.sync") + ptx.count("barrier.sync"),
+                  loop_depth=loop_depth(compiled.asm["ttgir"]),
                   num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
                   autotuned=autotuned, constexprs={k: v for k, v in kwargs.items() if k.isupper()})
     if record not in COMPILED:

@@ -420,9 +420,10 @@ if triton is not None:
     @triton.jit
     def _gemm_expand_kernel(
         x_ptr, w_ptr, init_ptr, s_ptr, e_ptr, scale_ptr, bias_ptr, out_ptr, seed_ptr,
-        M, N, KD, NUM_HYP, L, NUM_PROGRAMS, M_BUCKET,
+        M, N, KD, L, NUM_PROGRAMS, M_BUCKET,
         stride_init, stride_sm, stride_ek, stride_en, stride_ej, stride_om, dropout_threshold, dropout_scale,
-        R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GM: tl.constexpr, R_PAD: tl.constexpr,
+        NUM_HYP: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        GM: tl.constexpr, R_PAD: tl.constexpr,
         HAS_BASE: tl.constexpr, W_KN: tl.constexpr, HAS_INIT: tl.constexpr, SHARED_OUT: tl.constexpr,
         EXPAND_TMA: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
         E_ROWS_OF_R: tl.constexpr = False, DROPOUT: tl.constexpr = False,
@@ -440,6 +441,15 @@ if triton is not None:
           SHARED_OUT: output row (m // L)*K*L + k*L + m % L gets acc + s_k S[m, block k] E_k^T, per k.
           DROPOUT (per-hypothesis expand, not SHARED_OUT): the expand is masked by the LoRA dropout
                       keep mask at (m, n) and scaled by dropout_scale (dx of dropout(x), N = d_in).
+
+        Loop shape: Triton flattens the persistent loop (tiles x K-steps as one software pipeline, so
+        the next tile's first loads are in flight while this tile's expand and stores run) only when
+        each tile's body holds a single inner loop (its FuseNestedLoops pass); otherwise every tile
+        fills and drains its own pipeline. An expand through TMA of K*r <= BK columns (r <= 16 at
+        K <= 4, r = 8 at K <= 8) is therefore one straight-line step after the base K-loop. Wider
+        expands keep a loop of their own: unrolled, each step's tiles took shared memory of their own
+        (sm_90 compile, triton 3.6). So does the per-hypothesis expand: unrolled, its wgmma
+        instructions were serialised (ptxas C7515), and with SHARED_OUT its K extra accumulators spilled.
         """
         pid = tl.program_id(0)
         num_pm = tl.cdiv(M, BM)
@@ -458,8 +468,8 @@ if triton is not None:
                                                block_shape=[BN, BK])
         offs_j = tl.arange(0, R_PAD)
         mask_j = offs_j < R
-        # flatten pipelines the persistent GEMM; the expand-only epilogue runs one tile per program,
-        # and flattening its loop compiled to scalar 2-byte stores (sm_90 PTX)
+        # flatten pipelines the persistent GEMM across tiles (see Loop shape); the expand-only epilogue
+        # runs one tile per program, and flattening its loop compiled to scalar 2-byte stores (sm_90 PTX)
         for tile in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=HAS_BASE):
             pm, pn = grouped_tile(tile, num_pm, num_pn, GM)
             offs_m = pm * BM + tl.arange(0, BM)
@@ -476,11 +486,16 @@ if triton is not None:
                     else:
                         b = w_desc.load([pn * BN, ki * BK])
                         acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
-            if EXPAND_TMA:  # the LoRA expand: K*r more columns of the reduction
-                for kk in range(tl.cdiv(NUM_HYP * R, BK)):
-                    a = s_desc.load([pm * BM, kk * BK])
-                    b = e_desc.load([pn * BN, kk * BK])
+            if EXPAND_TMA:  # the LoRA expand: K*r more columns of the reduction (see Loop shape)
+                if NUM_HYP * R <= BK:
+                    a = s_desc.load([pm * BM, 0])
+                    b = e_desc.load([pn * BN, 0])
                     acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+                else:
+                    for kk in range(tl.cdiv(NUM_HYP * R, BK)):
+                        a = s_desc.load([pm * BM, kk * BK])
+                        b = e_desc.load([pn * BN, kk * BK])
+                        acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
             mask_mn = mask_m[:, None] & mask_n[None, :]
             if HAS_INIT:
                 acc += tl.load(init_ptr + offs_m.to(tl.int64)[:, None] * stride_init + offs_n[None, :],
@@ -746,14 +761,14 @@ def _launch_gemm_expand(x, weight, w_kn, init, shrink, e, e_strides, scaling, bi
     if m == 0 or n == 0:
         return out
     has_base = weight is not None
-    common = dict(R=r, R_PAD=_r_pad(r), HAS_BASE=has_base, W_KN=w_kn, HAS_INIT=init is not None,
+    common = dict(NUM_HYP=num_hyp, R=r, R_PAD=_r_pad(r), HAS_BASE=has_base, W_KN=w_kn, HAS_INIT=init is not None,
                   SHARED_OUT=shared_out, EXPAND_TMA=expand_tma, HAS_SCALE=scaling is not None,
                   HAS_BIAS=bias is not None, DOT_PRECISION=_DOT_PRECISION,
                   E_ROWS_OF_R=not expand_tma and tuple(e_strides[1:]) == (r, 1), DROPOUT=dropout is not None)
     seed, threshold, keep_scale = _dropout_args(dropout, out)
     args = [x if has_base else out, weight if has_base else out, init if init is not None else out,
             shrink, e, scaling if scaling is not None else shrink, bias if bias is not None else out, out, seed,
-            m, n, x.shape[1] if has_base else 1, num_hyp, rows_per_group]
+            m, n, x.shape[1] if has_base else 1, rows_per_group]
     strides = [init.stride(0) if init is not None else 0, shrink.stride(0), *e_strides, out.stride(0),
                threshold, keep_scale]
     if has_base:

@@ -343,10 +343,16 @@ class _Counting:
         return self.kernel[grid]
 
 
-@pytest.mark.parametrize("r, expect_tma", [(4, True), (3, False)])
-def test_fused_path_loads_expand_through_tma_when_aligned(monkeypatch, r, expect_tma):
-    """K*r*4 bytes a multiple of 16 (fp32): S and E_all go through TMA descriptors as extra K-steps;
-    otherwise the per-hypothesis epilogue. Both must give the same values."""
+@pytest.mark.parametrize("num_hyp, r, expect_tma", [
+    (3, 4, True),  # K*r = 12 <= BK (32 on the CPU): the expand is one straight-line step
+    (4, 8, True),  # K*r = BK: still one step
+    (3, 12, True),  # K*r = 36 > BK: two K-steps of the expand loop, the second one partial
+    (3, 3, False),  # K*r*4 bytes not a multiple of 16: no TMA
+])
+def test_fused_path_loads_expand_through_tma_when_aligned(monkeypatch, num_hyp, r, expect_tma):
+    """K*r*4 bytes a multiple of 16 (fp32): S and E_all go through TMA descriptors as extra K-steps
+    (one straight-line step up to BK columns, a loop beyond); otherwise the per-hypothesis epilogue.
+    Each must give the reference's values."""
     monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "fused")
     calls = []
     launch = mll._launch_gemm_expand
@@ -356,7 +362,7 @@ def test_fused_path_loads_expand_through_tma_when_aligned(monkeypatch, r, expect
         return launch(*args, **kwargs)
 
     monkeypatch.setattr(mll, "_launch_gemm_expand", spy)
-    x, w, b, a, bb, s = make_inputs(6, (5,), 32, 16, r, 3, torch.float32, TRITON_DEVICE)
+    x, w, b, a, bb, s = make_inputs(2 * num_hyp, (5,), 32, 16, r, num_hyp, torch.float32, TRITON_DEVICE)
     got = forward_and_grads(lambda *t: multi_lora_linear(*t, s, backend="triton"), x, w, b, a, bb)
     want = forward_and_grads(lambda *t: multi_lora_linear(*t, s, backend="reference"), x, w, b, a, bb)
     assert calls == [expect_tma, expect_tma]  # forward, and dx in backward

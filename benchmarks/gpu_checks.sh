@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: environment, GPU tests, benchmarks. Logs and JSON go to $OUT
 # (the device tool's output folder) or ./results. Steps: env smoke tests bench profile host e2e
-# bench_loss profile_loss sweep (STEPS chooses; default env smoke tests bench). smoke runs both ops once and, should
+# decode bench_loss profile_loss sweep (STEPS chooses; default env smoke tests bench). smoke runs both ops once and, should
 # launch() fail on this machine's Triton, sends every later step's launches through Triton's JIT.
 # PYTEST_ARGS and PYTEST_K (pytest's -k) select tests. Each step has its own time limit so a slow
 # one cannot eat the rest.
@@ -50,6 +50,8 @@ for step in $STEPS; do
         timeout 45 python3 benchmarks/profile_multi_lora.py --K 5 --T 8 --r 8 --host --paths fused,cublas,decode; } 2>&1 | tee "$OUT/host.log" ;;
     e2e)
       timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_e2e.py --out "$OUT/e2e.json" 2>&1 | tee "$OUT/bench_e2e.log" ;;
+    decode)
+      timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_decode.py --out "$OUT/decode.json" 2>&1 | tee "$OUT/bench_decode.log" ;;
     sweep)
       timeout 120 python3 benchmarks/sweep_decode.py 2>&1 | tee "$OUT/sweep_decode.log"
       timeout 120 python3 benchmarks/sweep_mcl_pass1.py 2>&1 | tee "$OUT/sweep_mcl_pass1.log" ;;
@@ -58,6 +60,6 @@ for step in $STEPS; do
     bench_loss)
       timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_mcl_loss.py --out "$OUT/mcl_loss.json" 2>&1 | tee "$OUT/bench_mcl_loss.log" ;;
     *)
-      echo "unknown step '$step' (steps: env smoke tests bench profile host e2e bench_loss profile_loss sweep)" ;;
+      echo "unknown step '$step' (steps: env smoke tests bench profile host e2e decode bench_loss profile_loss sweep)" ;;
   esac
 done

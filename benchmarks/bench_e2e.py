@@ -12,6 +12,10 @@ AdamW on the adapters, zero_grad. Variants, on the same base weights and the sam
             logits for all K*B*T positions, CE with reduction none, per-sequence mean, min over K.
   ours      patch_model + MCLModel: multi_lora_linear on every projection and mcl_loss on the final
             hidden states (no logits), backend auto.
+  ours-cudagraphs  (--graphs) the same with the decoder compiled, MCLModel(torch.compile(model,
+            backend="cudagraphs")): its forward and backward replayed from CUDA graphs, without
+            the host's per-launch time; mcl_loss eager. Compile and capture happen in the first
+            (untimed) step.
 
 Both variants' first-step losses are compared (same function, same weights). Per-layer time is the
 slope between the layer counts; peak extra memory is the peak above what the model and optimizer
@@ -120,7 +124,7 @@ def run_variant(name, model, loss_fn, params, cuda, warmup, reps):
     return {"impl": name, "ms": ms, "peak_extra_gib": peak, "first_loss": first["loss"]}
 
 
-def bench_layers(shape, layers, device, dtype, cuda, warmup, reps):
+def bench_layers(shape, layers, device, dtype, cuda, warmup, reps, graphs=False):
     model = build_model(shape, layers, device, dtype)
     K, r, T, sup = shape["K"], shape["r"], shape["T"], shape["supervised"]
     gen = torch.Generator().manual_seed(1)
@@ -135,8 +139,18 @@ def bench_layers(shape, layers, device, dtype, cuda, warmup, reps):
             module.lora_B.normal_(0, 0.02)
         adapters[name] = (module.lora_A.detach().clone(), module.lora_B.detach().clone())
     mcl = MCLModel(model)
-    ours = run_variant("ours", model, lambda: mcl(input_ids=input_ids, labels=labels, mode="wta").loss,
-                       [p for p in model.parameters() if p.requires_grad], cuda, warmup, reps)
+    ours = [run_variant("ours", model, lambda: mcl(input_ids=input_ids, labels=labels, mode="wta").loss,
+                        [p for p in model.parameters() if p.requires_grad], cuda, warmup, reps)]
+    if graphs:
+        torch._dynamo.reset()
+        with torch.no_grad():  # the adapters the other variants start from
+            for name, module in multi_lora_modules(model):
+                module.lora_A.copy_(adapters[name][0])
+                module.lora_B.copy_(adapters[name][1])
+        mcl_graphs = MCLModel(torch.compile(model, backend="cudagraphs"))
+        ours.append(run_variant("ours-cudagraphs", model,
+                                lambda: mcl_graphs(input_ids=input_ids, labels=labels, mode="wta").loss,
+                                [p for p in model.parameters() if p.requires_grad], cuda, warmup, reps))
 
     unpatch_model(model)
     model.requires_grad_(False)  # unpatch gives the base weights back their requires_grad: frozen, as in ours
@@ -149,7 +163,7 @@ def bench_layers(shape, layers, device, dtype, cuda, warmup, reps):
                            cuda, warmup, reps)
     del model
     common_fields = {"what": "e2e_step", "layers": layers, **{k: shape[k] for k in ("K", "r", "T", "supervised")}}
-    return [{**common_fields, **official}, {**common_fields, **ours}]
+    return [{**common_fields, **official}] + [{**common_fields, **row} for row in ours]
 
 
 def main(argv=None):
@@ -157,6 +171,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                       "results", "e2e.json"))
     parser.add_argument("--layers", default="4,8")
+    parser.add_argument("--graphs", action="store_true", help="also time ours with the decoder in CUDA graphs")
     args = parser.parse_args(argv)
     cuda = common.HAS_CUDA
     card = common.device_name()
@@ -168,11 +183,11 @@ def main(argv=None):
     layer_counts = [int(v) for v in args.layers.split(",")]
     rows = []
     for layers in layer_counts:
-        rows += bench_layers(shape, layers, device, dtype, cuda, warmup, reps)
+        rows += bench_layers(shape, layers, device, dtype, cuda, warmup, reps, graphs=args.graphs)
         if cuda:
             torch.cuda.empty_cache()
     table, ok = [], True
-    for impl in ("official", "ours"):
+    for impl in ("official", "ours", "ours-cudagraphs"):
         mine = sorted((r for r in rows if r["impl"] == impl), key=lambda r: r["layers"])
         per_layer = ((mine[-1]["ms"] - mine[0]["ms"]) / (mine[-1]["layers"] - mine[0]["layers"])
                      if len(mine) > 1 else float("nan"))

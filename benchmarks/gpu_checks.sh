@@ -3,7 +3,7 @@
 # (the device tool's output folder) or ./results. Steps: env smoke tests bench profile host e2e
 # decode bench_loss profile_loss sweep (STEPS chooses; default env smoke tests bench). smoke runs both ops once and, should
 # launch() fail on this machine's Triton, sends every later step's launches through Triton's JIT.
-# PYTEST_ARGS and PYTEST_K (pytest's -k) select tests. Each step has its own time limit so a slow
+# PYTEST_ARGS and PYTEST_K (pytest's -k) select tests; E2E_ARGS goes to bench_e2e.py (--graphs). Each step has its own time limit so a slow
 # one cannot eat the rest.
 set -uo pipefail
 OUT=${OUT:-results}
@@ -49,7 +49,7 @@ for step in $STEPS; do
         LORAMCL_TRITON_LAUNCH=triton timeout 45 python3 benchmarks/profile_multi_lora.py --K 5 --T 780 --r 8 --host
         timeout 45 python3 benchmarks/profile_multi_lora.py --K 5 --T 8 --r 8 --host --paths fused,cublas,decode; } 2>&1 | tee "$OUT/host.log" ;;
     e2e)
-      timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_e2e.py --out "$OUT/e2e.json" 2>&1 | tee "$OUT/bench_e2e.log" ;;
+      timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_e2e.py --out "$OUT/e2e.json" ${E2E_ARGS:-} 2>&1 | tee "$OUT/bench_e2e.log" ;;
     decode)
       timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_decode.py --out "$OUT/decode.json" 2>&1 | tee "$OUT/bench_decode.log" ;;
     sweep)

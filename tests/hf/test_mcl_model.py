@@ -237,6 +237,68 @@ def test_torch_compile_mcl_model():
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
 
 
+def _train_steps(mcl, params, batches, lr=0.05):
+    """One SGD step per batch; the losses and, after the last step, the parameters."""
+    opt = torch.optim.SGD(params, lr=lr)
+    losses = []
+    for ids, labels in batches:
+        out = mcl(input_ids=ids, labels=labels)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(out.loss.detach())
+    return torch.stack(losses), [p.detach().clone() for p in params]
+
+
+def test_mcl_model_around_a_compiled_model_trains_without_recompiling():
+    """The README's recipe for running the decoder from compiled graphs (CUDA graphs with
+    mode="reduce-overhead"): MCLModel(torch.compile(model)), mcl_loss staying eager. The lm_head
+    hook that MCLModel registers and removes every step does not recompile the model: one graph
+    over three training steps (new batches, same shapes), and the same losses and adapters as eager."""
+    from torch._dynamo.testing import CompileCounter
+
+    from tests.hf.helpers import tiny_llama
+
+    torch._dynamo.reset()
+    batches = [_data(seed=s) for s in range(3)]
+    results = []
+    for compiled in (False, True):
+        model = patch_model(tiny_llama(layers=1), 2, R, ALPHA)
+        randomize_lora(model, scale=0.2)
+        params = [p for p in model.parameters() if p.requires_grad]
+        counter = CompileCounter()
+        mcl = MCLModel(torch.compile(model, backend=counter) if compiled else model)
+        results.append(_train_steps(mcl, params, batches))
+        if compiled:
+            assert counter.frame_count == 1
+    (eager_losses, eager_params), (losses, params) = results
+    torch.testing.assert_close(losses, eager_losses, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(eager_losses[0], eager_losses[-1])  # the steps changed the adapters
+    for p, e in zip(params, eager_params):
+        torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-6)
+
+
+@requires_cuda
+def test_gpu_mcl_model_around_cuda_graphs_trains_as_eager():
+    """MCLModel(torch.compile(model, backend="cudagraphs")): the decoder's forward and backward
+    replayed from CUDA graphs (our Triton kernels captured in them), mcl_loss eager: the same
+    losses and adapters as eager over three training steps (bf16)."""
+    torch._dynamo.reset()
+    batches = [tuple(t.cuda() for t in _data(seed=s)) for s in range(3)]
+    results = []
+    for compiled in (False, True):
+        model = TINY_MODELS["llama"]().to("cuda", torch.bfloat16)
+        model = patch_model(model, K, R, ALPHA, target_modules=TARGETS["llama"])
+        randomize_lora(model, scale=0.2)
+        params = [p for p in model.parameters() if p.requires_grad]
+        mcl = MCLModel(torch.compile(model, backend="cudagraphs") if compiled else model)
+        results.append(_train_steps(mcl, params, batches))
+    (eager_losses, eager_params), (losses, params) = results
+    torch.testing.assert_close(losses.float(), eager_losses.float(), rtol=2e-2, atol=2e-2)
+    for p, e in zip(params, eager_params):
+        torch.testing.assert_close(p.float(), e.float(), rtol=2e-2, atol=2e-3)
+
+
 @requires_cuda
 def test_gpu_training_step_reads_the_device_once_in_the_package():
     """A LoRA-MCL training step of a patched model on the GPU (bf16, Triton backend): the package's

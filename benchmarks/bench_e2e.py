@@ -15,7 +15,8 @@ AdamW on the adapters, zero_grad. Variants, on the same base weights and the sam
   ours-cudagraphs  (--graphs) the same with the decoder compiled, MCLModel(torch.compile(model,
             backend="cudagraphs")): its forward and backward replayed from CUDA graphs, without
             the host's per-launch time; mcl_loss eager. Compile and capture happen in the first
-            (untimed) step.
+            (untimed) step; the graphs' memory pool is allocated there too, so this row's peak
+            extra memory leaves the pool out (it is not comparable with the other rows').
 
 Both variants' first-step losses are compared (same function, same weights). Per-layer time is the
 slope between the layer counts; peak extra memory is the peak above what the model and optimizer

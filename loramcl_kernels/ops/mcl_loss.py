@@ -127,6 +127,9 @@ MAX_ROW_CHUNK = 4096
 # Pass 1 with the one-pass gradient rescales a (rows x H) fp32 accumulator once per vocab chunk:
 # fewer rows per chunk mean wider vocab chunks (16384 with the default buffer) and fewer rescales.
 ONE_PASS_ROW_CHUNK = 1024
+# fp32's lowest finite value: where every online log-sum-exp starts its running max, so that masked
+# lanes (z = -inf) give exp(-inf - max) = 0, never NaN, and every finite logit is at or above it.
+FP32_LOWEST = tl.constexpr(-3.4028234663852886e38)  # .value on the host
 
 
 @dataclasses.dataclass
@@ -520,9 +523,7 @@ def _lse_chunk_kernel(
     """
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-    # Lanes start at a finite floor, fp32's lowest value, so that masked lanes (z = -inf) give
-    # exp(-inf) = 0, never NaN, and every finite logit is at or above it.
-    run_max = tl.full([BLOCK_V], -3.4028234663852886e38, dtype=tl.float32)
+    run_max = tl.full([BLOCK_V], FP32_LOWEST, dtype=tl.float32)  # masked lanes add exp(-inf) = 0
     run_sum = tl.zeros([BLOCK_V], dtype=tl.float32)
     for c0 in range(0, n_cols, BLOCK_V):
         z, cols, in_range = _load_logits(row_ptr, bias_ptr, v_start, c0, n_cols, BLOCK_V, HAS_BIAS)
@@ -743,7 +744,7 @@ def _logits_lse_tiles_kernel(
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         z = tl.where(mask_n[None, :], acc, float("-inf"))  # TMA fills rows past V with zeros
-        tile_max = tl.maximum(tl.max(z, 1), -3.4028234663852886e38)  # fp32's lowest: a masked tile sums to 0
+        tile_max = tl.maximum(tl.max(z, 1), FP32_LOWEST)  # a masked tile sums to 0, not NaN
         tile_sum = tl.sum(tl.exp(z - tile_max[:, None]), 1)
         target = tl.load(target_ptr + offs_m, mask=mask_m, other=-1)
         tile_target = tl.sum(tl.where(offs_n[None, :] == target[:, None], acc, 0.0), 1)
@@ -769,14 +770,14 @@ def _combine_lse_tiles_kernel(
     (deterministic); nll = lse - target logit."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < n
-    row_max = tl.full([BLOCK_R], -3.4028234663852886e38, dtype=tl.float32)
+    row_max = tl.full([BLOCK_R], FP32_LOWEST, dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
     row_target = tl.zeros([BLOCK_R], dtype=tl.float32)
     for p0 in range(0, NUM_PN, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask = mask_r[:, None] & (offs_p < NUM_PN)[None, :]
         ptrs = part_ptr + offs_r.to(tl.int64)[:, None] * NUM_PN + offs_p[None, :]
-        tile_max = tl.load(ptrs, mask=mask, other=-3.4028234663852886e38)
+        tile_max = tl.load(ptrs, mask=mask, other=FP32_LOWEST)
         tile_sum = tl.load(ptrs + plane, mask=mask, other=0.0)
         row_target += tl.sum(tl.load(ptrs + 2 * plane, mask=mask, other=0.0), 1)
         new_max = tl.maximum(row_max, tl.max(tile_max, 1))
@@ -923,7 +924,7 @@ def _pass1_fused(h2, positions, targets, w, bias, position_lse, position_nll):
 def _online_lse_state(nr, device):
     """A fresh online log-sum-exp state for nr rows: running max (fp32's lowest value), sum of
     exp(z - max), target logit (fp32)."""
-    return (torch.full((nr,), -3.4028234663852886e38, dtype=torch.float32, device=device),
+    return (torch.full((nr,), FP32_LOWEST.value, dtype=torch.float32, device=device),
             torch.zeros(nr, dtype=torch.float32, device=device), torch.zeros(nr, dtype=torch.float32, device=device))
 
 

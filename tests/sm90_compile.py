@@ -127,6 +127,7 @@ def main():
         (torch.bfloat16, "fused", 5, 8, 3900, False), (torch.bfloat16, "cublas", 5, 8, 3900, True),
         (torch.bfloat16, "fused", 4, 64, 256, True), (torch.bfloat16, "decode", 5, 8, 40, False),
         (torch.bfloat16, "decode", 4, 64, 40, True), (torch.float32, "fused", 4, 64, 256, False),
+        (torch.float32, "fused", 4, 16, 256, False),  # K*r = BK: 16-bit operands' one-step expand, not fp32's
         (torch.float32, "decode", 4, 64, 40, False),
     ]
     for dtype, path, num_hyp, r, m, ids in cases:

@@ -55,12 +55,18 @@ def test_every_kernel_compiles_for_sm90_within_shared_memory():
     assert len(gemms) >= 8 and all(v["wgmma"] > 0 and v["mma_sync"] == 0 for v in gemms), gemms
     # Persistent GEMMs whose tile loop Triton flattens with the K-loop into one software pipeline (it
     # does so only when a tile's body holds one inner loop): MCL's pass 1 and the multi-LoRA GEMM
-    # whose expand is one step (K*r <= BK). Not flattened, the fused GEMM measured 1.08-1.09x cuBLAS
-    # on an H200, against 1.00-1.05x for the flattened probe of DESIGN.md.
+    # whose expand of 16-bit operands is one step (K*r <= BK). Not flattened, the fused GEMM measured
+    # 1.08-1.09x cuBLAS on an H200, against 1.00-1.05x for the flattened probe of DESIGN.md.
     flattened = [v for v in variants if v["kernel"] == "_logits_lse_tiles_kernel" or (
         v["kernel"] == "_gemm_expand_kernel" and v["constexprs"]["HAS_BASE"] and v["constexprs"]["EXPAND_TMA"]
-        and v["constexprs"]["NUM_HYP"] * v["constexprs"]["R"] <= v["constexprs"]["BK"])]
+        and v["constexprs"]["NUM_HYP"] * v["constexprs"]["R"] <= v["constexprs"]["BK"] and v["dtype"] != "float32")]
     assert len(flattened) >= 8 and all(v["loop_depth"] == 1 for v in flattened), flattened
+    # fp32 keeps the expand's loop: a one-step expand's own fp32 tiles left no autotuned configuration
+    # within shared memory (checked above: at least one configuration of every autotuned launch fits)
+    fp32_one_step = [v for v in variants if v["kernel"] == "_gemm_expand_kernel" and v["dtype"] == "float32"
+                     and v["constexprs"]["HAS_BASE"] and v["constexprs"]["EXPAND_TMA"]
+                     and v["constexprs"]["NUM_HYP"] * v["constexprs"]["R"] <= v["constexprs"]["BK"]]
+    assert fp32_one_step and all(v["loop_depth"] == 2 for v in fp32_one_step), fp32_one_step
     # two decode programs per SM: three stages of (64 + 64) x 128 bf16 tiles
     assert all(v["shared"] <= H100_SHARED_BYTES // 2 for v in partials if v["dtype"] == "bfloat16"), partials
     # the one-pass gradient writes a bf16 P per vocab chunk and scales bf16 rows: vector stores

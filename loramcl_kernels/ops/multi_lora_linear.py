@@ -446,10 +446,13 @@ if triton is not None:
         the next tile's first loads are in flight while this tile's expand and stores run) only when
         each tile's body holds a single inner loop (its FuseNestedLoops pass); otherwise every tile
         fills and drains its own pipeline. An expand through TMA of K*r <= BK columns (r <= 16 at
-        K <= 4, r = 8 at K <= 8) is therefore one straight-line step after the base K-loop. Wider
-        expands keep a loop of their own: unrolled, each step's tiles took shared memory of their own
-        (sm_90 compile, triton 3.6). So does the per-hypothesis expand: unrolled, its wgmma
-        instructions were serialised (ptxas C7515), and with SHARED_OUT its K extra accumulators spilled.
+        K <= 4, r = 8 at K <= 8) of 16-bit operands is therefore one straight-line step after the
+        base K-loop. Its tiles take shared memory of their own (48 KB at 128 x 256 in bf16); with fp32
+        operands, flattened, no configuration stayed within the limit (even a one-step loop, folded
+        once NUM_HYP is a constexpr), so fp32 is not flattened. Wider expands (K*r > BK) keep their
+        loop, as does the per-hypothesis expand: unrolled, the former's steps each took shared memory
+        of their own (sm_90 compile, triton 3.6), the latter's wgmma instructions were serialised
+        (ptxas C7515) and, with SHARED_OUT, its K extra accumulators spilled.
         """
         pid = tl.program_id(0)
         num_pm = tl.cdiv(M, BM)
@@ -468,9 +471,11 @@ if triton is not None:
                                                block_shape=[BN, BK])
         offs_j = tl.arange(0, R_PAD)
         mask_j = offs_j < R
-        # flatten pipelines the persistent GEMM across tiles (see Loop shape); the expand-only epilogue
-        # runs one tile per program, and flattening its loop compiled to scalar 2-byte stores (sm_90 PTX)
-        for tile in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=HAS_BASE):
+        # flatten pipelines the persistent GEMM across tiles (see Loop shape), for 16-bit operands; the
+        # expand-only epilogue runs one tile per program, and flattening its loop compiled to scalar
+        # 2-byte stores (sm_90 PTX)
+        for tile in tl.range(pid, num_tiles, NUM_PROGRAMS,
+                             flatten=HAS_BASE and x_ptr.dtype.element_ty.primitive_bitwidth == 16):
             pm, pn = grouped_tile(tile, num_pm, num_pn, GM)
             offs_m = pm * BM + tl.arange(0, BM)
             offs_n = pn * BN + tl.arange(0, BN)
@@ -487,7 +492,7 @@ if triton is not None:
                         b = w_desc.load([pn * BN, ki * BK])
                         acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
             if EXPAND_TMA:  # the LoRA expand: K*r more columns of the reduction (see Loop shape)
-                if NUM_HYP * R <= BK:
+                if NUM_HYP * R <= BK and x_ptr.dtype.element_ty.primitive_bitwidth == 16:  # one step
                     a = s_desc.load([pm * BM, 0])
                     b = e_desc.load([pn * BN, 0])
                     acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)

@@ -21,9 +21,10 @@ to N tokens (min_new_tokens). Variants, on the same weights and adapters:
 
 Reported per variant: ms for all K hypotheses of the B prompts, ms per decoding step (/ N),
 generated tokens per second (B*K*N per call set), speedup against the first variant, the fraction
-of (prompt, hypothesis) sequences whose tokens equal the first variant's (bf16 rounding differs
-between batch shapes, so on the GPU a few may part after a near-tie; fp32 on the CPU: all), and
-whether the K hypotheses decoded differently at all (if not, agreeing would prove nothing).
+of (prompt, hypothesis) sequences whose tokens equal the first variant's (on the GPU a few may part
+after a near-tie: bf16 rounding differs between batch shapes, and PEFT keeps its adapters in fp32
+while ours are loaded in bf16, as one would for decoding; fp32 on the CPU: all), and whether the K
+hypotheses decoded differently at all (if not, agreeing would prove nothing).
 Without a GPU: a labelled CPU smoke run on a tiny config (fp32).
 """
 from __future__ import annotations
@@ -137,7 +138,8 @@ def run(shape, layers, beams, static, device, dtype, cuda, warmup, reps):
             return torch.stack(outs, 1)
 
         measure("peft-sequential", peft_sequential)
-        model = from_peft(peft_model)  # the same adapters as K hypotheses (the PeftModel is consumed)
+        # the same adapters as K hypotheses (the PeftModel is consumed), in the base dtype for decoding
+        model = from_peft(peft_model, adapter_dtype=dtype)
     else:
         patch_model(model, K, shape["r"], shape["alpha"], target_modules=TARGETS)
         randomize_lora_B([m.lora_B for _, m in multi_lora_modules(model)], seed=1)

@@ -18,6 +18,7 @@ biases, modules_to_save, embedding or parameter targets, rank/alpha patterns) ar
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -224,6 +225,7 @@ def from_peft(
     lora_dropout: float | None = None,
     layout: str = "batch_major",
     backend: str | None = None,
+    adapter_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Load K PEFT LoRA adapters as the K hypotheses of one patched model; returns the model.
 
@@ -231,7 +233,10 @@ def from_peft(
     sequence of adapter directories and/or PeftModels (each contributes its active adapter).
     base_model: the model to patch; by default the base of the (first) PeftModel, whose LoRA
     layers are removed with PeftModel.unload() (so that PeftModel is consumed). lora_dropout
-    defaults to the first adapter's.
+    defaults to the first adapter's. adapter_dtype: the dtype of lora_A / lora_B; by default the
+    adapters' own (their promoted dtype if they differ), so that fp32 adapters on a 16-bit base, as
+    PEFT keeps them, stay fp32 master weights (the forward casts them to the base dtype); pass the
+    base dtype for inference, where that cast per call is not wanted.
     """
     if _is_peft_model(sources):
         adapters = _read_peft_model(sources, adapter_names)
@@ -257,6 +262,9 @@ def from_peft(
             raise ValueError("base_model is required when every source is an adapter directory")
         base_model = peft_models[0].unload()
 
+    if adapter_dtype is None:  # the adapters' own precision, never rounded silently
+        adapter_dtype = functools.reduce(torch.promote_types, (t.dtype for a in adapters
+                                                               for pair in a.modules.values() for t in pair))
     module_names = sorted(set().union(*(a.modules for a in adapters)))
     available = dict(base_model.named_modules())
     missing = [n for n in module_names if n not in available]
@@ -277,6 +285,7 @@ def from_peft(
         layout=layout,
         use_rslora=use_rslora,
         backend=backend,
+        adapter_dtype=adapter_dtype,
     )
     try:
         _load_adapters(base_model, module_names, adapters)

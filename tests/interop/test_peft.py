@@ -175,3 +175,33 @@ def test_unknown_keys_ignored_and_unsupported_refused(tmp_path):
     dora = get_peft_model(TINY_MODELS["llama"](), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(ValueError, match="DoRA"):
         from_peft(dora)
+
+
+def test_from_peft_keeps_fp32_adapters_of_a_16bit_base():
+    """PEFT keeps its adapters in fp32 on a bf16 base (autocast_adapter_dtype): from_peft keeps them
+    fp32 (master weights, not rounded), and the model matches PEFT's outputs in bf16; with
+    adapter_dtype=torch.bfloat16 they are rounded once, for inference."""
+    ids = _ids()
+    for adapter_dtype in (None, torch.bfloat16):
+        base = TINY_MODELS["llama"]().to(torch.bfloat16)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS["llama"]))
+        peft_model = get_peft_model(base, config, adapter_name="lora0")
+        peft_model.add_adapter("lora1", config)
+        with torch.no_grad():
+            for m in peft_model.modules():
+                if isinstance(m, peft.tuners.lora.LoraLayer):
+                    for name in ("lora0", "lora1"):
+                        m.lora_B[name].weight.normal_(0, 0.2)
+        layer = next(m for m in peft_model.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+        assert layer.lora_A["lora1"].weight.dtype == torch.float32  # PEFT's own choice
+        peft_A = layer.lora_A["lora1"].weight.detach().clone()
+        peft_model.set_adapter("lora1")
+        want = peft_model(input_ids=ids).logits.float()
+        model = from_peft(peft_model, adapter_dtype=adapter_dtype)
+        module = multi_lora_modules(model)[0][1]
+        expected = torch.float32 if adapter_dtype is None else torch.bfloat16
+        assert module.lora_A.dtype == module.lora_B.dtype == expected
+        assert module.base_layer.weight.dtype == torch.bfloat16
+        assert torch.equal(module.lora_A[1].float(), peft_A.to(expected).float())  # fp32: not rounded
+        got = _hypothesis_logits(model, 1, ids).float()
+        torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)

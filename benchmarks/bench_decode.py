@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -87,22 +85,7 @@ def peft_model_with_adapters(model, shape):
     return peft_model.eval()
 
 
-def timed_ms(fn, *, warmup, reps, cuda):
-    """Median wall milliseconds of fn() (synchronised), and its last result."""
-    times, result = [], None
-    for i in range(warmup + reps):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = fn()
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), result
-
-
-def run(shape, layers, beams, static, device, dtype, cuda, warmup, reps):
+def run(shape, layers, beams, static, device, dtype, warmup, reps):
     K, B, P, N = shape["K"], shape["B"], shape["prompt"], shape["new_tokens"]
     model = build_model(shape, layers, device, dtype)
     gen = torch.Generator().manual_seed(2)
@@ -115,7 +98,7 @@ def run(shape, layers, beams, static, device, dtype, cuda, warmup, reps):
         """Time fn (it returns the (B, K, N) generated ids) and record a row; a failed variant (a
         missing compiler, out of memory) is recorded with its error and the run goes on."""
         try:
-            ms, ids = timed_ms(fn, warmup=warmup, reps=reps, cuda=cuda)
+            ms, ids = common.wall_ms(fn, warmup=warmup, reps=reps)
         except Exception as exc:
             rows.append({"what": "decode", "impl": name, "error": common.error_chain(exc)})
             return
@@ -174,7 +157,7 @@ def main(argv=None):
     else:
         print("No GPU: a labelled CPU smoke run on a tiny config (fp32); its times say nothing about the GPU.")
         shape, device, dtype, warmup, reps, layers = CPU_SHAPE, "cpu", torch.float32, 1, 1, args.layers or 2
-    rows = run(shape, layers, args.beams, args.static, device, dtype, cuda, warmup, reps)
+    rows = run(shape, layers, args.beams, args.static, device, dtype, warmup, reps)
     table = [[r["impl"], r["ms"], r["ms_per_step"], f"{r['tokens_per_s']:.0f}", r["speedup_vs_first"],
               f"{r['sequences_equal_to_first']:.2f}"] if "error" not in r else [r["impl"], r["error"][:60], "", "", "", ""]
              for r in rows]

@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -96,21 +94,7 @@ def build_model(shape, layers, device, dtype):
     return model.to(dtype).eval()  # eval: no dropout in either variant
 
 
-def timed_steps(step, *, warmup, reps, cuda):
-    times = []
-    for i in range(warmup + reps):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def run_variant(name, model, loss_fn, params, cuda, warmup, reps, setup_steps=1):
+def run_variant(name, model, loss_fn, params, warmup, reps, setup_steps=1):
     opt = torch.optim.AdamW(params, lr=1e-4)
     first = {}
 
@@ -125,7 +109,7 @@ def run_variant(name, model, loss_fn, params, cuda, warmup, reps, setup_steps=1)
     for _ in range(setup_steps):  # optimizer states (and a compiled variant's graphs) exist from here on
         step()
     peak = common.peak_extra_gib(step)
-    ms = timed_steps(step, warmup=warmup, reps=reps, cuda=cuda)
+    ms = common.wall_ms(step, warmup=warmup, reps=reps)[0]
     return {"impl": name, "ms": ms, "peak_extra_gib": peak, "first_loss": first["loss"]}
 
 
@@ -145,7 +129,7 @@ def bench_layers(shape, layers, device, dtype, cuda, warmup, reps, graphs=False)
         adapters[name] = (module.lora_A.detach().clone(), module.lora_B.detach().clone())
     mcl = MCLModel(model)
     ours = [run_variant("ours", model, lambda: mcl(input_ids=input_ids, labels=labels, mode="wta").loss,
-                        [p for p in model.parameters() if p.requires_grad], cuda, warmup, reps)]
+                        [p for p in model.parameters() if p.requires_grad], warmup, reps)]
     if graphs:
         from torch._dynamo.utils import counters
 
@@ -160,7 +144,7 @@ def bench_layers(shape, layers, device, dtype, cuda, warmup, reps, graphs=False)
         try:  # a failed compile is recorded; the other variants' rows stay
             row = run_variant("ours-compiled", model,
                               lambda: mcl_compiled(input_ids=input_ids, labels=labels, mode="wta").loss,
-                              [p for p in model.parameters() if p.requires_grad], cuda, warmup, reps, setup_steps=3)
+                              [p for p in model.parameters() if p.requires_grad], warmup, reps, setup_steps=3)
             ours.append({**row, "cudagraph_skips": counters["inductor"]["cudagraph_skips"]})
         except Exception as exc:
             ours.append({"impl": "ours-compiled", "error": common.error_chain(exc)})
@@ -173,7 +157,7 @@ def bench_layers(shape, layers, device, dtype, cuda, warmup, reps, graphs=False)
         setattr(parent, child, OfficialGroupLinear(getattr(parent, child), A, B))
     official_params = [p for n, p in model.named_parameters() if ".lora_" in n]
     official = run_variant("official", model, lambda: official_loss(model, input_ids, labels, K), official_params,
-                           cuda, warmup, reps)
+                           warmup, reps)
     del model
     common_fields = {"what": "e2e_step", "layers": layers, **{k: shape[k] for k in ("K", "r", "T", "supervised")}}
     return [{**common_fields, **official}] + [{**common_fields, **row} for row in ours]

@@ -38,6 +38,22 @@ def time_ms(fn, *, warmup_ms: float = 25, rep_ms: float = 100, cpu_reps: int = 3
     return statistics.median(times)
 
 
+def wall_ms(fn, *, warmup: int, reps: int):
+    """(median wall milliseconds of fn(), fn's last result), the device synchronised around each
+    call: for whole steps (a training step, a generate call) that do_bench's repetitions would not fit."""
+    times, result = [], None
+    for i in range(warmup + reps):
+        if HAS_CUDA:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        if HAS_CUDA:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), result
+
+
 def peak_extra_gib(fn) -> float:
     """Peak memory fn() allocates above what was allocated before it (GPU only; NaN on CPU)."""
     if not HAS_CUDA:

@@ -426,7 +426,7 @@ if triton is not None:
         GM: tl.constexpr, R_PAD: tl.constexpr,
         HAS_BASE: tl.constexpr, W_KN: tl.constexpr, HAS_INIT: tl.constexpr, SHARED_OUT: tl.constexpr,
         EXPAND_TMA: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        E_ROWS_OF_R: tl.constexpr = False, DROPOUT: tl.constexpr = False,
+        E_ROWS_OF_R: tl.constexpr = False, DROPOUT: tl.constexpr = False, FLATTEN: tl.constexpr = False,
     ):
         """out = [x W^T] + [init] + [bias] + expand, tiles of (BM, BN) visited round-robin by NUM_PROGRAMS.
 
@@ -445,14 +445,15 @@ if triton is not None:
         Loop shape: Triton flattens the persistent loop (tiles x K-steps as one software pipeline, so
         the next tile's first loads are in flight while this tile's expand and stores run) only when
         each tile's body holds a single inner loop (its FuseNestedLoops pass); otherwise every tile
-        fills and drains its own pipeline. An expand through TMA of K*r <= BK columns (r <= 16 at
-        K <= 4, r = 8 at K <= 8) of 16-bit operands is therefore one straight-line step after the
-        base K-loop. Its tiles take shared memory of their own (48 KB at 128 x 256 in bf16); with fp32
-        operands, flattened, no configuration stayed within the limit (even a one-step loop, folded
-        once NUM_HYP is a constexpr), so fp32 is not flattened. Wider expands (K*r > BK) keep their
-        loop, as does the per-hypothesis expand: unrolled, the former's steps each took shared memory
-        of their own (sm_90 compile, triton 3.6), the latter's wgmma instructions were serialised
-        (ptxas C7515) and, with SHARED_OUT, its K extra accumulators spilled.
+        fills and drains its own pipeline. FLATTEN (the persistent GEMM on 16-bit operands) asks for
+        it, and an expand through TMA of K*r <= BK columns (r <= 16 at K <= 4, r = 8 at K <= 8) is
+        then one straight-line step after the base K-loop. Its tiles take shared memory of their own
+        (48 KB at 128 x 256 in bf16); with fp32 operands, flattened, no configuration stayed within
+        the limit (even a one-step loop, folded once NUM_HYP is a constexpr), so fp32 is not
+        flattened. Wider expands (K*r > BK) keep their loop, as does the per-hypothesis expand:
+        unrolled, the former's steps each took shared memory of their own (sm_90 compile, triton
+        3.6), the latter's wgmma instructions were serialised (ptxas C7515) and, with SHARED_OUT, its
+        K extra accumulators spilled.
         """
         pid = tl.program_id(0)
         num_pm = tl.cdiv(M, BM)
@@ -471,11 +472,7 @@ if triton is not None:
                                                block_shape=[BN, BK])
         offs_j = tl.arange(0, R_PAD)
         mask_j = offs_j < R
-        # flatten pipelines the persistent GEMM across tiles (see Loop shape), for 16-bit operands; the
-        # expand-only epilogue runs one tile per program, and flattening its loop compiled to scalar
-        # 2-byte stores (sm_90 PTX)
-        for tile in tl.range(pid, num_tiles, NUM_PROGRAMS,
-                             flatten=HAS_BASE and x_ptr.dtype.element_ty.primitive_bitwidth == 16):
+        for tile in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=FLATTEN):  # see Loop shape
             pm, pn = grouped_tile(tile, num_pm, num_pn, GM)
             offs_m = pm * BM + tl.arange(0, BM)
             offs_n = pn * BN + tl.arange(0, BN)
@@ -492,7 +489,7 @@ if triton is not None:
                         b = w_desc.load([pn * BN, ki * BK])
                         acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
             if EXPAND_TMA:  # the LoRA expand: K*r more columns of the reduction (see Loop shape)
-                if NUM_HYP * R <= BK and x_ptr.dtype.element_ty.primitive_bitwidth == 16:  # one step
+                if NUM_HYP * R <= BK and FLATTEN:  # one step
                     a = s_desc.load([pm * BM, 0])
                     b = e_desc.load([pn * BN, 0])
                     acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
@@ -769,7 +766,10 @@ def _launch_gemm_expand(x, weight, w_kn, init, shrink, e, e_strides, scaling, bi
     common = dict(NUM_HYP=num_hyp, R=r, R_PAD=_r_pad(r), HAS_BASE=has_base, W_KN=w_kn, HAS_INIT=init is not None,
                   SHARED_OUT=shared_out, EXPAND_TMA=expand_tma, HAS_SCALE=scaling is not None,
                   HAS_BIAS=bias is not None, DOT_PRECISION=_DOT_PRECISION,
-                  E_ROWS_OF_R=not expand_tma and tuple(e_strides[1:]) == (r, 1), DROPOUT=dropout is not None)
+                  E_ROWS_OF_R=not expand_tma and tuple(e_strides[1:]) == (r, 1), DROPOUT=dropout is not None,
+                  # the persistent GEMM on 16-bit operands (the expand-only epilogue runs one tile per
+                  # program: flattening its loop compiled to scalar 2-byte stores, sm_90 PTX)
+                  FLATTEN=has_base and x.element_size() == 2)
     seed, threshold, keep_scale = _dropout_args(dropout, out)
     args = [x if has_base else out, weight if has_base else out, init if init is not None else out,
             shrink, e, scaling if scaling is not None else shrink, bias if bias is not None else out, out, seed,

@@ -1,7 +1,9 @@
 """Where the time of one multi_lora_linear forward+backward goes, kernel by kernel (GPU).
 
 python benchmarks/profile_multi_lora.py [--paths fused,cublas] [--K 4 --T 2048 --r 16] [--shared] [--host]
-Prints the CUDA kernel time table of torch.profiler for each path next to cuBLAS base-only.
+Prints the CUDA kernel time table of torch.profiler for each path next to cuBLAS base-only. The
+path "fused-unflattened" is the fused path with the persistent GEMM's loops left unflattened
+(FLATTEN_16_BIT_GEMM off): the fused GEMM's time per call with and without one software pipeline.
 --host prints instead the host time per call (microseconds to enqueue, GPU drained first) of each
 launch and of the public calls: where the eager time goes when the host is the bottleneck.
 """
@@ -46,9 +48,12 @@ def main():
         host_table(args, x, w, a, b, g, ours, base)
         return
     runs = [("ours-" + p, p, ours) for p in args.paths.split(",")] + [("base_only", None, base)]
+    from loramcl_kernels.ops import multi_lora_linear as mll
+
     for name, path, fn in runs:
         if path:
-            os.environ["LORAMCL_MULTI_LORA_PATH"] = path
+            os.environ["LORAMCL_MULTI_LORA_PATH"] = path.replace("-unflattened", "")
+            mll.FLATTEN_16_BIT_GEMM = not path.endswith("-unflattened")
         for _ in range(5):
             fn()
         torch.cuda.synchronize()

@@ -81,6 +81,9 @@ PATHS = ("auto", "fused", "cublas", "decode")
 FUSED_MIN_ROWS = 2048  # auto: the fused GEMM from 16 row tiles of 128 on (see _choose_path)
 DECODE_MAX_ROWS = 256  # the decode path runs one non-persistent tile grid: few rows only
 DECODE_AUTO_MAX_ROWS = 64  # auto: the decode kernel up to this many rows (see _choose_path)
+# The persistent GEMM's tile and K loops flattened into one software pipeline for 16-bit operands
+# (see _gemm_expand_kernel); benchmarks/profile_multi_lora.py turns it off to time the difference.
+FLATTEN_16_BIT_GEMM = True
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -769,7 +772,7 @@ def _launch_gemm_expand(x, weight, w_kn, init, shrink, e, e_strides, scaling, bi
                   E_ROWS_OF_R=not expand_tma and tuple(e_strides[1:]) == (r, 1), DROPOUT=dropout is not None,
                   # the persistent GEMM on 16-bit operands (the expand-only epilogue runs one tile per
                   # program: flattening its loop compiled to scalar 2-byte stores, sm_90 PTX)
-                  FLATTEN=has_base and x.element_size() == 2)
+                  FLATTEN=has_base and x.element_size() == 2 and FLATTEN_16_BIT_GEMM)
     seed, threshold, keep_scale = _dropout_args(dropout, out)
     args = [x if has_base else out, weight if has_base else out, init if init is not None else out,
             shrink, e, scaling if scaling is not None else shrink, bias if bias is not None else out, out, seed,

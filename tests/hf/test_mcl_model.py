@@ -279,6 +279,36 @@ def test_mcl_model_around_a_compiled_model_trains_without_recompiling():
         torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_trains_as_without(backend, use_reentrant):
+    """HF's gradient checkpointing (each decoder layer's activations recomputed in the backward) on a
+    patched model with LoRA dropout: the recomputed forward draws the same dropout masks (the seed
+    comes from torch's generator, whose state checkpointing restores), so the loss, the gradients
+    and the adapters after two SGD steps equal those without checkpointing."""
+    from tests.hf.helpers import tiny_llama
+    from tests.utils import TRITON_DEVICE
+
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    batches = [tuple(t.to(device) for t in _data(seed=s)) for s in range(2)]
+    results = []
+    for checkpointing in (False, True):
+        model = patch_model(tiny_llama(layers=2), K, R, ALPHA, lora_dropout=0.2, backend=backend).to(device)
+        randomize_lora(model, scale=0.2)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            assert model.model.gradient_checkpointing
+        params = [p for p in model.parameters() if p.requires_grad]
+        torch.manual_seed(7)  # the dropout seeds
+        results.append(_train_steps(MCLModel(model), params, batches))
+    (losses, params), (losses_ckpt, params_ckpt) = results
+    assert losses[0] != losses[1]  # the first step trained the adapters
+    torch.testing.assert_close(losses_ckpt, losses, rtol=1e-6, atol=1e-6)
+    for p, q in zip(params_ckpt, params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 @requires_cuda
 def test_gpu_mcl_model_around_cuda_graphs_trains_as_eager():
     """MCLModel(torch.compile(model, backend="cudagraphs")): the decoder's forward and backward

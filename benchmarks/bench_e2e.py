@@ -1,6 +1,6 @@
 """End-to-end: one LoRA-MCL training step of a random-initialised decoder, official way vs ours.
 
-    python benchmarks/bench_e2e.py [--out results/e2e.json] [--layers 4,8]
+    python benchmarks/bench_e2e.py [--out results/e2e.json] [--layers 4,8] [--checkpointing] [--graphs]
 
 The model is shaped like Qwen2-Audio's language model (DESIGN.md section 3): d=4096, FFN 11008,
 32 heads (MHA), vocab 156032, bf16; K=5 hypotheses, r = alpha = 8 on q/k/v/up/down_proj; B=1
@@ -20,6 +20,9 @@ AdamW on the adapters, zero_grad. Variants, on the same base weights and the sam
             row's peak extra memory leaves the pool out and is not comparable with the others'.
             `cudagraph_skips` counts the graphs inductor declined (0: every graph replays). On the
             CPU (smoke run) the decoder is compiled with backend "aot_eager", no graphs.
+  ours-checkpointed  (--checkpointing) ours with HF's gradient checkpointing (non-reentrant): each
+            decoder layer keeps its input only and recomputes its forward in the backward, so the
+            per-layer memory slope is what it saves and the per-layer time what it costs.
 
 Both variants' first-step losses are compared (same function, same weights). Per-layer time is the
 slope between the layer counts; peak extra memory is the peak above what the model and optimizer
@@ -113,7 +116,15 @@ def run_variant(name, model, loss_fn, params, warmup, reps, setup_steps=1):
     return {"impl": name, "ms": ms, "peak_extra_gib": peak, "first_loss": first["loss"]}
 
 
-def bench_layers(shape, layers, device, dtype, cuda, warmup, reps, graphs=False):
+def _reset_adapters(model, adapters):
+    """The adapters every variant starts from."""
+    with torch.no_grad():
+        for name, module in multi_lora_modules(model):
+            module.lora_A.copy_(adapters[name][0])
+            module.lora_B.copy_(adapters[name][1])
+
+
+def bench_layers(shape, layers, device, dtype, cuda, warmup, reps, graphs=False, checkpointing=False):
     model = build_model(shape, layers, device, dtype)
     K, r, T, sup = shape["K"], shape["r"], shape["T"], shape["supervised"]
     gen = torch.Generator().manual_seed(1)
@@ -130,15 +141,21 @@ def bench_layers(shape, layers, device, dtype, cuda, warmup, reps, graphs=False)
     mcl = MCLModel(model)
     ours = [run_variant("ours", model, lambda: mcl(input_ids=input_ids, labels=labels, mode="wta").loss,
                         [p for p in model.parameters() if p.requires_grad], warmup, reps)]
+    if checkpointing:
+        _reset_adapters(model, adapters)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # HF checkpoints in training mode only; the config has no dropout
+        ours.append(run_variant("ours-checkpointed", model,
+                                lambda: mcl(input_ids=input_ids, labels=labels, mode="wta").loss,
+                                [p for p in model.parameters() if p.requires_grad], warmup, reps))
+        model.gradient_checkpointing_disable()
+        model.eval()
     if graphs:
         from torch._dynamo.utils import counters
 
         torch._dynamo.reset()
         counters.clear()
-        with torch.no_grad():  # the adapters the other variants start from
-            for name, module in multi_lora_modules(model):
-                module.lora_A.copy_(adapters[name][0])
-                module.lora_B.copy_(adapters[name][1])
+        _reset_adapters(model, adapters)
         compiled = torch.compile(model, mode="reduce-overhead") if cuda else torch.compile(model, backend="aot_eager")
         mcl_compiled = MCLModel(compiled)
         try:  # a failed compile is recorded; the other variants' rows stay
@@ -170,6 +187,8 @@ def main(argv=None):
     parser.add_argument("--layers", default="4,8")
     parser.add_argument("--graphs", action="store_true",
                         help="also time ours with the decoder compiled (mode='reduce-overhead': CUDA graphs)")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="also time ours with HF's gradient checkpointing (memory against time)")
     args = parser.parse_args(argv)
     cuda = common.HAS_CUDA
     card = common.device_name()
@@ -181,7 +200,8 @@ def main(argv=None):
     layer_counts = [int(v) for v in args.layers.split(",")]
     rows = []
     for layers in layer_counts:
-        rows += bench_layers(shape, layers, device, dtype, cuda, warmup, reps, graphs=args.graphs)
+        rows += bench_layers(shape, layers, device, dtype, cuda, warmup, reps, graphs=args.graphs,
+                             checkpointing=args.checkpointing)
         if cuda:
             torch.cuda.empty_cache()
     table, ok = [], True
@@ -189,7 +209,7 @@ def main(argv=None):
         if "error" in row:
             ok = False
             table.append([row["impl"], row["layers"], row["error"][:60], "", "", "", "", ""])
-    for impl in ("official", "ours", "ours-compiled"):
+    for impl in ("official", "ours", "ours-checkpointed", "ours-compiled"):
         mine = sorted((r for r in rows if r["impl"] == impl and "error" not in r), key=lambda r: r["layers"])
         per_layer = ((mine[-1]["ms"] - mine[0]["ms"]) / (mine[-1]["layers"] - mine[0]["layers"])
                      if len(mine) > 1 else float("nan"))

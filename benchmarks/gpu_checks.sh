@@ -3,7 +3,7 @@
 # (the device tool's output folder) or ./results. Steps: env smoke tests bench profile host e2e
 # decode bench_loss profile_loss sweep (STEPS chooses; default env smoke tests bench). smoke runs both ops once and, should
 # launch() fail on this machine's Triton, sends every later step's launches through Triton's JIT.
-# PYTEST_ARGS and PYTEST_K (pytest's -k) select tests; E2E_ARGS goes to bench_e2e.py (--graphs). Each step has its own time limit so a slow
+# PYTEST_ARGS and PYTEST_K (pytest's -k) select tests; E2E_ARGS goes to bench_e2e.py (--graphs, --checkpointing). Each step has its own time limit so a slow
 # one cannot eat the rest.
 set -uo pipefail
 OUT=${OUT:-results}

@@ -47,3 +47,22 @@ def test_e2e_smoke_run_with_the_decoder_compiled(tmp_path):
     assert compiled["loss_rel_diff_vs_official"] < 1e-4
     assert compiled["first_loss"] == rows["ours"]["first_loss"]  # the same adapters to start from
     assert compiled["cudagraph_skips"] == 0  # aot_eager makes no graphs to decline
+
+
+def test_e2e_smoke_run_with_gradient_checkpointing(tmp_path):
+    """--checkpointing adds ours with HF's gradient checkpointing: the same adapters to start from,
+    the same loss; the model is back in eval mode without checkpointing for the official variant."""
+    out = tmp_path / "e2e.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "benchmarks", "bench_e2e.py"), "--out", str(out),
+                           "--layers", "1,2", "--checkpointing"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {(r["impl"], r["layers"]): r for r in json.loads(out.read_text())["rows"]}
+    assert sorted(rows) == [("official", 1), ("official", 2), ("ours", 1), ("ours", 2), ("ours-checkpointed", 1),
+                            ("ours-checkpointed", 2)]
+    for layers in (1, 2):
+        checkpointed = rows[("ours-checkpointed", layers)]
+        assert math.isfinite(checkpointed["ms"]) and checkpointed["ms"] > 0
+        assert checkpointed["first_loss"] == rows[("ours", layers)]["first_loss"]
+        assert checkpointed["loss_rel_diff_vs_official"] < 1e-4

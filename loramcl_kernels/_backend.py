@@ -11,6 +11,7 @@ silently; an explicitly requested backend that cannot run raises a RuntimeError 
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -34,12 +35,31 @@ def _import_triton_error() -> str | None:
 _TRITON_IMPORT_ERROR = _import_triton_error()
 
 
+# Triton's NVIDIA backend supports compute capability 8.0 and newer (A100, RTX 30xx and later):
+# on older GPUs (V100, T4) auto keeps the PyTorch reference.
+MIN_TRITON_CAPABILITY = (8, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int | None) -> tuple[int, int] | None:
+    """(major, minor) of CUDA device `index` (None: the current one); None where torch cannot tell
+    (no CUDA in this process): then the device type alone decides."""
+    try:
+        return tuple(torch.cuda.get_device_capability(index))
+    except Exception:
+        return None
+
+
 def triton_unavailable_reason(device: torch.device) -> str | None:
     """None when Triton kernels can run on `device`, else a sentence saying why not."""
     err = _TRITON_IMPORT_ERROR
     if err is not None:
         return err
     if device.type == "cuda":
+        capability = _cuda_capability(device.index)
+        if capability is not None and capability < MIN_TRITON_CAPABILITY:
+            return (f"Triton supports NVIDIA GPUs of compute capability {MIN_TRITON_CAPABILITY[0]}."
+                    f"{MIN_TRITON_CAPABILITY[1]} and newer; {device} has {capability[0]}.{capability[1]}")
         return None
     if device.type == "cpu":
         if triton_interpreting():

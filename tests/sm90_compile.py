@@ -1,5 +1,10 @@
 """Compile every Triton kernel of the package for an H100/H200 (sm_90) without a GPU.
 
+`--arch 80` / `--arch 86` compile instead the kernels that run before Hopper (the paths `auto` takes
+there: cublas, the chunked loss; a forced fused path falls back to cublas) for an A100 (163 KB of
+shared memory per block) or a consumer Ampere/Ada card (99 KB: RTX 3090/4090, A10, L4, L40S), with
+the launchers told that device's limit, and check each variant against it.
+
 Run as a script in a process without TRITON_INTERPRET (tests/test_sm90_compile.py does): a stand-in
 Triton driver reports an sm_90 target, launches become compile-only (`warmup=True`), and the
 launchers run on meta tensors, so each kernel is compiled with the block sizes, specialisations
@@ -22,6 +27,10 @@ from triton.runtime.driver import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 H100_SHARED_BYTES = 232448  # the most dynamic shared memory one block may use on sm_90
+# per target: (SMs, shared memory one block may use) of a GPU of that kind
+ARCHS = {90: (132, H100_SHARED_BYTES), 80: (108, 166912), 86: (84, 101376)}
+ARCH = int(sys.argv[sys.argv.index("--arch") + 1]) if "--arch" in sys.argv else 90
+SHARED_LIMIT = ARCHS[ARCH][1]
 
 
 class Sm90Driver:
@@ -34,7 +43,7 @@ class Sm90Driver:
         return 0
 
     def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
+        return GPUTarget("cuda", ARCH, 32)
 
 
 def loop_depth(ttgir: str) -> int:
@@ -101,7 +110,7 @@ def _autotuner_getitem(self, grid):
         # every config the autotuner could pick; it skips those that do not fit, so one must fit
         records = [_compile_only(self.fn, grid, args, {**kwargs, **config.all_kwargs()}, autotuned=True)
                    for config in self.configs]
-        if all(r["shared"] > H100_SHARED_BYTES for r in records):
+        if all(r["shared"] > SHARED_LIMIT for r in records):
             NO_CONFIG_FITS.append(records[0])
     return launch
 
@@ -113,12 +122,14 @@ def main():
     Autotuner.__getitem__ = _autotuner_getitem
     triton.set_allocator(lambda size, alignment, stream: None)
 
+    from loramcl_kernels.ops import _triton_utils
     from loramcl_kernels.ops import mcl_loss as mcl
     from loramcl_kernels.ops import multi_lora_linear as mll
 
-    h100 = lambda device: (132, 9)  # noqa: E731
-    mll._device_facts = h100
-    mcl.device_facts = h100
+    facts = lambda device: (ARCHS[ARCH][0], ARCH // 10)  # noqa: E731
+    mll._device_facts = facts
+    mcl.device_facts = facts
+    _triton_utils.shared_memory_per_block = lambda device: SHARED_LIMIT  # what the launchers size for
     meta = torch.device("meta")
 
     # multi_lora_linear: (dtype, path, K, r, rows, explicit ids); every kernel and each family of
@@ -157,7 +168,8 @@ def main():
 
     # mcl_loss: both pass-1 paths, pass 2 with and without lm_head gradients, the per-sequence kernel
     mcl_on_meta_tensors(supervised_rows=640)
-    for dtype, path in ((torch.bfloat16, "chunked"), (torch.bfloat16, "fused"), (torch.float32, "fused")):
+    pass1_cases = ((torch.bfloat16, "chunked"), (torch.bfloat16, "fused"), (torch.float32, "fused"))
+    for dtype, path in pass1_cases if ARCH >= 90 else ((torch.bfloat16, "chunked"), (torch.float32, "chunked")):
         os.environ["LORAMCL_MCL_PASS1"] = path
         hidden = torch.empty(20, 780, 4096, dtype=dtype, device=meta)
         weight = torch.empty(32000, 4096, dtype=dtype, device=meta)
@@ -176,8 +188,8 @@ def main():
                                                1.0, "mean", -100, True, keep_nll_grad=True)
             mcl._mcl_loss_backward_triton(out[0], hidden, weight, bias, labels, *out[3:8], 5, "batch_major", "mean",
                                           -100, True, False, False, False)
-    too_big = [c for c in COMPILED if c["shared"] > H100_SHARED_BYTES and not c["autotuned"]] + NO_CONFIG_FITS
-    print(json.dumps(dict(variants=len(COMPILED), over_shared_memory=too_big)))
+    too_big = [c for c in COMPILED if c["shared"] > SHARED_LIMIT and not c["autotuned"]] + NO_CONFIG_FITS
+    print(json.dumps(dict(arch=ARCH, variants=len(COMPILED), over_shared_memory=too_big)))
     return 1 if too_big else 0
 
 

@@ -86,3 +86,37 @@ def test_every_kernel_compiles_for_sm90_within_shared_memory():
     # d hidden's rows reach their positions as 16-byte vectors in pass 2 too
     scatters = [v for v in variants if v["kernel"] == "_scatter_rows_kernel"]
     assert len(scatters) == 2 and all(v["scalar_b16_stores"] == 0 for v in scatters), scatters
+
+
+PRE_HOPPER_KERNELS = {
+    "_shrink_kernel", "_gemm_expand_kernel", "_dropout_rows_kernel",  # multi_lora_linear's cublas path
+    "_decode_partial_kernel", "_decode_finish_kernel",  # the decode path, asked for by name
+    "_row_counts_kernel", "_compact_positions_kernel", "_lse_chunk_kernel", "_sequence_weights_kernel",
+    "_grad_logits_chunk_kernel", "_scatter_rows_kernel",  # mcl_loss, chunked
+}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the GPU tests build and run the kernels")
+@pytest.mark.skipif(not os.path.exists(PTXAS), reason="this triton install has no ptxas for the NVIDIA backend")
+def test_kernels_before_hopper_fit_a_99_kb_card():
+    """The kernels that run before Hopper compile for sm_86 and fit the 99 KB of shared memory per
+    block of consumer Ampere/Ada cards (the tightest limit among the GPUs the package runs on): the
+    launchers size their pipelines by the device's limit (the shrink's bf16 tiles took 152 KB with
+    the H100's). The TMA paths (the fused GEMM, the fused MCL pass 1) do not compile there: asked
+    for, the multi-LoRA fused path falls back to cublas, and the decode path where its expand
+    operands would not fit (fp32, K*r > 128)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    python = os.environ.get("LORAMCL_SM90_PYTHON", sys.executable)
+    proc = subprocess.run([python, SCRIPT, "--arch", "86"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=1500)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    summary, variants = records[-1], records[:-1]
+    assert summary["arch"] == 86 and summary["over_shared_memory"] == []
+    assert {v["kernel"] for v in variants} == PRE_HOPPER_KERNELS
+    assert all(v["shared"] <= 101376 and v["wgmma"] == 0 for v in variants)
+    gemms = [v for v in variants if v["kernel"] == "_gemm_expand_kernel"]
+    assert gemms and not any(v["constexprs"]["HAS_BASE"] for v in gemms)  # no fused GEMM: cuBLAS does the base
+    # the heaviest shrink (K*r = 256 columns of bf16 per tile) keeps one tile in flight, not two
+    assert max(v["shared"] for v in variants if v["kernel"] == "_shrink_kernel") > 64 * 1024

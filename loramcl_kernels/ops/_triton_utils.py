@@ -192,9 +192,29 @@ def tma_rows_ok(*tensors: torch.Tensor) -> bool:
     return True
 
 
-# sm_90 allows 227 KB of shared memory per block; the rest of this budget is room for the
-# epilogue's scratch. Launchers size their pipelines (tiles loaded ahead) to fit it.
-SHARED_MEMORY_BUDGET = 200 * 1024
+H100_SHARED_MEMORY = 232448  # the most shared memory one block may use on sm_90 (227 KB)
+# Kept free for a kernel's scratch beyond its pipelined tiles (layout conversions, reductions).
+SHARED_MEMORY_SCRATCH = 27 * 1024
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_per_block(device: torch.device) -> int:
+    """The most shared memory one block may use on `device` (CUDA's opt-in limit): 227 KB on
+    H100/H200, 163 KB on A100, 99 KB on consumer Ampere/Ada/Blackwell cards (sm_86/89/120).
+    Other devices (the interpreter; the compile check on meta tensors): the H100's."""
+    if device.type != "cuda":
+        return H100_SHARED_MEMORY
+    try:
+        return int(driver.active.utils.get_device_properties(device.index if device.index is not None
+                                                                   else torch.cuda.current_device())["max_shared_mem"])
+    except Exception:  # pragma: no cover - a Triton without this query: per SM less the 1 KB CUDA reserves
+        return torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor - 1024
+
+
+def shared_memory_budget(device: torch.device) -> int:
+    """Bytes of pipelined tiles (tiles loaded ahead) a launcher may plan for on `device`: the
+    per-block limit less room for the kernel's scratch (200 KB on sm_90, 72 KB on 99 KB cards)."""
+    return shared_memory_per_block(device) - SHARED_MEMORY_SCRATCH
 
 
 if triton is not None:

@@ -72,7 +72,8 @@ from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
 from loramcl_kernels.ops._triton_utils import device_facts as _device_facts
 from loramcl_kernels.ops._triton_utils import mm_out_dtype_supported as _mm_out_dtype_supported
 from loramcl_kernels.ops._triton_utils import next_pow2 as _next_pow2
-from loramcl_kernels.ops._triton_utils import SHARED_MEMORY_BUDGET, cdiv, contiguous_or_none, launch, on_input_device
+from loramcl_kernels.ops._triton_utils import cdiv, contiguous_or_none, launch, on_input_device
+from loramcl_kernels.ops._triton_utils import shared_memory_budget as _shared_memory_budget
 from loramcl_kernels.ops._triton_utils import set_tma_allocator as _set_tma_allocator
 from loramcl_kernels.ops._triton_utils import tma_rows_ok as _tma_ok
 
@@ -696,9 +697,10 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
     runs = block_diag and row_div >= block_m and cdiv(row_div, block_m) < 65536  # grid dim 1 limit
     block_c = r_pad if runs else r_pad * min(_next_pow2(num_hyp), max(1, 256 // r_pad))
     # x is read once; many row tiles keep every SM streaming (P is re-read from L2)
-    # shared memory: (stages - 1) buffers of the x and P tiles (measured by tests/sm90_compile.py)
+    # shared memory: (stages - 1) buffers of the x and P tiles (measured by tests/sm90_compile.py):
+    # two where the device has room (227 KB on Hopper, 163 KB on A100), else one (99 KB cards)
     stage_bytes = (block_m + block_c) * block_d * x.element_size()
-    stages = 1 if on_cpu else (3 if 2 * stage_bytes <= SHARED_MEMORY_BUDGET else 2)
+    stages = 1 if on_cpu else (3 if 2 * stage_bytes <= _shared_memory_budget(x.device) else 2)
     if runs:
         grid = (cdiv(m, row_div), cdiv(row_div, block_m))
     else:
@@ -743,10 +745,12 @@ def _choose_path(x: Tensor, weight: Optional[Tensor]) -> str:
         raise ValueError(f"LORAMCL_MULTI_LORA_PATH must be one of {PATHS}, got '{path}'")
     if path == "decode":
         return "decode"
-    eligible = weight is not None and _tma_ok(x, weight)
+    before_hopper = _device_facts(x.device)[1] < 9
+    # TMA descriptors: aligned rows, and a Hopper GPU (or CPU tensors: the interpreter)
+    eligible = weight is not None and _tma_ok(x, weight) and not (x.device.type != "cpu" and before_hopper)
     if path == "fused":
         return "fused" if eligible else "cublas"
-    if path == "cublas" or _device_facts(x.device)[1] < 9:
+    if path == "cublas" or before_hopper:
         return "cublas"
     if x.shape[0] <= DECODE_AUTO_MAX_ROWS:
         return "decode"
@@ -878,10 +882,14 @@ def _a_as_expand(lora_A: Tensor):
 
 
 def _decode_applies(x: Tensor, weight: Optional[Tensor], lora_A: Tensor) -> bool:
-    """Few rows, K*r <= 256 shrink columns, and W read along d_in (else the cublas path)."""
+    """Few rows, K*r <= 256 shrink columns, W read along d_in, and room in shared memory for the
+    finish kernel's expand operands, up to (64 rows + 64 outputs) x the padded K*r columns: fp32 at
+    K*r > 128 needs 128 KB, more than the 99 KB cards allow (else the cublas path)."""
     num_hyp, r, _ = lora_A.shape
+    expand_operand_bytes = (64 + 64) * max(16, _next_pow2(num_hyp * r)) * x.element_size()
     return (x.shape[0] <= DECODE_MAX_ROWS and num_hyp * r <= 256
-            and (weight is None or weight.stride(1) == 1 or weight.shape[1] == 1))
+            and (weight is None or weight.stride(1) == 1 or weight.shape[1] == 1)
+            and expand_operand_bytes <= _shared_memory_budget(x.device))
 
 
 def _decode_config(m: int, d: int, columns: int, element_size: int, on_cpu: bool) -> tuple[int, int, int, int]:
@@ -922,7 +930,8 @@ def _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row
     splits = cdiv(d, d_split)
     workspace = torch.empty(splits, m, columns, device=x.device, dtype=torch.float32)
     # shared memory: a buffer of the x and [W; A] tiles per stage (measured by tests/sm90_compile.py)
-    stages = 1 if on_cpu else max(1, min(3, SHARED_MEMORY_BUDGET // ((block_m + block_n) * block_k * x.element_size())))
+    stage_bytes = (block_m + block_n) * block_k * x.element_size()
+    stages = 1 if on_cpu else max(1, min(3, _shared_memory_budget(x.device) // stage_bytes))
     launch(_decode_partial_kernel, (cdiv(m, block_m), columns // block_n, splits),
         x, weight if has_base else x, lora_A, workspace, m, n, d, num_hyp * r, d_split, w_tiles,
         x.stride(0), weight.stride(0) if has_base else 0, lora_A.stride(1), workspace.stride(0), workspace.stride(1),

@@ -251,9 +251,31 @@ def test_triton_fused_path_taken_when_eligible(monkeypatch):
     monkeypatch.setattr(mll, "_device_facts", lambda device: (132, 8))
     assert mll._choose_path(rows, w) == "cublas"  # before Hopper: cublas for every size
     assert mll._choose_path(x, w) == "cublas"
+    # GPU tensors (meta tensors stand for them here): TMA needs Hopper, else cublas even when asked for
+    monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "fused")
+    x_gpu, w_gpu = x.to("meta"), w.to("meta")
+    monkeypatch.setattr(mll, "_device_facts", lambda device: (108, 8))  # an A100
+    assert mll._choose_path(x_gpu, w_gpu) == "cublas"
+    monkeypatch.setattr(mll, "_device_facts", lambda device: (132, 9))
+    assert mll._choose_path(x_gpu, w_gpu) == "fused"
     monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "bogus")
     with pytest.raises(ValueError, match="LORAMCL_MULTI_LORA_PATH"):
         mll._choose_path(x, w)
+
+
+def test_decode_path_needs_room_for_its_expand_operands(monkeypatch):
+    """The decode finish kernel holds (64 rows + 64 outputs) x the padded K*r columns of expand
+    operands in shared memory: fp32 at K*r = 256 takes 128 KB, which a 99 KB card cannot give, so
+    there the decode path does not apply (cublas runs); bf16, or an A100 / H100, it does."""
+    from loramcl_kernels.ops import _triton_utils
+
+    x32, w32, a32 = torch.empty(8, 64), torch.empty(32, 64), torch.empty(4, 64, 64)
+    x16, w16, a16 = x32.half(), w32.half(), a32.half()
+    for limit, fits_fp32 in ((101376, False), (166912, True), (232448, True)):
+        monkeypatch.setattr(_triton_utils, "shared_memory_per_block", lambda device, limit=limit: limit)
+        assert mll._decode_applies(x32, w32, a32) == fits_fp32
+        assert mll._decode_applies(x16, w16, a16)
+        assert mll._decode_applies(x32, w32, a32[:, :32])  # K*r = 128: 64 KB
 
 
 @pytest.mark.parametrize("r, num_hyp, rows, w_layout, expect", [
@@ -833,6 +855,13 @@ def test_backend_selection(monkeypatch):
     assert _backend.resolve_backend(None, cpu) == "reference"  # auto keeps CPU users on PyTorch
     # auto on a GPU: the Triton kernels (the cuda extension is not built); decided by the device type
     assert _backend.resolve_backend(None, torch.device("cuda")) == "triton"
+    # ... and its compute capability: Triton supports 8.0 and newer, so a V100 or T4 gets the reference
+    monkeypatch.setattr(_backend, "_cuda_capability", lambda index: (7, 5))
+    assert _backend.resolve_backend(None, torch.device("cuda", 0)) == "reference"
+    with pytest.raises(RuntimeError, match="compute capability 8.0 and newer; cuda:0 has 7.5"):
+        _backend.resolve_backend("triton", torch.device("cuda", 0))
+    monkeypatch.setattr(_backend, "_cuda_capability", lambda index: (8, 6))
+    assert _backend.resolve_backend(None, torch.device("cuda", 0)) == "triton"
     monkeypatch.setenv("LORAMCL_BACKEND", "reference")
     assert _backend.resolve_backend(None, cpu) == "reference"
     with pytest.raises(RuntimeError, match="'cuda' was requested but cannot run"):

@@ -107,10 +107,11 @@ def _row_hypotheses(m: int, num_hyp: int, hypothesis_ids: Optional[Tensor], row_
 
 
 def _keep_own_block(full: Tensor, row_hyp: Tensor, num_hyp: int) -> Tensor:
-    """(M, K*r) -> S_bd: row m keeps its block h(m) and zeros elsewhere (all zeros for h = -1)."""
+    """(M, K*r) -> S_bd: row m keeps its block h(m) and exact zeros elsewhere (all zeros for h = -1),
+    as the kernels write them: a non-finite value of another block does not leak in."""
     m, cols = full.shape  # explicit sizes: -1 is ambiguous for an empty batch
     keep = row_hyp[:, None] == torch.arange(num_hyp, device=full.device)[None, :]
-    return (full.view(m, num_hyp, cols // num_hyp) * keep[:, :, None].to(full.dtype)).view(m, cols)
+    return torch.where(keep[:, :, None], full.view(m, num_hyp, cols // num_hyp), 0.0).view(m, cols)
 
 
 def _stack_A(lora_A: Tensor, dtype) -> Tensor:

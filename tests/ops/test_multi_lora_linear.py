@@ -231,6 +231,23 @@ def test_triton_matches_fp64_oracle(case, dtype, triton_path):
     check_case(dtype=dtype, backend="triton", atol=atol, device=TRITON_DEVICE, **case)
 
 
+@pytest.mark.parametrize("adapter", ["lora_A", "lora_B"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_non_finite_adapter_reaches_the_same_rows_on_both_backends(adapter, backend, triton_path):
+    """A diverged hypothesis (NaN in adapter 1): in lora_A it stays in hypothesis 1's rows (S_bd's
+    other blocks are exact zeros); in lora_B it reaches every row, base-only rows (id -1) included,
+    as the block-diagonal expand multiplies those zeros by it. The same on every path."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    x, w, b, a, bb, s = make_inputs(8, (), 32, 24, 4, 3, torch.float32, device)
+    (a if adapter == "lora_A" else bb)[1, 0, 0] = float("nan")
+    ids = torch.tensor([0, 1, 2, -1, 0, 1, 2, -1], device=device)
+    with torch.no_grad():
+        y = multi_lora_linear(x, w, b, a, bb, s, hypothesis_ids=ids, backend=backend)
+    rows_with_nan = y.isnan().any(-1).cpu()
+    expected = ids.cpu() == 1 if adapter == "lora_A" else torch.ones(8, dtype=torch.bool)
+    assert torch.equal(rows_with_nan, expected), rows_with_nan
+
+
 def test_triton_fused_path_taken_when_eligible(monkeypatch):
     x = torch.randn(8, 32)
     w = torch.randn(16, 32)

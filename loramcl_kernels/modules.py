@@ -25,6 +25,11 @@ Which hypothesis serves a row (attributes, changeable between calls):
                        (row n -> n // (N / K)).
     inner              consecutive rows sharing one hypothesis in batch_major (beams in generate).
     shared_input       x holds N rows every hypothesis sees; the output has N*K rows in the layout.
+    batch_shape        None, or the (sequences N, tokens T) of the model's current forward (patch_model
+                       keeps it up to date with a forward pre-hook on the model): a model that
+                       flattens its (N, T, d) activations to (N*T, d) token rows before this layer
+                       (MoE shared experts, OPT's MLP) hands it row n*T + t of sequence n, whose
+                       hypothesis is sequence n's. Without it, x's first dim is the batch.
 
 Dropout: masks are drawn per element of x, and different rows belong to different hypotheses,
 so every hypothesis gets its own masks. In training the op applies the dropout inside its kernels
@@ -84,6 +89,28 @@ def _check_positive_int(name: str, value) -> int:
     return int(value)
 
 
+class BatchShape:
+    """The (sequences, tokens) of a patched model's current forward, shared by its MultiLoRALinear
+    modules and kept up to date by a forward pre-hook on the model (patch_model installs it)."""
+
+    def __init__(self):
+        self.sequences: int | None = None
+        self.tokens: int | None = None
+
+    @torch.compiler.disable  # two ints of host bookkeeping: never a compiled frame of its own
+    def __call__(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook (with kwargs): read (N, T) off input_ids or inputs_embeds."""
+        ids = kwargs.get("input_ids")
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        if ids is None and args and isinstance(args[0], torch.Tensor):
+            ids = args[0]
+        if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
+            self.sequences, self.tokens = ids.shape[0], ids.shape[1]
+        else:
+            self.sequences = self.tokens = None
+
+
 class MultiLoRALinear(nn.Module):
     """K LoRA adapters on one frozen linear layer; see the module docstring for the math."""
 
@@ -138,6 +165,7 @@ class MultiLoRALinear(nn.Module):
         self.hypothesis_ids: torch.Tensor | None = None
         self.active_hypothesis: int | None = None
         self.shared_input = False
+        self.batch_shape: BatchShape | None = None
         self.backend = backend
         if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
             raise TypeError(f"adapter_dtype must be a floating torch.dtype or None, got {adapter_dtype!r}")
@@ -219,11 +247,12 @@ class MultiLoRALinear(nn.Module):
             kw = dict(num_hypotheses=1, layout="batch_major", inner=1, backend=self.backend)
             return _multi_lora_linear(x, weight, bias, lora_A, lora_B, self.scaling,
                                       lora_dropout=self.lora_dropout_p if dropout else 0.0, **kw)
+        inner, hypothesis_ids = self._row_map(x)
         kw = dict(
             num_hypotheses=self.num_hypotheses,
             layout=self.layout,
-            inner=self.inner,
-            hypothesis_ids=self.hypothesis_ids,
+            inner=inner,
+            hypothesis_ids=hypothesis_ids,
             backend=self.backend,
         )
         if not (dropout and self.shared_input):
@@ -237,6 +266,31 @@ class MultiLoRALinear(nn.Module):
         base = repeat_rows(base, self.num_hypotheses, self.layout, self.inner)
         delta = _multi_lora_linear(x, None, None, all_A, all_B, self.scaling, lora_dropout=self.lora_dropout_p, **kw)
         return base + delta
+
+    def _row_map(self, x: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """(inner, hypothesis_ids) for the rows of x. Token rows (x (N*T, d) of a model whose forward
+        has N sequences of T tokens, or N*K after a shared-input layer repeated them): row n*T + t
+        belongs to sequence n, so in batch_major a hypothesis's rows come in runs of T * inner and
+        explicit ids repeat T times (hypothesis_major's blocks stay blocks). 2-D rows that are
+        neither sequences nor their tokens (a routed expert's share of the tokens) have no
+        hypothesis this layer can tell: an error, not a guess."""
+        shape = self.batch_shape
+        # 3-D x (the usual case) reads nothing off the shared shape: no guard on it under torch.compile
+        if x.dim() != 2 or shape is None or shape.sequences is None or shape.tokens == 1:
+            return self.inner, self.hypothesis_ids
+        sequences = (shape.sequences, shape.sequences * self.num_hypotheses)
+        if x.shape[0] in sequences:
+            return self.inner, self.hypothesis_ids
+        if x.shape[0] not in tuple(n * shape.tokens for n in sequences):
+            raise ValueError(
+                f"MultiLoRALinear got {x.shape[0]} rows while the model's forward has {shape.sequences} sequences "
+                f"of {shape.tokens} tokens: neither the sequences nor their tokens (N or N*T rows), so the "
+                "hypothesis of each row is unknown (a routed MoE expert's share of the tokens?). Patch layers "
+                "that see every token, or set hypothesis_ids per row.")
+        ids = self.hypothesis_ids
+        if ids is not None:
+            return self.inner, ids.repeat_interleave(shape.tokens)
+        return (self.inner * shape.tokens if self.layout == "batch_major" else self.inner), None
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if self.fan_in_fan_out else "Linear"

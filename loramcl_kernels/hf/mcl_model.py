@@ -103,7 +103,8 @@ class MCLOutput(ModelOutput):
 
 # config attributes with which an HF model transforms its logits after the lm_head, and the value
 # that leaves them unchanged (Gemma 2/3: tanh soft-capping; Cohere: x logit_scale; Granite: / logits_scaling)
-LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0,
+                    "lm_head_multiplier": 1.0}
 
 
 def _check_plain_logits(model: nn.Module) -> None:
@@ -148,6 +149,11 @@ def mcl_forward(
             "the lm_head carries LoRA adapters (patched with MultiLoRALinear): the fused MCL loss reads "
             "the lm_head weight alone, so leave lm_head out of target_modules, or compute the loss "
             "from the model's logits with mcl_loss_from_logits")
+    if not isinstance(lm_head, nn.Linear) or type(lm_head).forward is not nn.Linear.forward:
+        raise ValueError(
+            f"the lm_head is a {type(lm_head).__name__} with a forward of its own, not a plain linear layer: the "
+            "fused MCL loss reads its weight and bias alone, so compute the logits (K-repeated batch) and use "
+            "mcl_loss_from_logits")
     inputs = repeat_batch_inputs(inputs, batch_size, num_hypotheses, layout)
     inputs.setdefault("use_cache", False)
     hidden = final_hidden_states(model, **inputs)

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from loramcl_kernels.modules import LAYOUTS, MultiLoRALinear, _check_positive_int, supported_base_layer
+from loramcl_kernels.modules import LAYOUTS, BatchShape, MultiLoRALinear, _check_positive_int, supported_base_layer
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 ROUTING_ATTRIBUTES = ("active_hypothesis", "layout", "inner", "hypothesis_ids", "shared_input")
@@ -123,6 +123,15 @@ def patch_model(
             + ", ".join(unsupported[:8])
         )
 
+    occurrences: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        occurrences[id(p)] = occurrences.get(id(p), 0) + 1
+    tied = [n for n, m in matches if occurrences.get(id(m.weight), 0) > 1]
+    if tied:
+        raise ValueError(
+            f"target_modules match {tied[:4]}, whose weight is tied to another module's (an lm_head tied to the "
+            "input embeddings): LoRA on a tied layer is not supported (HF's tying, resizing and saving would "
+            "break); leave it out of target_modules")
     lora_alpha = float(r if lora_alpha is None else lora_alpha)
     if not math.isfinite(lora_alpha):
         raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
@@ -137,6 +146,7 @@ def patch_model(
         requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
     )
     model.requires_grad_(False)
+    batch_shape = BatchShape()  # (N, T) of each forward, for layers that see flattened token rows
     for name, base in matches:
         module = MultiLoRALinear(
             base,
@@ -151,10 +161,21 @@ def patch_model(
             adapter_dtype=adapter_dtype,
         )
         module.train(base.training)  # an eval-mode model stays in eval mode (no LoRA dropout)
+        module.batch_shape = batch_shape
         _set_submodule(model, name, module)
         config.module_names.append(name)
+    model.register_forward_pre_hook(batch_shape, with_kwargs=True)
     model.loramcl_config = config
     return model
+
+
+def _remove_batch_shape_hooks(model: nn.Module) -> None:
+    """Remove the pre-hook patch_model installed (found by its type: a deep copy of the model holds
+    a copy of it)."""
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if isinstance(hook, BatchShape):
+            del model._forward_pre_hooks[key]
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def unpatch_model(model: nn.Module, merge_hypothesis: int | None = None) -> nn.Module:
@@ -166,6 +187,7 @@ def unpatch_model(model: nn.Module, merge_hypothesis: int | None = None) -> nn.M
     for name, module in modules:
         replacement = module.base_layer if merge_hypothesis is None else module.merge(merge_hypothesis)
         _set_submodule(model, name, replacement)
+    _remove_batch_shape_hooks(model)
     config = getattr(model, "loramcl_config", None)
     if isinstance(config, MultiLoRAConfig):
         for n, p in model.named_parameters():

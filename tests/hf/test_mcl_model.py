@@ -172,10 +172,10 @@ def test_mode_follows_what_is_given_and_ignored_arguments_are_refused():
 
 
 @pytest.mark.parametrize("name,value", [("final_logit_softcapping", 30.0), ("logit_scale", 0.0625),
-                                        ("logits_scaling", 8.0)])
+                                        ("logits_scaling", 8.0), ("lm_head_multiplier", 0.5)])
 def test_models_that_transform_their_logits_are_refused(name, value):
-    """Gemma 2 soft-caps its logits, Cohere and Granite scale them: the fused loss, which reads the
-    lm_head weight, would compute another loss, so MCLModel says so instead."""
+    """Gemma 2 soft-caps its logits, Cohere, Granite and Falcon-H1 scale them: the fused loss, which
+    reads the lm_head weight, would compute another loss, so MCLModel says so instead."""
     model = _patched()
     ids, labels = _data()
     setattr(model.config, name, value)
@@ -183,6 +183,31 @@ def test_models_that_transform_their_logits_are_refused(name, value):
         MCLModel(model)(input_ids=ids, labels=labels)
     setattr(model.config, name, None if name == "final_logit_softcapping" else 1.0)  # no transform
     assert torch.isfinite(MCLModel(model)(input_ids=ids, labels=labels).loss)
+
+
+def test_an_lm_head_with_a_forward_of_its_own_is_refused():
+    """An lm_head that is an nn.Linear subclass computing more than x W^T + b (a learned logit scale,
+    as some models have) is not what the fused loss computes from its weight: refused, plain
+    nn.Linear subclasses that keep Linear's forward pass."""
+
+    class ScaledHead(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    class RenamedHead(torch.nn.Linear):
+        pass
+
+    ids, labels = _data()
+    for cls, refused in ((ScaledHead, True), (RenamedHead, False)):
+        model = _patched()
+        head = model.lm_head
+        model.lm_head = cls(head.in_features, head.out_features, bias=False, dtype=head.weight.dtype)
+        model.lm_head.weight = head.weight
+        if refused:
+            with pytest.raises(ValueError, match="ScaledHead with a forward of its own"):
+                MCLModel(model)(input_ids=ids, labels=labels)
+        else:
+            assert torch.isfinite(MCLModel(model)(input_ids=ids, labels=labels).loss)
 
 
 def test_lora_on_the_lm_head_is_refused():

@@ -189,3 +189,86 @@ def test_torch_compile_changing_shapes_recompile_as_the_unpatched_model():
         frames[patched] = counter.frame_count
     assert frames[True] == frames[False]
     torch._dynamo.reset()
+
+
+def _tiny_opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    cfg = OPTConfig(vocab_size=VOCAB, hidden_size=32, word_embed_proj_dim=32, ffn_dim=40, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=64, dropout=0.0, pad_token_id=0)
+    return OPTForCausalLM(cfg).double().eval(), ["q_proj", "v_proj", "fc1", "fc2"]
+
+
+def _tiny_qwen2_moe():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, moe_intermediate_size=16,
+                         shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    return Qwen2MoeForCausalLM(cfg).eval(), None  # fp32: its experts' grouped GEMM has no fp64 on the CPU
+
+
+@pytest.mark.parametrize("arch", ["opt", "qwen2_moe"])
+@pytest.mark.parametrize("layout", ["batch_major", "hypothesis_major", "ids"])
+def test_layers_fed_flattened_token_rows(arch, layout):
+    """Models that flatten (N, T, d) activations to (N*T, d) token rows before a patched layer
+    (OPT's fc1 / fc2; Qwen2-MoE's shared expert, a default target): every token row is served by
+    its sequence's hypothesis, as the model with that hypothesis merged computes it."""
+    import copy
+
+    model, targets = (_tiny_opt if arch == "opt" else _tiny_qwen2_moe)()
+    model = patch_model(model, K, R, ALPHA, **({"target_modules": targets} if targets else {}),
+                        layout="batch_major" if layout == "ids" else layout)
+    assert any(".fc1" in n or "shared_expert.up_proj" in n for n, _ in multi_lora_modules(model))
+    randomize_lora(model)
+    ids = _batch(B=2, T=7)
+    if layout == "hypothesis_major":
+        rows, hyp_of_row = ids.repeat(K, 1), torch.arange(K).repeat_interleave(2)
+    else:
+        rows, hyp_of_row = ids.repeat_interleave(K, 0), torch.arange(2 * K) % K
+    attributes = {}
+    if layout == "ids":  # explicit ids, permuted and with a base-only row
+        hyp_of_row = torch.tensor([2, -1, 0, 1, 1, 2])
+        attributes = {"hypothesis_ids": hyp_of_row}
+    tol = dict(rtol=1e-9, atol=1e-9) if arch == "opt" else dict(rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), lora_attributes(model, **attributes):
+        out = model(input_ids=rows).logits
+    for k in range(-1, K):
+        if not (hyp_of_row == k).any():
+            continue
+        copy_k = copy.deepcopy(model)
+        merged = unpatch_model(copy_k) if k < 0 else unpatch_model(copy_k, merge_hypothesis=k)
+        assert not any(isinstance(h, type(model.model._forward_pre_hooks)) for h in merged._forward_pre_hooks.values())
+        with torch.no_grad():
+            want = merged(input_ids=rows[hyp_of_row == k]).logits
+        torch.testing.assert_close(out[hyp_of_row == k], want, **tol)
+
+
+def test_rows_that_are_neither_sequences_nor_tokens_are_refused():
+    """A patched layer fed a subset of the token rows (a routed MoE expert's share) cannot tell each
+    row's hypothesis: it raises instead of guessing; the model's own sequences and their tokens pass."""
+    from loramcl_kernels.modules import BatchShape, MultiLoRALinear
+
+    layer = MultiLoRALinear(torch.nn.Linear(8, 8), K, R, init_lora_weights=False)
+    layer.batch_shape = shape = BatchShape()
+    shape(None, (), {"input_ids": torch.zeros(2 * K, 5, dtype=torch.long)})  # what the model's pre-hook does
+    layer(torch.randn(2 * K, 5, 8))
+    layer(torch.randn(2 * K * 5, 8))
+    with pytest.raises(ValueError, match="neither the sequences nor their tokens"):
+        layer(torch.randn(4 * K, 8))
+    standalone = MultiLoRALinear(torch.nn.Linear(8, 8), K, R)  # no model: x's first dim is the batch
+    standalone(torch.randn(4 * K, 8))
+
+
+def test_a_tied_lm_head_as_target_is_refused():
+    """Qwen2 with tied embeddings: its lm_head's weight is the input embedding's, which HF re-ties,
+    resizes and saves as one tensor; patching it would break those, so patch_model refuses it."""
+    model = TINY_MODELS["qwen2"]()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="tied to another module's"):
+        patch_model(model, K, R, ALPHA, target_modules=["q_proj", "lm_head"])
+    assert not multi_lora_modules(model)  # nothing patched
+    untied = TINY_MODELS["llama"]()
+    assert len(multi_lora_modules(patch_model(untied, K, R, ALPHA, target_modules=["q_proj", "lm_head"]))) == 3

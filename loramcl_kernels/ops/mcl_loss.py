@@ -39,8 +39,10 @@ Design of the 'triton' backend
    (bf16/fp16 operands, fp32 accumulation and output) into one reused buffer of
    LOGITS_CHUNK_ELEMENTS elements (64 MiB by default: memory O(chunk x V_chunk), never rows x V);
    a Triton row kernel folds each chunk into a running fp32 (max, sum-exp) pair and picks up the
-   target logit; after the last vocab chunk it writes lse and nll at the position's slot of
-   (R*T,) arrays. Vocab chunks are the inner loop, so W is streamed once per row chunk. The
+   target logit; after the last vocab chunk it writes the lse and nll at the position's slot of
+   (R*T,) arrays, the lse as its two parts (max, log sum exp(z - max)) and nll = (max - z_target)
+   + log-sum: one fp32 lse = max + log-sum would carry half an ulp of |lse| into nll and into pass
+   2's softmax (large logits: 1e-5 at |lse| ~ 300, where PyTorch works from the row max). Vocab chunks are the inner loop, so W is streamed once per row chunk. The
    combination order is fixed: deterministic, no atomics.
    Or, fused (env LORAMCL_MCL_PASS1=fused; auto takes it for 16-bit operands on Hopper, where it
    measured faster, see _pass1_path): per row chunk the rows are gathered, then one persistent Triton GEMM (TMA
@@ -63,7 +65,7 @@ Design of the 'triton' backend
    compacted again and a row whose w underflowed to 0 contributes through c[r] = 0. Logits are
    recomputed per chunk (half pass 1's buffer: its fp32 logits, their operand-dtype copy and the
    fp32 d hidden rows are the backward's peak memory) with cuBLAS, a Triton row kernel turns them
-   into c * (exp(z - lse) - onehot) (in the operand dtype for the next GEMM, and in fp32 when
+   into c * (exp((z - max) - log-sum) - onehot) (in the operand dtype for the next GEMM, and in fp32 when
    lm_head grads are needed),
    then cuBLAS gives d hidden (accumulated in fp32 over vocab chunks, by an fp32-output addmm
    where torch has one) and, when lm_head requires grad, d W (fp32 GEMM into an fp32
@@ -264,8 +266,8 @@ def _mcl_loss_forward_reference(
     w = weight.to(cdt)
     b = bias.to(cdt) if bias is not None else None
     h2 = hidden.reshape(R * T, H)
-    lse_sup = torch.empty(positions.numel(), dtype=cdt, device=hidden.device)
-    tgt_logit = torch.empty_like(lse_sup)
+    max_sup = torch.empty(positions.numel(), dtype=cdt, device=hidden.device)
+    logsum_sup, tgt_logit = torch.empty_like(max_sup), torch.empty_like(max_sup)
     one_pass = keep_nll_grad and _soft_backward_path() == "one_pass"
     nll_grad = hidden.new_empty(positions.numel() if one_pass else 0, H)
     step = _reference_rows_per_chunk(V)
@@ -274,17 +276,20 @@ def _mcl_loss_forward_reference(
         z = h2.index_select(0, pos).to(cdt) @ w.t()
         if b is not None:
             z = z + b
-        lse_sup[i0 : i0 + step] = torch.logsumexp(z, dim=1)
+        row_max = z.max(1).values
+        max_sup[i0 : i0 + step] = row_max
+        logsum_sup[i0 : i0 + step] = torch.log(torch.exp(z - row_max[:, None]).sum(1))
         tgt = targets[pos].unsqueeze(1)
         tgt_logit[i0 : i0 + step] = z.gather(1, tgt).squeeze(1)
         if one_pass:  # (softmax - onehot) W per row, p_target - 1 = -(sum of the other p)
             p_other = torch.softmax(z, dim=1).scatter_(1, tgt, 0.0)
             nll_grad[i0 : i0 + step] = p_other @ w - p_other.sum(1, keepdim=True) * w[tgt.squeeze(1)]
 
-    position_lse = torch.zeros(R * T, dtype=cdt, device=hidden.device)
-    position_lse.index_copy_(0, positions, lse_sup)
+    position_lse = torch.zeros(2, R * T, dtype=cdt, device=hidden.device)  # (max, log-sum) per position
+    position_lse[0].index_copy_(0, positions, max_sup)
+    position_lse[1].index_copy_(0, positions, logsum_sup)
     nll_pos = torch.zeros(R * T, dtype=cdt, device=hidden.device)
-    nll_pos.index_copy_(0, positions, lse_sup - tgt_logit)
+    nll_pos.index_copy_(0, positions, (max_sup - tgt_logit) + logsum_sup)
     row_count = supervised.view(R, T).sum(1).to(torch.int32)
     per_row = nll_pos.view(R, T).sum(1)
     if sequence_reduction == "mean":
@@ -331,7 +336,7 @@ def _mcl_loss_backward_reference(
         z = rows @ w.t()
         if b is not None:
             z = z + b
-        g = torch.exp(z - position_lse[pos].to(cdt).unsqueeze(1))
+        g = torch.exp((z - position_lse[0, pos].to(cdt).unsqueeze(1)) - position_lse[1, pos].to(cdt).unsqueeze(1))
         g[torch.arange(pos.numel(), device=g.device), targets[pos]] -= 1.0
         g = g * coef[pos // T].unsqueeze(1)
         grad_h.index_copy_(0, pos, g @ w)
@@ -381,7 +386,8 @@ def _row_counts_kernel(
     labels_ptr,  # (B, T) or (R, T) integer labels, any strides
     row_count_ptr,  # (R,) int32 out: supervised positions of each hidden row
     row_bad_ptr,  # (R,) int32 out: their labels outside [0, V) (shared labels: on k = 0 rows only)
-    position_lse_ptr,  # (R*T,) fp32 out: zeroed (pass 1 fills the supervised positions)
+    position_max_ptr,  # (R*T,) fp32 out: zeroed (pass 1 fills the supervised positions)
+    position_logsum_ptr,  # (R*T,) fp32 out: zeroed
     position_nll_ptr,  # (R*T,) fp32 out: zeroed
     T, K, B, V, stride_label_row, stride_label_t, ignore_index,
     SHARED_LABELS: tl.constexpr,
@@ -402,7 +408,8 @@ def _row_counts_kernel(
         is_supervised = (target != ignore_index) & (ts < T)
         supervised += is_supervised.to(tl.int32)
         bad += (is_supervised & ((target < 0) | (target >= V))).to(tl.int32)
-        tl.store(position_lse_ptr + row_start + ts, 0.0, mask=ts < T)
+        tl.store(position_max_ptr + row_start + ts, 0.0, mask=ts < T)
+        tl.store(position_logsum_ptr + row_start + ts, 0.0, mask=ts < T)
         tl.store(position_nll_ptr + row_start + ts, 0.0, mask=ts < T)
     tl.store(row_count_ptr + r, tl.sum(supervised, 0))
     n_bad = tl.sum(bad, 0)
@@ -499,7 +506,8 @@ def _lse_chunk_kernel(
     max_ptr,  # (rows,) fp32 running max over the vocab chunks seen so far
     sumexp_ptr,  # (rows,) fp32 running sum of exp(z - max)
     target_logit_ptr,  # (rows,) fp32 running target logit (one chunk contributes)
-    position_lse_ptr,  # (R*T,) fp32 lse per position, written after the last chunk
+    position_max_ptr,  # (R*T,) fp32 row max per position, written after the last chunk
+    position_logsum_ptr,  # (R*T,) fp32 log sum exp(z - max) per position, written after the last chunk
     position_nll_ptr,  # (R*T,) fp32 nll per position, written after the last chunk
     p_ptr,  # KEEP_P: (rows, n_cols) out, exp(z - new max) in the GEMM operand dtype, 0 at the target;
     # it lives in the logits' own memory: row r at p_ptr + r * p_stride_row, column c over the
@@ -564,10 +572,13 @@ def _lse_chunk_kernel(
         tl.store(sum_nt_ptr + row, tl.load(sum_nt_ptr + row) * alpha + tl.sum(p_sum, 0))
 
     if IS_LAST:
-        lse = new_max + tl.log(new_sum)
+        # the lse kept as (max, log-sum), nll = (max - z_target) + log-sum: both parts exact-ish where
+        # one fp32 lse = max + log-sum would lose half an ulp of |lse| (large logits)
+        log_sum = tl.log(new_sum)
         position = tl.load(position_ptr + row)
-        tl.store(position_lse_ptr + position, lse)
-        tl.store(position_nll_ptr + position, lse - target_logit)
+        tl.store(position_max_ptr + position, new_max)
+        tl.store(position_logsum_ptr + position, log_sum)
+        tl.store(position_nll_ptr + position, (new_max - target_logit) + log_sum)
     if KEEP_P or not IS_LAST:
         tl.store(max_ptr + row, new_max)
         tl.store(sumexp_ptr + row, new_sum)
@@ -642,7 +653,8 @@ def _grad_logits_chunk_kernel(
     bias_ptr,
     target_ptr,  # (rows,) int64 target of each row
     position_ptr,  # (rows,) int64 flat position r*T + t of each row
-    position_lse_ptr,  # (R*T,) fp32 lse per position (pass 1)
+    position_max_ptr,  # (R*T,) fp32 row max per position (pass 1)
+    position_logsum_ptr,  # (R*T,) fp32 log sum exp(z - max) per position (pass 1)
     grad_ptr,  # () d loss
     weights_ptr,  # (K, B) fp32 weights
     row_count_ptr,  # (R,) int32 supervised positions per row
@@ -657,16 +669,17 @@ def _grad_logits_chunk_kernel(
     MEAN: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """One program per row: g = c[r] * (exp(z - lse) - onehot(target)) over one vocab chunk."""
+    """One program per row: g = c[r] * (exp((z - max) - log-sum) - onehot(target)) over one vocab chunk."""
     row = tl.program_id(0)
     offset = row.to(tl.int64) * stride_row
     target_col = tl.load(target_ptr + row) - v_start
     position = tl.load(position_ptr + row)
-    lse = tl.load(position_lse_ptr + position)
+    row_max = tl.load(position_max_ptr + position)
+    log_sum = tl.load(position_logsum_ptr + position)
     coef = _row_coefficient(position // T, grad_ptr, weights_ptr, row_count_ptr, K, B, BATCH_MAJOR, MEAN)
     for c0 in range(0, n_cols, BLOCK_V):
         z, cols, in_range = _load_logits(logits_ptr + offset, bias_ptr, v_start, c0, n_cols, BLOCK_V, HAS_BIAS)
-        g = coef * (tl.exp(z - lse) - tl.where(cols == target_col, 1.0, 0.0))
+        g = coef * (tl.exp((z - row_max) - log_sum) - tl.where(cols == target_col, 1.0, 0.0))
         if STORE_FP32:
             tl.store(logits_ptr + offset + cols, g, mask=in_range)
         if STORE_LOWP:
@@ -758,7 +771,8 @@ def _logits_lse_tiles_kernel(
 def _combine_lse_tiles_kernel(
     part_ptr,  # (3, n, NUM_PN) fp32 from _logits_lse_tiles_kernel
     position_ptr,  # (n,) int64 flat position r*T + t of each row
-    position_lse_ptr,  # (R*T,) fp32 out: lse per position
+    position_max_ptr,  # (R*T,) fp32 out: row max per position
+    position_logsum_ptr,  # (R*T,) fp32 out: log sum exp(z - max) per position
     position_nll_ptr,  # (R*T,) fp32 out: nll per position
     n,
     NUM_PN,
@@ -783,10 +797,11 @@ def _combine_lse_tiles_kernel(
         new_max = tl.maximum(row_max, tl.max(tile_max, 1))
         row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tile_sum * tl.exp(tile_max - new_max[:, None]), 1)
         row_max = new_max
-    lse = row_max + tl.log(tl.where(mask_r, row_sum, 1.0))
+    log_sum = tl.log(tl.where(mask_r, row_sum, 1.0))
     position = tl.load(position_ptr + offs_r, mask=mask_r, other=0)
-    tl.store(position_lse_ptr + position, lse, mask=mask_r)
-    tl.store(position_nll_ptr + position, lse - row_target, mask=mask_r)
+    tl.store(position_max_ptr + position, row_max, mask=mask_r)
+    tl.store(position_logsum_ptr + position, log_sum, mask=mask_r)
+    tl.store(position_nll_ptr + position, (row_max - row_target) + log_sum, mask=mask_r)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -916,7 +931,7 @@ def _pass1_fused(h2, positions, targets, w, bias, position_lse, position_nll):
         )
         block_r = 16
         launch(_combine_lse_tiles_kernel, (cdiv(nr, block_r),),
-            part, pos, position_lse, position_nll, nr, num_pn, nr * num_pn,
+            part, pos, position_lse[0], position_lse[1], position_nll, nr, num_pn, nr * num_pn,
             BLOCK_R=block_r, BLOCK_P=32 if device.type == "cpu" else 128,
         )
 
@@ -936,7 +951,7 @@ def _supervised_positions(labels, R, T, K, layout, shift_labels, ignore_index, r
     -> positions (R*T,) int64 flat positions r*T + t, targets (R*T,) int64 their targets (the first
     n entries of both hold them; the rest is unused) and counts (2,) int64 (n, bad labels).
     Forward (V and the position arrays given): also fills row_count (R,) int32, counts the labels
-    outside [0, V) and zeroes position_lse / position_nll (R*T,). Else row_count is the forward's;
+    outside [0, V) and zeroes position_lse (2, R*T) and position_nll (R*T,). Else row_count is the forward's;
     with weights (K, B) only the rows whose weight is non-zero count (pass 2 of hard weights).
     """
     device = labels.device
@@ -951,7 +966,7 @@ def _supervised_positions(labels, R, T, K, layout, shift_labels, ignore_index, r
     row_bad = torch.empty(R, dtype=torch.int32, device=device) if forward else row_count
     if forward:
         launch(_row_counts_kernel, (R,),
-            labels, row_count, row_bad, position_lse, position_nll, *shape_args, V, *label_reads,
+            labels, row_count, row_bad, position_lse[0], position_lse[1], position_nll, *shape_args, V, *label_reads,
             **layout_flags, BLOCK_T=block_t,
         )
     launch(_compact_positions_kernel, (R,),
@@ -973,7 +988,8 @@ def _mcl_loss_forward_triton(
     B = R // K
     device = hidden.device
     row_count = torch.empty(R, dtype=torch.int32, device=device)
-    position_lse = torch.empty(R * T, dtype=torch.float32, device=device)  # zeroed by the kernel below
+    # the log-sum-exp of each position as (max, log-sum): zeroed by the kernel below
+    position_lse = torch.empty(2, R * T, dtype=torch.float32, device=device)
     position_nll = torch.empty(R * T, dtype=torch.float32, device=device)
     positions, targets, counts = _supervised_positions(
         labels, R, T, K, layout, shift_labels, ignore_index, row_count, V=V,
@@ -1051,7 +1067,8 @@ def _pass1_chunked(h2, positions, targets, w, bias, position_lse, position_nll, 
             p = logits.view(h2.dtype)[:, :nc] if keep_p else logits
             launch(_lse_chunk_kernel, (nr,),
                 logits, bias if has_bias else logits, tgt, pos, run_max, run_sum, tgt_logit,
-                position_lse, position_nll, p, alpha if keep_p else run_max, sum_nt if keep_p else run_max,
+                position_lse[0], position_lse[1], position_nll, p, alpha if keep_p else run_max,
+                sum_nt if keep_p else run_max,
                 nc, v0, nc, p.stride(0), HAS_BIAS=has_bias, IS_LAST=v0 + nc >= V, KEEP_P=keep_p,
                 BLOCK_V=block_v, num_warps=warps,
             )
@@ -1142,7 +1159,8 @@ def _mcl_loss_backward_triton(
                 _mm_fp32_into(logits, rows, w_chunk.t())
                 grad_lowp = buffer_lowp[: nr * nc].view(nr, nc) if lowp else logits
                 launch(_grad_logits_chunk_kernel, (nr,),
-                    logits, grad_lowp, bias if has_bias else logits, tgt, pos, position_lse, *coefficient_args,
+                    logits, grad_lowp, bias if has_bias else logits, tgt, pos, position_lse[0], position_lse[1],
+                    *coefficient_args,
                     nc, v0, nc, T, K, R // K, HAS_BIAS=has_bias, STORE_FP32=store_fp32, STORE_LOWP=lowp,
                     **coefficient_flags, BLOCK_V=block_v, num_warps=warps,
                 )
@@ -1200,7 +1218,7 @@ def _mcl_loss_forward_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
-    """-> loss (), nll (K,B), winners (B,), weights (K,B), position_lse (R*T,), row_count (R,),
+    """-> loss (), nll (K,B), winners (B,), weights (K,B), position_lse (2, R*T): (max, log-sum), row_count (R,),
     pass1_rows () int64 on the CPU (number of supervised positions), nll_grad (n, H): with
     keep_nll_grad and the one-pass soft backward, (softmax - onehot) W of pass 1's n supervised
     positions in their compaction order, else (0, H). temperature: a () float64 CPU tensor (a
@@ -1226,7 +1244,7 @@ def _(hidden, weight, bias, labels, num_hypotheses, layout, mode, epsilon, tempe
         hidden.new_empty((K, B), dtype=sdt),
         hidden.new_empty((B,), dtype=torch.int64),
         hidden.new_empty((K, B), dtype=sdt),
-        hidden.new_empty((R * T,), dtype=sdt),
+        hidden.new_empty((2, R * T), dtype=sdt),
         hidden.new_empty((R,), dtype=torch.int32),
         torch.empty((), dtype=torch.int64, device="cpu"),
         hidden.new_empty((n_grad_rows, H)),

@@ -10,7 +10,7 @@ import torch
 from loramcl_kernels import _backend
 from loramcl_kernels.ops import multi_lora_linear as mll
 from loramcl_kernels.ops.multi_lora_linear import multi_lora_linear
-from tests.utils import HAS_CUDA, TRITON_DEVICE, ZerosRecorder, assert_within_budget, requires_cuda
+from tests.utils import TRITON_DEVICE, ZerosRecorder, assert_within_budget, requires_cuda
 
 
 def hypotheses_of_rows(n, num_hyp, layout="batch_major", inner=1, ids=None):

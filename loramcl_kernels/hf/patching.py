@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -116,6 +117,14 @@ def patch_model(
             f"no module of {type(model).__name__} matches target_modules={target_modules!r}; "
             f"linear modules it has include {some}"
         )
+    if target_modules == DEFAULT_TARGET_MODULES:  # the official targets: say which this model lacks
+        missing = [t for t in target_modules if not any(_name_matches(n, (t,)) for n, _ in matches)]
+        if missing:
+            suffixes = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if supported_base_layer(m)})
+            warnings.warn(
+                f"the default target_modules {missing} match no module of {type(model).__name__} (fused projections, "
+                f"or other names), so only {sorted(set(target_modules) - set(missing))} get adapters; its linear "
+                f"layers are named {suffixes[:12]}: pass target_modules to choose", stacklevel=2)
     unsupported = [f"{n} ({type(m).__name__})" for n, m in matches if not supported_base_layer(m)]
     if unsupported:
         raise TypeError(

@@ -272,3 +272,24 @@ def test_a_tied_lm_head_as_target_is_refused():
     assert not multi_lora_modules(model)  # nothing patched
     untied = TINY_MODELS["llama"]()
     assert len(multi_lora_modules(patch_model(untied, K, R, ALPHA, target_modules=["q_proj", "lm_head"]))) == 3
+
+
+def test_default_targets_that_a_model_lacks_are_named():
+    """Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj: with the default targets only
+    down_proj would get adapters. patch_model warns and names the missing targets and the model's
+    linear layers; a model that has all five (Llama) patches without a warning."""
+    import warnings
+
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    phi3 = Phi3ForCausalLM(Phi3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                                      pad_token_id=0))
+    with pytest.warns(UserWarning, match=r"\['q_proj', 'k_proj', 'v_proj', 'up_proj'\] match no module of "
+                                         r"Phi3ForCausalLM.*only \['down_proj'\].*gate_up_proj.*qkv_proj"):
+        patch_model(phi3, K, R, ALPHA)
+    assert [n.rpartition(".")[2] for n, _ in multi_lora_modules(phi3)] == ["down_proj"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch_model(tiny_llama(layers=1), K, R, ALPHA)

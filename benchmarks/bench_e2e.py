@@ -139,15 +139,14 @@ def bench_layers(shape, layers, device, dtype, cuda, warmup, reps, graphs=False,
             module.lora_B.normal_(0, 0.02)
         adapters[name] = (module.lora_A.detach().clone(), module.lora_B.detach().clone())
     mcl = MCLModel(model)
-    ours = [run_variant("ours", model, lambda: mcl(input_ids=input_ids, labels=labels, mode="wta").loss,
-                        [p for p in model.parameters() if p.requires_grad], warmup, reps)]
+    lora_params = [p for p in model.parameters() if p.requires_grad]
+    ours_loss = lambda: mcl(input_ids=input_ids, labels=labels, mode="wta").loss  # noqa: E731
+    ours = [run_variant("ours", model, ours_loss, lora_params, warmup, reps)]
     if checkpointing:
         _reset_adapters(model, adapters)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # HF checkpoints in training mode only; the config has no dropout
-        ours.append(run_variant("ours-checkpointed", model,
-                                lambda: mcl(input_ids=input_ids, labels=labels, mode="wta").loss,
-                                [p for p in model.parameters() if p.requires_grad], warmup, reps))
+        ours.append(run_variant("ours-checkpointed", model, ours_loss, lora_params, warmup, reps))
         model.gradient_checkpointing_disable()
         model.eval()
     if graphs:
@@ -161,7 +160,7 @@ def bench_layers(shape, layers, device, dtype, cuda, warmup, reps, graphs=False,
         try:  # a failed compile is recorded; the other variants' rows stay
             row = run_variant("ours-compiled", model,
                               lambda: mcl_compiled(input_ids=input_ids, labels=labels, mode="wta").loss,
-                              [p for p in model.parameters() if p.requires_grad], warmup, reps, setup_steps=3)
+                              lora_params, warmup, reps, setup_steps=3)
             ours.append({**row, "cudagraph_skips": counters["inductor"]["cudagraph_skips"]})
         except Exception as exc:
             ours.append({"impl": "ours-compiled", "error": common.error_chain(exc)})

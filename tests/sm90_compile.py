@@ -26,7 +26,7 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-H100_SHARED_BYTES = 232448  # the most dynamic shared memory one block may use on sm_90
+from loramcl_kernels.ops._triton_utils import H100_SHARED_MEMORY as H100_SHARED_BYTES  # noqa: E402
 # per target: (SMs, shared memory one block may use) of a GPU of that kind
 ARCHS = {90: (132, H100_SHARED_BYTES), 80: (108, 166912), 86: (84, 101376)}
 ARCH = int(sys.argv[sys.argv.index("--arch") + 1]) if "--arch" in sys.argv else 90

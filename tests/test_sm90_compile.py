@@ -10,10 +10,11 @@ import pytest
 import torch
 import triton
 
+from loramcl_kernels.ops._triton_utils import H100_SHARED_MEMORY as H100_SHARED_BYTES
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "tests", "sm90_compile.py")
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-H100_SHARED_BYTES = 232448  # as in tests/sm90_compile.py
 KERNELS = {
     "_shrink_kernel", "_gemm_expand_kernel", "_decode_partial_kernel", "_decode_finish_kernel",  # multi_lora_linear
     "_dropout_rows_kernel",

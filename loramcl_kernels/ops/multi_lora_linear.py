@@ -882,12 +882,22 @@ def _a_as_expand(lora_A: Tensor):
     return lora_A, (lora_A.stride(0), lora_A.stride(2), lora_A.stride(1))
 
 
+# GPU tiles of the decode kernels: at most this many rows per block, this many output columns
+DECODE_GPU_MAX_BM, DECODE_GPU_BN = 64, 64
+
+
+def _decode_expand_columns(num_hyp: int, r: int) -> int:
+    """BC of the decode finish kernel: the K*r shrink columns padded to a power of two (>= 16)."""
+    return max(16, _next_pow2(num_hyp * r))
+
+
 def _decode_applies(x: Tensor, weight: Optional[Tensor], lora_A: Tensor) -> bool:
     """Few rows, K*r <= 256 shrink columns, W read along d_in, and room in shared memory for the
-    finish kernel's expand operands, up to (64 rows + 64 outputs) x the padded K*r columns: fp32 at
-    K*r > 128 needs 128 KB, more than the 99 KB cards allow (else the cublas path)."""
+    finish kernel's expand operands, up to (BM rows + BN outputs) x BC columns: fp32 at K*r > 128
+    needs 128 KB, more than the 99 KB cards allow (else the cublas path)."""
     num_hyp, r, _ = lora_A.shape
-    expand_operand_bytes = (64 + 64) * max(16, _next_pow2(num_hyp * r)) * x.element_size()
+    expand_operand_bytes = ((DECODE_GPU_MAX_BM + DECODE_GPU_BN) * _decode_expand_columns(num_hyp, r)
+                            * x.element_size())
     return (x.shape[0] <= DECODE_MAX_ROWS and num_hyp * r <= 256
             and (weight is None or weight.stride(1) == 1 or weight.shape[1] == 1)
             and expand_operand_bytes <= _shared_memory_budget(x.device))
@@ -901,10 +911,10 @@ def _decode_config(m: int, d: int, columns: int, element_size: int, on_cpu: bool
     that about two programs per SM stream W (d = 4096, 65 column tiles, 132 SMs: 5 splits of 896).
     CPU (the interpreter, tests): small tiles and splits of 2 BK, so that tests cover several.
     """
-    block_m = max(16, min(64, _next_pow2(m)))
+    block_m = max(16, min(DECODE_GPU_MAX_BM, _next_pow2(m)))
     if on_cpu:
         return block_m, 16, 32, 64
-    block_n, block_k = 64, 256 // element_size
+    block_n, block_k = DECODE_GPU_BN, 256 // element_size
     programs = cdiv(m, block_m) * cdiv(columns, block_n)
     splits = max(1, min(cdiv(d, 2 * block_k), cdiv(2 * _device_facts(torch.device("cuda"))[0], programs)))
     return block_m, block_n, block_k, cdiv(cdiv(d, splits), block_k) * block_k
@@ -943,7 +953,7 @@ def _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row
         hypothesis_ids if hypothesis_ids is not None else x, out, shrink_bd,
         m, n, num_hyp, row_div, splits, w_tiles * block_n,
         workspace.stride(0), workspace.stride(1), out.stride(0), shrink_bd.stride(0),
-        R=r, BM=block_m, BN=block_n, BC=max(16, _next_pow2(num_hyp * r)), HAS_BASE=has_base,
+        R=r, BM=block_m, BN=block_n, BC=_decode_expand_columns(num_hyp, r), HAS_BASE=has_base,
         HAS_BIAS=bias is not None, HAS_IDS=hypothesis_ids is not None, DOT_PRECISION=_DOT_PRECISION,
         num_warps=4, num_stages=1,
     )

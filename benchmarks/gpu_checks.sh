@@ -3,8 +3,8 @@
 # (the device tool's output folder) or ./results. Steps: env smoke tests bench profile host e2e
 # decode bench_loss profile_loss sweep (STEPS chooses; default env smoke tests bench). smoke runs both ops once and, should
 # launch() fail on this machine's Triton, sends every later step's launches through Triton's JIT.
-# PYTEST_ARGS and PYTEST_K (pytest's -k) select tests; E2E_ARGS goes to bench_e2e.py (--graphs, --checkpointing). Each step has its own time limit so a slow
-# one cannot eat the rest.
+# PYTEST_ARGS and PYTEST_K (pytest's -k) select tests (PYTEST_ARGS="tests -v -n 8": pytest-xdist, on the GPU image); E2E_ARGS goes to bench_e2e.py (--graphs, --checkpointing). Each step has its own time limit so a slow
+# one cannot eat the rest (TESTS_TIMEOUT, BENCH_TIMEOUT, SWEEP_TIMEOUT).
 set -uo pipefail
 OUT=${OUT:-results}
 mkdir -p "$OUT"
@@ -53,8 +53,8 @@ for step in $STEPS; do
     decode)
       timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_decode.py --out "$OUT/decode.json" 2>&1 | tee "$OUT/bench_decode.log" ;;
     sweep)
-      timeout 120 python3 benchmarks/sweep_decode.py 2>&1 | tee "$OUT/sweep_decode.log"
-      timeout 120 python3 benchmarks/sweep_mcl_pass1.py 2>&1 | tee "$OUT/sweep_mcl_pass1.log" ;;
+      timeout "${SWEEP_TIMEOUT:-120}" python3 benchmarks/sweep_decode.py 2>&1 | tee "$OUT/sweep_decode.log"
+      timeout "${SWEEP_TIMEOUT:-120}" python3 benchmarks/sweep_mcl_pass1.py 2>&1 | tee "$OUT/sweep_mcl_pass1.log" ;;
     profile_loss)
       timeout 150 python3 benchmarks/profile_mcl_loss.py 2>&1 | tee "$OUT/profile_mcl_loss.log" ;;
     bench_loss)

@@ -8,19 +8,16 @@ same tiles in the same order; the last column shows whether they do); another BN
 the rounding at the ulp level, results that differ from the previous version's. _fused_config in ops/mcl_loss.py should take its
 tiles from such a run. "auto" is the configuration _fused_config picks.
 """
+import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_mcl_loss import GPU_REGIMES, IGNORE, make_inputs  # noqa: E402
+from benchmarks.bench_mcl_loss import CPU_REGIMES, GPU_REGIMES, IGNORE, make_inputs  # noqa: E402
 from benchmarks.common import time_ms  # noqa: E402
 from loramcl_kernels.ops import mcl_loss as mcl  # noqa: E402
-
-if not torch.cuda.is_available():
-    print("no GPU: nothing to sweep")
-    sys.exit(0)
 
 # (BM, BN, BK, GM, num_warps, num_stages); shared memory per stage (BM + BN) * BK * 2 bytes
 CONFIGS = [
@@ -28,39 +25,56 @@ CONFIGS = [
     (128, 128, 64, 16, 8, 4), (256, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 5),
     (128, 256, 64, 8, 8, 3), (128, 128, 128, 8, 8, 3),
 ]
-auto_config = mcl._fused_config
-print(f"mcl_loss pass 1, fused, bf16, {torch.cuda.get_device_name()}")
-for name, K, B, T, n_sup, H, V in GPU_REGIMES:
-    hidden, weight, labels = make_inputs(K, B, T, n_sup, H, V, "cuda", torch.bfloat16)
-    R = B * K
-    row_count = torch.empty(R, dtype=torch.int32, device="cuda")
-    lse, nll = (torch.empty(R * T, device="cuda") for _ in range(2))
-    positions, targets, counts = mcl._supervised_positions(
-        labels, R, T, K, "batch_major", True, IGNORE, row_count, V=V, position_lse=lse, position_nll=nll)
-    n = int(counts[0])
-    args = (hidden.detach().reshape(R * T, H), positions[:n], targets[:n], weight, None, lse, nll)
-    flop = 2 * n * H * V
-    print(f"\n{name}: n = {n} supervised rows (all K), H = {H}, V = {V}")
-    print("| BM | BN | BK | GM | warps | stages | ms | TFLOP/s | max abs lse diff vs auto |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    mcl._fused_config = auto_config
-    mcl._pass1_fused(*args)
-    auto_lse = lse[positions[:n]].clone()
-    for config in [None, *CONFIGS]:
-        if config is None:
-            mcl._fused_config = auto_config
-            c = auto_config(hidden.device, hidden.dtype)
-            label = "auto: " + " | ".join(str(c[k]) for k in ("BM", "BN", "BK", "GM", "num_warps", "num_stages"))
-        else:
-            bm, bn, bk, gm, warps, stages = config
-            mcl._fused_config = lambda device, dtype, c=dict(BM=bm, BN=bn, BK=bk, GM=gm, num_warps=warps,  # noqa: E731
-                                                             num_stages=stages): c
-            label = " | ".join(map(str, config))
-        try:
-            ms = time_ms(lambda: mcl._pass1_fused(*args))  # noqa: B023
-            diff = (lse[positions[:n]] - auto_lse).abs().max().item()
-            print(f"| {label} | {ms:.3f} | {flop / ms / 1e9:.0f} | {diff:.2e} |")
-        except Exception as exc:  # noqa: BLE001 - a configuration that does not fit is a row too
-            print(f"| {label} | error: {str(exc)[:100]} | | |")
-        finally:
-            mcl._fused_config = auto_config
+# --smoke (CPU, TRITON_INTERPRET=1): the interpreter's tiles, fp32, the CPU regimes: checks the script
+SMOKE_CONFIGS = [(16, 32, 32, 4, 4, 1), (32, 32, 16, 2, 4, 1)]
+
+
+def sweep(regimes, configs, device, dtype):
+    auto_config = mcl._fused_config
+    for name, K, B, T, n_sup, H, V in regimes:
+        hidden, weight, labels = make_inputs(K, B, T, n_sup, H, V, device, dtype)
+        R = B * K
+        row_count = torch.empty(R, dtype=torch.int32, device=device)
+        lse = torch.empty(2, R * T, device=device)  # (max, log-sum) per position
+        nll = torch.empty(R * T, device=device)
+        positions, targets, counts = mcl._supervised_positions(
+            labels, R, T, K, "batch_major", True, IGNORE, row_count, V=V, position_lse=lse, position_nll=nll)
+        n = int(counts[0])
+        args = (hidden.detach().reshape(R * T, H), positions[:n], targets[:n], weight, None, lse, nll)
+        flop = 2 * n * H * V
+        print(f"\n{name}: n = {n} supervised rows (all K), H = {H}, V = {V}")
+        print("| BM | BN | BK | GM | warps | stages | ms | TFLOP/s | max abs lse diff vs auto |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        mcl._pass1_fused(*args)
+        auto_lse = lse[:, positions[:n]].sum(0)  # lse = max + log-sum
+        for config in [None, *configs]:
+            if config is None:
+                c = auto_config(hidden.device, hidden.dtype)
+                label = "auto: " + " | ".join(str(c[k]) for k in ("BM", "BN", "BK", "GM", "num_warps", "num_stages"))
+            else:
+                bm, bn, bk, gm, warps, stages = config
+                mcl._fused_config = lambda device, dtype, c=dict(BM=bm, BN=bn, BK=bk, GM=gm, num_warps=warps,  # noqa: E731
+                                                                 num_stages=stages): c
+                label = " | ".join(map(str, config))
+            try:
+                ms = time_ms(lambda: mcl._pass1_fused(*args))  # noqa: B023
+                diff = (lse[:, positions[:n]].sum(0) - auto_lse).abs().max().item()
+                print(f"| {label} | {ms:.3f} | {flop / ms / 1e9:.0f} | {diff:.2e} |")
+            except Exception as exc:  # noqa: BLE001 - a configuration that does not fit is a row too
+                print(f"| {label} | error: {str(exc)[:100]} | | |")
+            finally:
+                mcl._fused_config = auto_config
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU check of the script under TRITON_INTERPRET=1")
+    cli = parser.parse_args()
+    if cli.smoke:
+        print("mcl_loss pass 1, fused, fp32, CPU smoke run (Triton interpreter): times mean nothing")
+        sweep(CPU_REGIMES[:1], SMOKE_CONFIGS, "cpu", torch.float32)
+    elif not torch.cuda.is_available():
+        print("no GPU: nothing to sweep")
+    else:
+        print(f"mcl_loss pass 1, fused, bf16, {torch.cuda.get_device_name()}")
+        sweep(GPU_REGIMES, CONFIGS, "cuda", torch.bfloat16)

@@ -136,6 +136,39 @@ def test_gpu_only_scripts_say_so_and_exit_0_without_a_gpu(script, says):
     assert proc.stdout.strip().splitlines()[-1] == says
 
 
+def _table_rows(stdout):
+    return [[c.strip() for c in line.strip("|").split("|")] for line in stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| K |") and not line.startswith("| BM |")]
+
+
+def test_the_mcl_pass1_sweep_runs_its_configurations_on_the_cpu():
+    """sweep_mcl_pass1.py --smoke (interpreter): the automatic configuration and each swept one
+    time the fused pass 1 and give the same lse as it, to rounding (other BK: other order)."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "benchmarks", "sweep_mcl_pass1.py"), "--smoke"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = _table_rows(proc.stdout)
+    assert len(rows) == 3 and rows[0][0].startswith("auto:"), proc.stdout
+    for row in rows:
+        ms, diff = float(row[6]), float(row[8])
+        assert math.isfinite(ms) and ms > 0 and diff <= 1e-5, row
+
+
+def test_the_decode_sweep_runs_its_configurations_on_the_cpu():
+    """sweep_decode.py --smoke (interpreter): every (BN, splits) runs the decode path and matches
+    the cublas path's output."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "benchmarks", "sweep_decode.py"), "--smoke"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [row for row in _table_rows(proc.stdout) if row[3] != "base"]
+    assert len(rows) == 13, proc.stdout
+    for row in rows:
+        us, err = float(row[5]), float(row[6])
+        assert math.isfinite(us) and us > 0 and err <= 1e-4, row
+
+
 def test_a_run_stopped_by_timeout_keeps_its_rows(tmp_path):
     """`timeout` sends SIGTERM: the run prints its tables and writes the rows measured so far,
     marked incomplete (stopped here once the first table's rows are in the JSON)."""

@@ -24,12 +24,19 @@ generated tokens per second (B*K*N per call set), speedup against the first vari
 of (prompt, hypothesis) sequences whose tokens equal the first variant's (on the GPU a few may part
 after a near-tie: bf16 rounding differs between batch shapes, and PEFT keeps its adapters in fp32
 while ours are loaded in bf16, as one would for decoding; fp32 on the CPU: all), and whether the K
-hypotheses decoded differently at all (if not, agreeing would prove nothing).
+hypotheses decoded differently at all (if not, agreeing would prove nothing). Greedy decoding of
+a random-initialised model meets near-ties, where one flipped token makes every later one differ;
+so, for greedy decoding, the first variant's tokens are also fed back to each model in one forward
+(teacher forcing) and the fraction of positions whose argmax is that token is reported: for the
+model that decoded them (PEFT: its noise floor, below 1 only by near-ties between its cached and
+full forwards) and for ours with all K hypotheses in one batch (as high, if ours computes the
+same function; about 1/vocab per position if it does not).
 Without a GPU: a labelled CPU smoke run on a tiny config (fp32).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -44,7 +51,7 @@ from loramcl_kernels.hf import active_hypothesis, multi_lora_modules  # noqa: E4
 TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 GPU_SHAPE = dict(hidden=4096, ffn=11008, heads=32, vocab=32000, K=3, r=16, alpha=32, B=8, prompt=64, new_tokens=64)
 CPU_SHAPE = dict(hidden=64, ffn=128, heads=4, vocab=256, K=3, r=4, alpha=8, B=2, prompt=8, new_tokens=8)
-PAD = 0
+PAD, EOS = 0, 2
 
 
 def build_model(shape, layers, device, dtype):
@@ -53,7 +60,7 @@ def build_model(shape, layers, device, dtype):
     config = LlamaConfig(hidden_size=shape["hidden"], intermediate_size=shape["ffn"],
                          num_attention_heads=shape["heads"], num_key_value_heads=shape["heads"],
                          num_hidden_layers=layers, vocab_size=shape["vocab"], max_position_embeddings=4096,
-                         pad_token_id=PAD, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+                         pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS, tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config)
@@ -85,6 +92,24 @@ def peft_model_with_adapters(model, shape):
     return peft_model.eval()
 
 
+def teacher_forced_agreement(logits_of, prompt_ids, ids, batched):
+    """Fraction of the (B, K, N) generated `ids` that are the argmax of the logits of the prompt +
+    hypothesis-k sequences fed back in one forward: logits_of(k, (B, P + N) sequences) per k, or
+    (batched) logits_of(None, (B*K, P + N)) with row b*K + k under hypothesis k (batch-major)."""
+    B, K, N = ids.shape
+    P = prompt_ids.shape[1]
+    sequences = torch.cat([prompt_ids.cpu()[:, None].expand(B, K, P), ids], -1)  # (B, K, P + N)
+    with torch.no_grad():
+        if batched:
+            logits = logits_of(None, sequences.reshape(B * K, P + N)).view(B, K, P + N, -1)
+        else:
+            logits = torch.stack([logits_of(k, sequences[:, k]) for k in range(K)], 1)
+    logits = logits[:, :, P - 1:-1].float()
+    logits[..., EOS] = -math.inf  # min_new_tokens keeps generate from choosing it
+    predicted = logits.argmax(-1).cpu()
+    return (predicted == ids).float().mean().item()
+
+
 def run(shape, layers, beams, static, device, dtype, warmup, reps):
     K, B, P, N = shape["K"], shape["B"], shape["prompt"], shape["new_tokens"]
     model = build_model(shape, layers, device, dtype)
@@ -109,6 +134,7 @@ def run(shape, layers, beams, static, device, dtype, warmup, reps):
                      "B": B, "prompt": P, "new_tokens": N, "ms": ms, "ms_per_step": ms / N,
                      "tokens_per_s": B * K * N / (ms / 1e3), "speedup_vs_first": first[0] / ms,
                      "sequences_equal_to_first": (ids == first[1]).all(-1).float().mean().item(),
+                     "first_tokens_equal_to_first": (ids[..., 0] == first[1][..., 0]).float().mean().item(),
                      "hypotheses_differ": bool((ids != ids[:, :1]).any())})
 
     peft_model = peft_model_with_adapters(model, shape)
@@ -121,6 +147,14 @@ def run(shape, layers, beams, static, device, dtype, warmup, reps):
             return torch.stack(outs, 1)
 
         measure("peft-sequential", peft_sequential)
+
+        def peft_logits(k, sequences):
+            peft_model.set_adapter(f"lora{k}")
+            return peft_model(input_ids=sequences.to(device)).logits
+
+        if first and beams == 1:
+            rows[-1]["teacher_forced_agreement"] = teacher_forced_agreement(
+                peft_logits, inputs["input_ids"], first[1], batched=False)
         # the same adapters as K hypotheses (the PeftModel is consumed), in the base dtype for decoding
         model = from_peft(peft_model, adapter_dtype=dtype)
     else:
@@ -139,6 +173,13 @@ def run(shape, layers, beams, static, device, dtype, warmup, reps):
     measure("ours-batched", lambda: generate_hypotheses(model, inputs, **kw))
     if static:
         measure("ours-batched-static", lambda: generate_hypotheses(model, inputs, cache_implementation="static", **kw))
+    if first and beams == 1:
+        # the first variant's tokens through ours, all K hypotheses in one batch
+        agreement = teacher_forced_agreement(lambda k, sequences: model(input_ids=sequences.to(device)).logits,
+                                             inputs["input_ids"], first[1], batched=True)
+        for row in rows:
+            if row["impl"].startswith("ours") and "error" not in row:
+                row["teacher_forced_agreement"] = agreement
     return rows
 
 
@@ -158,13 +199,18 @@ def main(argv=None):
         print("No GPU: a labelled CPU smoke run on a tiny config (fp32); its times say nothing about the GPU.")
         shape, device, dtype, warmup, reps, layers = CPU_SHAPE, "cpu", torch.float32, 1, 1, args.layers or 2
     rows = run(shape, layers, args.beams, args.static, device, dtype, warmup, reps)
+    def fraction(row, key):
+        return f"{row[key]:.3f}" if row.get(key) is not None else "-"
+
     table = [[r["impl"], r["ms"], r["ms_per_step"], f"{r['tokens_per_s']:.0f}", r["speedup_vs_first"],
-              f"{r['sequences_equal_to_first']:.2f}"] if "error" not in r else [r["impl"], r["error"][:60], "", "", "", ""]
-             for r in rows]
+              fraction(r, "sequences_equal_to_first"), fraction(r, "first_tokens_equal_to_first"),
+              fraction(r, "teacher_forced_agreement")]
+             if "error" not in r else [r["impl"], r["error"][:60], "", "", "", "", "", ""] for r in rows]
     common.print_table(
         f"Decoding K={shape['K']} hypotheses of B={shape['B']} prompts ({shape['prompt']} tokens, {shape['new_tokens']} new, "
         f"beams {args.beams}; d={shape['hidden']}, {layers} layers, r={shape['r']}), on {card}",
-        ["impl", "ms (all K)", "ms per step", "tokens/s", "speedup vs first", "same tokens"], table)
+        ["impl", "ms (all K)", "ms per step", "tokens/s", "speedup vs first", "same tokens", "same first token",
+         "teacher-forced argmax = first's tokens"], table)
     common.write_json(rows, args.out, {**common.run_meta(), "shape": shape, "layers": layers})
     print(f"rows written to {args.out}")
     return 0 if rows and all("error" not in r for r in rows) else 1

@@ -34,5 +34,7 @@ def test_decode_smoke_run_variants_agree(tmp_path, beams):
         assert row["beams"] == beams and row["new_tokens"] == N
         assert math.isfinite(row["ms"]) and row["ms"] > 0
         assert row["tokens_per_s"] == pytest.approx(B * K * N / (row["ms"] / 1e3))
-        assert row["sequences_equal_to_first"] == 1.0
+        assert row["sequences_equal_to_first"] == 1.0 and row["first_tokens_equal_to_first"] == 1.0
+        # greedy: the first variant's tokens fed back are each model's argmax (fp32, no near-ties here)
+        assert row.get("teacher_forced_agreement") == (1.0 if beams == 1 else None)
         assert row["hypotheses_differ"]  # the K adapters decode differently: agreeing is not vacuous

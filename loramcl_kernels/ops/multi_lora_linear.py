@@ -138,7 +138,7 @@ def _lora_weight_grads(grad_shrink_bd, shrink_bd, x, grad_y, scaling, lora_A, lo
     """
     num_hyp, r, d_in = lora_A.shape
     grad_A = (grad_shrink_bd.t() @ x).view(num_hyp, r, d_in)
-    if grad_y.dtype != torch.float32 and _mm_out_dtype_supported(grad_y.device):
+    if grad_y.dtype in (torch.float16, torch.bfloat16) and _mm_out_dtype_supported(grad_y.device):
         grad_Bt = torch.mm(shrink_bd.t(), grad_y, out_dtype=torch.float32)  # rounded once, after the scaling
     else:
         grad_Bt = shrink_bd.t() @ grad_y

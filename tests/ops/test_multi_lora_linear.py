@@ -213,6 +213,15 @@ def test_reference_fp64_is_exact(case):
     check_case(dtype=torch.float64, backend="reference", atol=1e-12, **case)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_reference_backward_keeps_the_fp32_output_gemm_for_16_bit(dtype, monkeypatch):
+    """Where torch.mm(out_dtype=float32) exists (CUDA), the reference's dB takes it for 16-bit
+    gradients only: fp64 (the GPU tests' oracle) and fp32 keep their own dtype. The CPU has no such
+    GEMM, so pretending it does makes any call of it raise here."""
+    monkeypatch.setattr(mll, "_mm_out_dtype_supported", lambda device: True)
+    check_case(dtype=dtype, backend="reference", atol=1e-12 if dtype == torch.float64 else 1e-5, **CASES[0])
+
+
 # ----------------------------------------------------------------------------------------------
 # Triton backend (interpreter on CPU): both paths, fp32 and fp16
 # ----------------------------------------------------------------------------------------------

@@ -864,8 +864,8 @@ def _pass1_path(hidden: torch.Tensor, weight: torch.Tensor) -> str:
     16-byte aligned rows of H and a 16-byte aligned W (contiguous), and fp32 logits in pass 2.
 
     auto takes fused for 16-bit operands on Hopper GPUs: benchmarks/bench_mcl_loss.py on an H200 (bf16, hard WTA,
-    fwd+bwd) measured 2.88 vs 3.00 ms (captioning), 43.4 vs 45.6 ms (dense LM) and 4.25 vs 5.13 ms
-    (small vocab) against chunked (benchmarks/measured/h200-2026-11-26-b/). Soft weights with the
+    fwd+bwd) measured 2.26 vs 2.75 ms (captioning), 44.8 vs 46.7 ms (dense LM) and 4.20 vs 4.86 ms
+    (small vocab) against chunked (benchmarks/measured/h200-2026-11-27/). Soft weights with the
     one-pass gradient need the logits chunks and stay chunked (the caller decides)."""
     path = os.environ.get("LORAMCL_MCL_PASS1", "auto").lower()
     if path not in PASS1_PATHS:
@@ -899,9 +899,13 @@ def _soft_backward_path() -> str:
 def _fused_config(device: torch.device, dtype: torch.dtype) -> dict:
     if device.type == "cpu":  # the interpreter: small tiles
         return dict(BM=16, BN=32, BK=32, GM=4, num_warps=4, num_stages=1)
-    # shared memory (tests/sm90_compile.py): 129 KB at 4 stages for 16-bit operands; fp32 tiles are
-    # twice the bytes, so one stage less
-    return dict(BM=128, BN=128, BK=64, GM=8, num_warps=8, num_stages=4 if dtype != torch.float32 else 3)
+    # benchmarks/sweep_mcl_pass1.py on an H200 (2026-11-27, bf16): 128 x 256 tiles in 3 stages were
+    # faster than the 128 x 128 x 4 stages of before in all three regimes (captioning 1.335 vs
+    # 1.367 ms, dense LM 28.3 vs 29.6, small vocab 3.22 vs 3.38); shared memory: 48 KB a stage.
+    # fp32 tiles are twice the bytes: 128 x 128 in 3 stages.
+    if dtype == torch.float32:
+        return dict(BM=128, BN=128, BK=64, GM=8, num_warps=8, num_stages=3)
+    return dict(BM=128, BN=256, BK=64, GM=8, num_warps=8, num_stages=3)
 
 
 def _pass1_fused(h2, positions, targets, w, bias, position_lse, position_nll):

@@ -718,8 +718,9 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
     return out
 
 
-def _choose_path(x: Tensor, weight: Optional[Tensor]) -> str:
-    """'fused', 'cublas' or 'decode' for this call; env LORAMCL_MULTI_LORA_PATH overrides auto.
+def _choose_path(x: Tensor, weight: Optional[Tensor], shared_output: bool = False) -> str:
+    """'fused', 'cublas' or 'decode' for this call (shared_output: the shared-input forward, K
+    outputs per row of x); env LORAMCL_MULTI_LORA_PATH overrides auto.
 
     decode: the whole forward of a few rows in two kernels, see _decode_partial_kernel; only the
     forward of distinct rows, with at most DECODE_MAX_ROWS rows, K*r <= 256 and W read along d_in
@@ -727,19 +728,20 @@ def _choose_path(x: Tensor, weight: Optional[Tensor]) -> str:
 
     auto, on Hopper GPUs (measured on an H200, bf16, d=4096, benchmarks/measured/h200-2026-11-26-b/
     and -c/), elsewhere cublas:
-    - decode up to DECODE_AUTO_MAX_ROWS rows: the one-kernel decode that the split-K pair replaced
-      took 35.6 / 21.7 / 33.6 / 45.9 us replayed from a CUDA graph at 8 rows per hypothesis against
-      38.9 / 32.4 / 41.6 / 49.1 us for cublas (K, r = 5, 8 / 4, 16 / 8, 8 / 4, 64); the pair does
-      strictly less work (W read once, the shrink once instead of per output tile) and is
-      predicted at 11-16 us (benchmarks/NOTES.md), not yet measured;
+    - decode up to DECODE_AUTO_MAX_ROWS rows: the split-K pair took 23.2 / 18.5 / 23.1 / 20.1 us
+      replayed from a CUDA graph at 8 rows per hypothesis against 43.5 / 40.1 / 45.0 / 55.7 us for
+      cublas (K, r = 5, 8 / 4, 16 / 8, 8 / 4, 64; base 12.5-13.6 us; h200-2026-11-27), and 17.2-20.3
+      us with the splits _decode_config now takes (its sweep);
     - fused from FUSED_MIN_ROWS rows: kernel time per fwd+bwd at K=4, T=2048, r=16 (8192 rows)
       0.865 ms fused vs 0.911 ms cublas (base 0.686); replayed from a CUDA graph 0.918-0.965 /
       1.093 ms fused vs 0.979-1.036 / 1.162 ms cublas at the 8192-row training shapes (r = 8-16 /
       64); with shared input at 780 rows, 0.209 ms fused vs 0.186 ms cublas (224 output tiles:
       under two waves of the persistent GEMM on 132 SMs); fused needs TMA and aligned rows;
-    - cublas in between. (Its figures above are of the version with a Triton epilogue after the
-      base GEMM; the expand is now a cuBLAS GEMM under the base, predicted faster, not yet
-      measured: FUSED_MIN_ROWS is to be re-decided from the next GPU run.)
+    - cublas in between, and for the shared-input forward: on the H200 of 2026-11-27
+      (benchmarks/measured/h200-2026-11-27/, graph, fwd+bwd) shared input took 0.185 / 0.355 /
+      0.248 / 0.390 ms on the cublas path against 0.216 / 0.388 / 0.258 / 0.408 fused at the four
+      training shapes; distinct rows, fused and cublas within 2 % of each other (0.485 / 0.905 /
+      0.912 / 1.002 against 0.482 / 0.921 / 0.920 / 1.001 ms), so FUSED_MIN_ROWS stays.
     """
     path = os.environ.get("LORAMCL_MULTI_LORA_PATH", "auto").lower()
     if path not in PATHS:
@@ -752,6 +754,8 @@ def _choose_path(x: Tensor, weight: Optional[Tensor]) -> str:
     if path == "fused":
         return "fused" if eligible else "cublas"
     if path == "cublas" or before_hopper:
+        return "cublas"
+    if shared_output:
         return "cublas"
     if x.shape[0] <= DECODE_AUTO_MAX_ROWS:
         return "decode"
@@ -841,7 +845,7 @@ def _gemm_with_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out,
     The kernels read S (M, K*r) with unit column stride (at r = 1, dS_all of shared input is not).
     """
     shrink = _contig_rows(shrink)
-    if dropout is None and _choose_path(x, weight) == "fused":
+    if dropout is None and _choose_path(x, weight, shared_output=shared_out) == "fused":
         weight = weight.contiguous()
         if stacked_expand_t is not None and not shared_out and _tma_ok(shrink):
             e_all = stacked_expand_t().t().contiguous()
@@ -907,8 +911,11 @@ def _decode_config(m: int, d: int, columns: int, element_size: int, on_cpu: bool
     """(BM rows, BN columns, BK, D_SPLIT) of the decode kernels for m rows, d = d_in and
     columns = d_out + K*r partial-product columns.
 
-    GPU: the rows in one block where they fit (64), so W is read once; 64-column tiles; d split so
-    that about two programs per SM stream W (d = 4096, 65 column tiles, 132 SMs: 5 splits of 896).
+    GPU: the rows in one block where they fit (64), so W is read once; 64-column tiles; d split into
+    as many parts as keep every program in one wave of two per SM (d = 4096, 65 column tiles, 132
+    SMs: 4 splits of 1024). benchmarks/sweep_decode.py on an H200 (2026-11-27, bf16, under a CUDA
+    graph): 64 columns and 4 splits took 17.2-17.8 us at K, r = 5, 8 / 4, 16 / 8, 8 against 18.4-24.2
+    for 2, 5 (the earlier rule: 2.5 waves) or 8 splits, and 20.3 us at 4, 64 (3 splits here; 2: 21.0).
     CPU (the interpreter, tests): small tiles and splits of 2 BK, so that tests cover several.
     """
     block_m = max(16, min(DECODE_GPU_MAX_BM, _next_pow2(m)))
@@ -916,7 +923,7 @@ def _decode_config(m: int, d: int, columns: int, element_size: int, on_cpu: bool
         return block_m, 16, 32, 64
     block_n, block_k = DECODE_GPU_BN, 256 // element_size
     programs = cdiv(m, block_m) * cdiv(columns, block_n)
-    splits = max(1, min(cdiv(d, 2 * block_k), cdiv(2 * _device_facts(torch.device("cuda"))[0], programs)))
+    splits = max(1, min(cdiv(d, 2 * block_k), 2 * _device_facts(torch.device("cuda"))[0] // programs))
     return block_m, block_n, block_k, cdiv(cdiv(d, splits), block_k) * block_k
 
 

@@ -262,6 +262,7 @@ def test_triton_fused_path_taken_when_eligible(monkeypatch):
     w = torch.randn(16, 32)
     monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "fused")
     assert mll._choose_path(x, w) == "fused"
+    assert mll._choose_path(x, w, shared_output=True) == "fused"  # forced: the tests cover its kernel
     assert mll._choose_path(x[:, :30], w[:, :30]) == "cublas"  # rows not 16-byte aligned: no TMA
     assert mll._choose_path(x, None) == "cublas"
     monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "auto")
@@ -273,6 +274,8 @@ def test_triton_fused_path_taken_when_eligible(monkeypatch):
     assert mll._choose_path(rows[: mll.DECODE_AUTO_MAX_ROWS + 1], w) == "cublas"
     assert mll._choose_path(rows[:-1], w) == "cublas"  # under two waves of the persistent GEMM
     assert mll._choose_path(rows, w) == "fused"
+    assert mll._choose_path(rows, w, shared_output=True) == "cublas"  # measured faster for K outputs per row
+    assert mll._choose_path(x, w, shared_output=True) == "cublas"  # the decode kernel has no shared output
     assert mll._choose_path(rows[:, :30], w[:, :30]) == "cublas"  # no TMA for these rows
     monkeypatch.setattr(mll, "_device_facts", lambda device: (132, 8))
     assert mll._choose_path(rows, w) == "cublas"  # before Hopper: cublas for every size
@@ -350,6 +353,18 @@ def test_decode_path_over_splits_row_blocks_and_column_tiles(monkeypatch, dtype,
                ids=ids, delta_only=delta_only, atol=1e-5 if dtype == torch.float32 else 2e-3, device=TRITON_DEVICE)
     assert launches[:2] == ["_decode_partial_kernel", "_decode_finish_kernel"]
     assert mll._decode_config(70, 200, 40 + 15, 4, on_cpu=True)[3] == 64  # 4 splits over d_in = 200
+
+
+def test_decode_gpu_config_keeps_its_programs_in_one_wave_of_two_per_sm(monkeypatch):
+    """On a GPU the decode split-K takes as many d_in splits as keep every program resident at
+    once, two per SM (the rule the H200 sweep chose): 65 column tiles of 64 at d = 4096 on 132 SMs
+    -> 4 splits of 1024 (5 splits, 2.5 waves, measured slower); 68 tiles -> 3 splits."""
+    monkeypatch.setattr(mll, "_device_facts", lambda device: (132, 9))
+    for columns, splits in [(4096 + 40, 4), (4096 + 64, 4), (4096 + 256, 3), (64, 16)]:
+        bm, bn, bk, d_split = mll._decode_config(40, 4096, columns, 2, on_cpu=False)
+        assert (bm, bn, bk) == (64, mll.DECODE_GPU_BN, 128)
+        programs = mll.cdiv(columns, bn) * mll.cdiv(4096, d_split)
+        assert mll.cdiv(4096, d_split) == splits and d_split % bk == 0 and programs <= 2 * 132, columns
 
 
 def test_grad_B_rounds_once_with_the_fp32_output_gemm(monkeypatch):

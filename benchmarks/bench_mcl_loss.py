@@ -10,7 +10,8 @@ d hidden rows are formed in pass 1 as (softmax - onehot) W, one more 2*K*n*H*V a
 GEMM). Soft modes also time "ours, recompute" (LORAMCL_MCL_SOFT_BACKWARD=recompute: pass 2
 recomputes the logits of every supervised row, 6*K*n*H*V in all); on a GPU hard WTA also times
 "ours, chunked pass 1" (LORAMCL_MCL_PASS1=chunked: cuBLAS logits chunks instead of the fused GEMM
-that auto takes on Hopper).
+that auto takes on Hopper, in both passes) and "ours, chunked pass 2" (LORAMCL_MCL_PASS2=chunked:
+pass 1 fused, pass 2 from fp32 logits chunks instead of the fused GEMM's gradient epilogue).
 
     python benchmarks/bench_mcl_loss.py [--out results/mcl_loss.json]
 
@@ -178,8 +179,10 @@ def main():
             cases = [("ours", ours)]  # auto: on Hopper, hard WTA takes the fused pass 1
             if mode != "wta":  # soft weights: the pass-2 recompute next to the default one-pass gradient
                 cases.append(("ours, recompute", with_env({**chunked, **recompute}, ours)))
-            if HAS_CUDA and mode == "wta":  # pass 1 as cuBLAS logits chunks + Triton row kernels
+            if HAS_CUDA and mode == "wta":  # pass 1 (and so pass 2) as cuBLAS logits chunks + Triton row kernels
                 cases.append(("ours, chunked pass 1", with_env(chunked, ours)))
+                # pass 2 alone: the gradient formed from fp32 logits chunks instead of the GEMM's epilogue
+                cases.append(("ours, chunked pass 2", with_env({"LORAMCL_MCL_PASS2": "chunked"}, ours)))
             elif HAS_CUDA:  # pass 1 as one fused Triton GEMM + log-sum-exp, then pass 2
                 cases.append(("ours, fused pass 1 + recompute",
                               with_env({"LORAMCL_MCL_PASS1": "fused", **recompute}, ours)))

@@ -38,8 +38,8 @@ def describe() -> str:
 
 
 # The environment variables that choose a backend or a kernel path (README, "Environment switches").
-SWITCHES = ("LORAMCL_BACKEND", "LORAMCL_MULTI_LORA_PATH", "LORAMCL_MCL_PASS1", "LORAMCL_MCL_SOFT_BACKWARD",
-            "LORAMCL_TRITON_LAUNCH")
+SWITCHES = ("LORAMCL_BACKEND", "LORAMCL_MULTI_LORA_PATH", "LORAMCL_MCL_PASS1", "LORAMCL_MCL_PASS2",
+            "LORAMCL_MCL_SOFT_BACKWARD", "LORAMCL_TRITON_LAUNCH")
 
 
 if __name__ == "__main__":

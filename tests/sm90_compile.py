@@ -10,12 +10,16 @@ Triton driver reports an sm_90 target, launches become compile-only (`warmup=Tru
 launchers run on meta tensors, so each kernel is compiled with the block sizes, specialisations
 and constexprs its GPU launches use. Prints one JSON line per compiled kernel variant: name,
 shared memory, warps, stages, the number of scalar 2-byte global loads and stores in the PTX
-(16-bit tiles that did not vectorise), and how deep its loops nest after Triton's passes (TTGIR).
+(16-bit tiles that did not vectorise), how deep its loops nest after Triton's passes (TTGIR), and
+the registers and local-memory stack (spills) per thread that ptxas gave it (cuobjdump).
 A compile error fails the script.
 """
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
 
@@ -64,6 +68,19 @@ def loop_depth(ttgir: str) -> int:
     return deepest
 
 
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def registers_and_stack(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack bytes) per thread of a compiled kernel: a stack is local memory, spills."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    registers, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+    return int(registers), int(stack)
+
+
 COMPILED = []
 NO_CONFIG_FITS = []  # autotuned launches none of whose configs fits in shared memory
 
@@ -72,7 +89,9 @@ def _compile_only(kernel, grid, args, kwargs, autotuned=False):
     compiled = kernel.run(*args, grid=grid, warmup=True, **kwargs)
     dtype = next((str(a.dtype).replace("torch.", "") for a in args if isinstance(a, torch.Tensor)), None)
     ptx = compiled.asm["ptx"]
+    registers, stack = registers_and_stack(compiled.asm["cubin"])
     record = dict(kernel=kernel.__name__, dtype=dtype, shared=compiled.metadata.shared,
+                  registers=registers, stack=stack,
                   # element-wise 2-byte global loads / stores: 16-bit tiles that did not vectorise
                   scalar_b16_loads=ptx.count("ld.global.b16"), scalar_b16_stores=ptx.count("st.global.b16"),
                   # Hopper's warpgroup MMA (wgmma) against the older per-warp mma.sync
@@ -166,7 +185,7 @@ def main():
             y, shrink = mll.multi_lora_linear_shared_triton(x, w, None, a, b, s, 1)
             mll.multi_lora_linear_shared_triton_backward(y, x, w, a, b, s, shrink, 1)
 
-    # mcl_loss: both pass-1 paths, pass 2 with and without lm_head gradients, the per-sequence kernel
+    # mcl_loss: both pass-1 paths, both pass-2 paths (with and without lm_head gradients), the per-sequence kernel
     mcl_on_meta_tensors(supervised_rows=640)
     pass1_cases = ((torch.bfloat16, "chunked"), (torch.bfloat16, "fused"), (torch.float32, "fused"))
     for dtype, path in pass1_cases if ARCH >= 90 else ((torch.bfloat16, "chunked"), (torch.float32, "chunked")):
@@ -178,6 +197,11 @@ def main():
         out = mcl._mcl_loss_forward_triton(hidden, weight, bias, labels, 5, "batch_major", "wta", 0.0, 1.0,
                                            "mean", -100, True)
         loss, nll, winners, weights, position_lse, row_count, pass1_rows, nll_grad = out
+        if path == "fused":  # pass 2 follows: fused for a frozen lm_head, chunked for its gradients
+            for lm_head_grads in (False, True):
+                mcl._mcl_loss_backward_triton(loss, hidden, weight, bias, labels, weights, position_lse,
+                                              row_count, pass1_rows, nll_grad, 5, "batch_major", "mean", -100,
+                                              True, True, lm_head_grads, lm_head_grads)
         if path == "chunked":
             for lm_head_grads in (True, False):
                 mcl._mcl_loss_backward_triton(loss, hidden, weight, bias, labels, weights, position_lse,

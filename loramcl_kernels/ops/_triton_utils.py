@@ -211,6 +211,14 @@ def shared_memory_per_block(device: torch.device) -> int:
         return torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor - 1024
 
 
+def hopper_shared_memory(device: torch.device) -> bool:
+    """Does one block get the H100's 227 KB of shared memory on `device`? The persistent TMA GEMMs'
+    tile configurations were chosen on sm_90 and take up to 180 KB (tests/sm90_compile.py);
+    consumer Blackwell (sm_120, 99 KB) has TMA but not that room, so their callers take the
+    cuBLAS paths there."""
+    return shared_memory_per_block(device) >= H100_SHARED_MEMORY
+
+
 def shared_memory_budget(device: torch.device) -> int:
     """Bytes of pipelined tiles (tiles loaded ahead) a launcher may plan for on `device`: the
     per-block limit less room for the kernel's scratch (200 KB on sm_90, 72 KB on 99 KB cards)."""

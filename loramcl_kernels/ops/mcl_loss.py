@@ -110,8 +110,8 @@ import triton.language as tl
 from loramcl_kernels._backend import BACKENDS, requested_backend, resolve_backend, triton_interpreting
 from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
 from loramcl_kernels.ops._triton_utils import (
-    cdiv, contiguous_or_none, device_facts, grouped_tile, launch, next_pow2, on_input_device, set_tma_allocator,
-    tma_rows_ok,
+    cdiv, contiguous_or_none, device_facts, grouped_tile, hopper_shared_memory, launch, next_pow2, on_input_device,
+    set_tma_allocator, tma_rows_ok,
 )
 from loramcl_kernels.ops._triton_utils import addmm_out_dtype_supported as _addmm_out_dtype_supported
 from loramcl_kernels.ops._triton_utils import mm_out_dtype_supported as _mm_out_dtype_supported
@@ -804,6 +804,71 @@ def _combine_lse_tiles_kernel(
     tl.store(position_nll_ptr + position, (row_max - row_target) + log_sum, mask=mask_r)
 
 
+@triton.jit
+def _grad_logits_tiles_kernel(
+    h_ptr,  # (n, H) the rows of pass 2, gathered, contiguous (TMA)
+    w_ptr,  # (V, H) lm_head weight, contiguous (TMA)
+    bias_ptr,  # (V,) or a dummy when HAS_BIAS is False
+    target_ptr,  # (n,) int64 target class of each row
+    position_ptr,  # (n,) int64 flat position r*T + t of each row
+    position_max_ptr,  # (R*T,) fp32 row max per position (pass 1)
+    position_logsum_ptr,  # (R*T,) fp32 log sum exp(z - max) per position (pass 1)
+    grad_ptr,  # () d loss
+    weights_ptr,  # (K, B) fp32 weights
+    row_count_ptr,  # (R,) int32 supervised positions per row
+    g_ptr,  # (n, n_cols) out, row stride stride_g, in the operand dtype: the gradient of vocab columns v_start ..
+    n,
+    V,
+    H,
+    v_start,
+    n_cols,
+    stride_g,
+    T, K, B,
+    NUM_PROGRAMS,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BATCH_MAJOR: tl.constexpr,
+    MEAN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Pass 2 fused: z = h W^T (+ bias) one (BM, BN) tile at a time, as in pass 1, and straight from
+    the accumulator g = c[r] * (exp((z - max) - log-sum) - onehot(target)), stored once in the
+    operand dtype: no fp32 logits in memory (the chunked pass 2 writes them, reads them back and
+    writes this g). The same persistent TMA GEMM as _logits_lse_tiles_kernel.
+    """
+    pid = tl.program_id(0)
+    num_pm = tl.cdiv(n, BM)
+    num_pn = tl.cdiv(n_cols, BN)
+    num_tiles = num_pm * num_pn
+    h_desc = tl.make_tensor_descriptor(h_ptr, shape=[n, H], strides=[H, 1], block_shape=[BM, BK])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[V, H], strides=[H, 1], block_shape=[BN, BK])
+    for tile in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=True):
+        pm, pn = grouped_tile(tile, num_pm, num_pn, GM)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for ki in range(tl.cdiv(H, BK)):
+            a = h_desc.load([pm * BM, ki * BK])
+            b = w_desc.load([v_start + pn * BN, ki * BK])
+            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+        offs_m = pm * BM + tl.arange(0, BM)
+        cols = pn * BN + tl.arange(0, BN)
+        mask_m = offs_m < n
+        mask_n = cols < n_cols
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + v_start + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        position = tl.load(position_ptr + offs_m, mask=mask_m, other=0)
+        row_max = tl.load(position_max_ptr + position, mask=mask_m, other=0.0)
+        log_sum = tl.load(position_logsum_ptr + position, mask=mask_m, other=0.0)
+        coef = _row_coefficient(position // T, grad_ptr, weights_ptr, row_count_ptr, K, B, BATCH_MAJOR, MEAN)
+        target = tl.load(target_ptr + offs_m, mask=mask_m, other=-1) - v_start
+        onehot = tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
+        g = coef[:, None] * (tl.exp((acc - row_max[:, None]) - log_sum[:, None]) - onehot)
+        out = g_ptr + offs_m.to(tl.int64)[:, None] * stride_g + cols[None, :]
+        tl.store(out, g.to(g_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -854,13 +919,20 @@ def _block_v(n_cols: int) -> tuple[int, int]:
     return block, (8 if block >= 2048 else 4)
 
 
+def _tma_gemm_device(device: torch.device) -> bool:
+    """A GPU the fused passes' persistent TMA GEMMs run on: Hopper or later (TMA) with the H100's
+    shared memory per block for their tiles (not consumer Blackwell's 99 KB)."""
+    return device.type == "cuda" and device_facts(device)[1] >= 9 and hopper_shared_memory(device)
+
+
 PASS1_PATHS = ("auto", "chunked", "fused")
 
 
 def _pass1_path(hidden: torch.Tensor, weight: torch.Tensor) -> str:
     """'chunked' (cuBLAS logits chunks + Triton row kernels) or 'fused' (one persistent Triton GEMM
     whose epilogue folds each logits tile into per-row log-sum-exp partials); env
-    LORAMCL_MCL_PASS1 overrides auto. fused needs TMA (Hopper, or the interpreter when asked for),
+    LORAMCL_MCL_PASS1 overrides auto. fused needs TMA and the H100's shared memory per block (Hopper,
+    not consumer Blackwell; or the interpreter when asked for),
     16-byte aligned rows of H and a 16-byte aligned W (contiguous), and fp32 logits in pass 2.
 
     auto takes fused for 16-bit operands on Hopper GPUs: benchmarks/bench_mcl_loss.py on an H200 (bf16, hard WTA,
@@ -873,11 +945,39 @@ def _pass1_path(hidden: torch.Tensor, weight: torch.Tensor) -> str:
     measured = hidden.device.type == "cuda" and hidden.dtype in (torch.bfloat16, torch.float16)
     if path == "chunked" or (path == "auto" and not measured):
         return "chunked"
-    tma = triton_interpreting() or (hidden.device.type == "cuda" and device_facts(hidden.device)[1] >= 9)
+    tma = triton_interpreting() or _tma_gemm_device(hidden.device)
     # pass 2 recomputes the logits with cuBLAS: its lse must come from logits of the same (fp32)
     # precision, which 16-bit operands only get where mm can write fp32
     same_logits = hidden.dtype == torch.float32 or _mm_out_dtype_supported(hidden.device)
     eligible = tma and same_logits and (hidden.shape[-1] * hidden.element_size()) % 16 == 0 and tma_rows_ok(weight)
+    return "fused" if eligible else "chunked"
+
+
+PASS2_PATHS = ("auto", "chunked", "fused")
+
+
+def _pass2_path(hidden: torch.Tensor, weight: torch.Tensor, lm_head_grads: bool) -> str:
+    """'chunked' (cuBLAS fp32 logits chunks, a Triton row kernel forming the gradient, cuBLAS for d
+    hidden) or 'fused' (_grad_logits_tiles_kernel forms the gradient in the logits GEMM's epilogue,
+    cuBLAS for d hidden); env LORAMCL_MCL_PASS2 overrides auto. fused forms d hidden only (a frozen
+    lm_head and bias) and needs what pass 1's fused GEMM needs (TMA, aligned rows). auto follows
+    pass 1: fused where pass 1 is.
+
+    Counted for an H200 (not yet measured): the chunked pass 2 writes fp32 logits from its GEMM and
+    a row kernel reads them back and writes the 16-bit gradient (6 bytes a logit in a kernel of its
+    own); the fused one writes that gradient from the GEMM. At dense LM (3584 winner rows, V =
+    151936) the row kernel moves 3.3 GB, about 0.8 ms of 44.8 (the fused pass 1 saved the like:
+    46.7 -> 44.8 ms); its buffer is a third of the chunked one's.
+    """
+    path = os.environ.get("LORAMCL_MCL_PASS2", "auto").lower()
+    if path not in PASS2_PATHS:
+        raise ValueError(f"LORAMCL_MCL_PASS2 must be one of {PASS2_PATHS}, got '{path}'")
+    if lm_head_grads or path == "chunked":
+        return "chunked"
+    if path == "auto":
+        return _pass1_path(hidden, weight)
+    tma = triton_interpreting() or _tma_gemm_device(hidden.device)
+    eligible = tma and (hidden.shape[-1] * hidden.element_size()) % 16 == 0 and tma_rows_ok(weight)
     return "fused" if eligible else "chunked"
 
 
@@ -906,6 +1006,15 @@ def _fused_config(device: torch.device, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:
         return dict(BM=128, BN=128, BK=64, GM=8, num_warps=8, num_stages=3)
     return dict(BM=128, BN=256, BK=64, GM=8, num_warps=8, num_stages=3)
+
+
+def _pass2_fused_config(device: torch.device, dtype: torch.dtype) -> dict:
+    """Pass 2's fused GEMM: the K-step of pass 1 (BK = 64), 128 x 128 tiles. Compiled for sm_90
+    (tests/sm90_compile.py): 128 x 256 tiles spill 768 bytes a thread in this epilogue (255
+    registers), 128 x 128 in 4 stages none; pass 1 measured at 598 TFLOP/s with these tiles."""
+    if device.type == "cpu" or dtype == torch.float32:
+        return _fused_config(device, dtype)
+    return dict(BM=128, BN=128, BK=64, GM=8, num_warps=8, num_stages=4)
 
 
 def _pass1_fused(h2, positions, targets, w, bias, position_lse, position_nll):
@@ -1144,13 +1253,22 @@ def _mcl_loss_backward_triton(
         has_bias = bias is not None
         lowp = hidden.dtype != torch.float32
         store_fp32 = (not lowp) or need_weight_grad or need_bias_grad
+        fused = _pass2_path(hidden, w, need_weight_grad or need_bias_grad) == "fused"
         rows_per_chunk, cols_per_chunk = _pass2_chunk_sizes(n_rows, V)
-        buffer = torch.empty(rows_per_chunk * cols_per_chunk, dtype=torch.float32, device=device)
+        # chunked: fp32 logits (overwritten by the fp32 gradient) and the gradient in the operand
+        # dtype; fused: that gradient only
+        buffer = None if fused else torch.empty(rows_per_chunk * cols_per_chunk, dtype=torch.float32, device=device)
+        # (the fused kernel writes rows 16 elements apart: Triton then knows them aligned for vector stores)
         buffer_lowp = (
-            torch.empty(rows_per_chunk * cols_per_chunk, dtype=hidden.dtype, device=device) if lowp else None
+            torch.empty(rows_per_chunk * cdiv(cols_per_chunk, 16) * 16, dtype=hidden.dtype, device=device)
+            if lowp or fused else None
         )
         dh_chunk = torch.empty(rows_per_chunk * H, dtype=torch.float32, device=device)
         block_v, warps = _block_v(cols_per_chunk)
+        if fused:
+            config = _pass2_fused_config(device, hidden.dtype)
+            set_tma_allocator(device)
+            num_sms = device_facts(device)[0]
         for r0 in range(0, n_rows, rows_per_chunk):
             pos = positions[r0 : min(r0 + rows_per_chunk, n_rows)]
             nr = pos.numel()
@@ -1158,16 +1276,26 @@ def _mcl_loss_backward_triton(
             dh = dh_chunk[: nr * H].view(nr, H)
             for v0 in range(0, V, cols_per_chunk):
                 nc = min(cols_per_chunk, V - v0)
-                logits = buffer[: nr * nc].view(nr, nc)
                 w_chunk = w[v0 : v0 + nc]
-                _mm_fp32_into(logits, rows, w_chunk.t())
-                grad_lowp = buffer_lowp[: nr * nc].view(nr, nc) if lowp else logits
-                launch(_grad_logits_chunk_kernel, (nr,),
-                    logits, grad_lowp, bias if has_bias else logits, tgt, pos, position_lse[0], position_lse[1],
-                    *coefficient_args,
-                    nc, v0, nc, T, K, R // K, HAS_BIAS=has_bias, STORE_FP32=store_fp32, STORE_LOWP=lowp,
-                    **coefficient_flags, BLOCK_V=block_v, num_warps=warps,
-                )
+                if fused:
+                    stride_g = cdiv(nc, 16) * 16
+                    grad_lowp = buffer_lowp[: nr * stride_g].view(nr, stride_g)[:, :nc]
+                    programs = min(num_sms, cdiv(nr, config["BM"]) * cdiv(nc, config["BN"]))
+                    launch(_grad_logits_tiles_kernel, (programs,),
+                        rows, w, bias if has_bias else rows, tgt, pos, position_lse[0], position_lse[1],
+                        *coefficient_args, grad_lowp, nr, V, H, v0, nc, stride_g, T, K, R // K, programs,
+                        HAS_BIAS=has_bias, **coefficient_flags, DOT_PRECISION="ieee", **config,
+                    )
+                else:
+                    logits = buffer[: nr * nc].view(nr, nc)
+                    _mm_fp32_into(logits, rows, w_chunk.t())
+                    grad_lowp = buffer_lowp[: nr * nc].view(nr, nc) if lowp else logits
+                    launch(_grad_logits_chunk_kernel, (nr,),
+                        logits, grad_lowp, bias if has_bias else logits, tgt, pos, position_lse[0], position_lse[1],
+                        *coefficient_args,
+                        nc, v0, nc, T, K, R // K, HAS_BIAS=has_bias, STORE_FP32=store_fp32, STORE_LOWP=lowp,
+                        **coefficient_flags, BLOCK_V=block_v, num_warps=warps,
+                    )
                 # d hidden rows, fp32 accumulation over vocab chunks (fixed order)
                 if v0 == 0:
                     _mm_fp32_into(dh, grad_lowp, w_chunk)

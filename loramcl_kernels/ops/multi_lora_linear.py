@@ -70,6 +70,7 @@ from torch import Tensor
 from loramcl_kernels._backend import requested_backend, resolve_backend
 from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
 from loramcl_kernels.ops._triton_utils import device_facts as _device_facts
+from loramcl_kernels.ops._triton_utils import hopper_shared_memory as _hopper_shared_memory
 from loramcl_kernels.ops._triton_utils import mm_out_dtype_supported as _mm_out_dtype_supported
 from loramcl_kernels.ops._triton_utils import next_pow2 as _next_pow2
 from loramcl_kernels.ops._triton_utils import cdiv, contiguous_or_none, launch, on_input_device
@@ -726,8 +727,10 @@ def _choose_path(x: Tensor, weight: Optional[Tensor], shared_output: bool = Fals
     forward of distinct rows, with at most DECODE_MAX_ROWS rows, K*r <= 256 and W read along d_in
     (_decode_applies); where it does not apply (the backward's dx, shared input) callers take cublas.
 
-    auto, on Hopper GPUs (measured on an H200, bf16, d=4096, benchmarks/measured/h200-2026-11-26-b/
-    and -c/), elsewhere cublas:
+    auto, on Hopper GPUs with 16-bit operands (measured on an H200, bf16, d=4096,
+    benchmarks/measured/), elsewhere cublas. fp32 operands take cublas: compiled for sm_90, the fp32
+    variants of the fused GEMM and of the decode finish kernel keep 10-19 KB a thread in local
+    memory (their exact fp32 dots are FMA loops over whole tiles), where cuBLAS's SGEMM does not.
     - decode up to DECODE_AUTO_MAX_ROWS rows: the split-K pair took 23.2 / 18.5 / 23.1 / 20.1 us
       replayed from a CUDA graph at 8 rows per hypothesis against 43.5 / 40.1 / 45.0 / 55.7 us for
       cublas (K, r = 5, 8 / 4, 16 / 8, 8 / 4, 64; base 12.5-13.6 us; h200-2026-11-27), and 17.2-20.3
@@ -749,13 +752,13 @@ def _choose_path(x: Tensor, weight: Optional[Tensor], shared_output: bool = Fals
     if path == "decode":
         return "decode"
     before_hopper = _device_facts(x.device)[1] < 9
-    # TMA descriptors: aligned rows, and a Hopper GPU (or CPU tensors: the interpreter)
-    eligible = weight is not None and _tma_ok(x, weight) and not (x.device.type != "cpu" and before_hopper)
+    # TMA descriptors: aligned rows, and a Hopper GPU (or CPU tensors: the interpreter) with room
+    # for the tiles (not consumer Blackwell's 99 KB)
+    eligible = (weight is not None and _tma_ok(x, weight) and not (x.device.type != "cpu" and before_hopper)
+                and _hopper_shared_memory(x.device))
     if path == "fused":
         return "fused" if eligible else "cublas"
-    if path == "cublas" or before_hopper:
-        return "cublas"
-    if shared_output:
+    if path == "cublas" or before_hopper or x.dtype not in (torch.float16, torch.bfloat16) or shared_output:
         return "cublas"
     if x.shape[0] <= DECODE_AUTO_MAX_ROWS:
         return "decode"

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from loramcl_kernels.ops import _triton_utils as triton_utils
 from loramcl_kernels.ops import mcl_loss as mcl_module
 from loramcl_kernels.ops.mcl_loss import (
     KERNEL_STATS,
@@ -340,15 +341,11 @@ MEMORY_REGIMES = {
 }
 
 
-@pytest.mark.parametrize("pass1", ["fused", "chunked"])
-@pytest.mark.parametrize("regime", list(MEMORY_REGIMES))
-def test_peak_memory_model_at_the_benchmark_regimes(regime, pass1, monkeypatch):
-    """mcl_loss fwd+bwd (bf16, frozen lm_head) at the benchmark's regimes on meta tensors, the
-    kernel launches stubbed out: the storages the host code makes and holds at once, less the new
-    d hidden (it takes the place of the previous step's, which the benchmark frees as a step
-    starts), stay within 1.5x Cut Cross-Entropy's peak in every mode. This accounting gives the
-    peaks measured on the H200 (benchmarks/NOTES.md)."""
-    (K, B, T, n_sup, H, V), cce_gib = MEMORY_REGIMES[regime]
+def _modelled_peak(regime, pass1, mode, kw, monkeypatch):
+    """Extra bytes of one mcl_loss fwd+bwd (bf16, frozen lm_head) on meta tensors, kernel launches
+    stubbed out: the storages the host code makes and holds at once, less the new d hidden (it takes
+    the place of the previous step's, which the benchmark frees as a step starts)."""
+    (K, B, T, n_sup, H, V), _ = MEMORY_REGIMES[regime]
     n = K * B * n_sup
     monkeypatch.setattr(mcl_module, "launch", lambda *args, **kwargs: None)
     monkeypatch.setattr(mcl_module, "device_facts", lambda device: (132, 9))
@@ -358,16 +355,38 @@ def test_peak_memory_model_at_the_benchmark_regimes(regime, pass1, monkeypatch):
     monkeypatch.setattr(mcl_module, "_pass1_path", lambda hidden, weight: pass1)
     real_tolist = torch.Tensor.tolist  # the forward's host read: n supervised positions, no bad label
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: [n, 0] if self.is_meta else real_tolist(self))
+    hidden = torch.empty(B * K, T, H, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    weight = torch.empty(V, H, dtype=torch.bfloat16, device="meta")
+    labels = torch.empty(B, T, dtype=torch.int64, device="meta")
+    with PeakBytes() as peak:
+        mcl_loss(hidden, weight, labels, num_hypotheses=K, mode=mode, **kw).loss.backward()
+    return peak.peak - hidden.numel() * 2
+
+
+@pytest.mark.parametrize("pass1", ["fused", "chunked"])
+@pytest.mark.parametrize("regime", list(MEMORY_REGIMES))
+def test_peak_memory_model_at_the_benchmark_regimes(regime, pass1, monkeypatch):
+    """The modelled extra memory stays within 1.5x Cut Cross-Entropy's peak (of the design notes)
+    in every mode. This accounting gave the peaks measured on the H200 (benchmarks/NOTES.md)."""
+    (K, B, T, n_sup, H, V), cce_gib = MEMORY_REGIMES[regime]
     for mode, kw in MODE_KW.items():
-        hidden = torch.empty(B * K, T, H, dtype=torch.bfloat16, device="meta", requires_grad=True)
-        weight = torch.empty(V, H, dtype=torch.bfloat16, device="meta")
-        labels = torch.empty(B, T, dtype=torch.int64, device="meta")
-        with PeakBytes() as peak:
-            mcl_loss(hidden, weight, labels, num_hypotheses=K, mode=mode, **kw).loss.backward()
-        extra = peak.peak - hidden.numel() * 2
+        extra = _modelled_peak(regime, pass1, mode, kw, monkeypatch)
         assert extra <= 1.5 * cce_gib * 2**30, (mode, extra / 2**30)
         if mode != "wta":  # the one-pass gradient's rows (n x H) are alive next to the new d hidden
-            assert extra >= n * H * 2, (mode, extra / 2**30)
+            assert extra >= K * B * n_sup * H * 2, (mode, extra / 2**30)
+
+
+@pytest.mark.parametrize("regime", list(MEMORY_REGIMES))
+def test_fused_pass2_holds_no_fp32_logits(regime, monkeypatch):
+    """Hard WTA's peak is pass 2's chunk: the fused pass 2 holds exactly one fp32 logits chunk less
+    than the chunked one (captioning 32 MiB of its modelled 50: measured 0.050 GiB chunked)."""
+    (K, B, T, n_sup, H, V), _ = MEMORY_REGIMES[regime]
+    monkeypatch.setenv("LORAMCL_MCL_PASS2", "chunked")
+    chunked = _modelled_peak(regime, "fused", "wta", {}, monkeypatch)
+    monkeypatch.setenv("LORAMCL_MCL_PASS2", "auto")
+    fused = _modelled_peak(regime, "fused", "wta", {}, monkeypatch)
+    rows, cols = mcl_module._pass2_chunk_sizes(B * n_sup, V)  # the winners' positions
+    assert chunked - fused == rows * cols * 4, (chunked / 2**30, fused / 2**30)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -620,6 +639,141 @@ def test_triton_gradients_match_reference_every_mode(case, layout, per_row_label
     if not hard and not per_row_labels:
         # the all-ignored sequence b = 2 ties at L = 0: its soft weights are all > 0
         assert (out.weights[:, 2] > 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 2 fused: the gradient formed in the logits GEMM's epilogue
+# ---------------------------------------------------------------------------------------------
+
+
+class _Counting:
+    """A kernel whose launches (kernel[grid](...)) are recorded by name."""
+
+    def __init__(self, kernel, name, launches):
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        self.launches.append(self.name)
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def fused_pass2(monkeypatch):
+    """Both passes through the fused GEMMs (pass 2's `auto` follows pass 1), soft weights through
+    pass 2 too; records pass 2's kernel launches by name."""
+    monkeypatch.setenv("LORAMCL_MCL_PASS1", "fused")
+    monkeypatch.setenv("LORAMCL_MCL_PASS2", "auto")
+    monkeypatch.setenv("LORAMCL_MCL_SOFT_BACKWARD", "recompute")
+    launches = []
+    for name in ("_grad_logits_tiles_kernel", "_grad_logits_chunk_kernel"):
+        monkeypatch.setattr(mcl_module, name, _Counting(getattr(mcl_module, name), name, launches))
+    return launches
+
+
+@pytest.mark.parametrize("per_row_labels", [False, True], ids=["shared_labels", "per_row_labels"])
+@pytest.mark.parametrize("layout", ["batch_major", "hypothesis_major"])
+@pytest.mark.parametrize("case", WEIGHT_CASES, ids=_case_id)
+def test_fused_pass2_matches_fp64_oracle(case, layout, per_row_labels, small_chunks, fused_pass2):
+    """Pass 2 forming the gradient in the logits GEMM's epilogue (lm_head frozen): d hidden as the
+    fp64 reference for every weighting, over several row and vocab chunks (V = 203: partial vocab
+    tiles), with a bias and an all-ignored sequence; the same rows as the chunked pass 2."""
+    mode, mode_kw = case
+    kw = dict(layout=layout, mode=mode, **mode_kw)
+    hidden, weight, bias, labels = make_data(K=3, device=TRITON_DEVICE, bias=True, seed=53,
+                                             per_row_labels=per_row_labels)
+    ref, grad_ref, ref_rows = run_frozen_head(hidden.double(), weight.double(), bias.double(), labels, 3,
+                                              "reference", **kw)
+    out, grad, rows = run_frozen_head(hidden, weight, bias, labels, 3, "triton", **kw)
+    assert fused_pass2 and set(fused_pass2) == {"_grad_logits_tiles_kernel"}
+    hard = mode == "wta" or mode_kw.get("epsilon") == 0.0
+    # hard weights: the winners' positions only; soft: every supervised position (as the chunked pass 2)
+    assert rows == (ref_rows if hard else KERNEL_STATS.pass1_rows) > 0
+    torch.testing.assert_close(out.nll.double(), ref.nll, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), grad_ref, rtol=1e-4, atol=1e-6 * max(grad_ref.abs().max().item(), 1))
+
+
+@pytest.mark.parametrize("K, H, V, bias", [(3, 24, 1000, True), (1, 40, 77, False), (2, 8, 33, True)])
+def test_fused_pass2_odd_shapes(K, H, V, bias, fused_pass2):
+    """H not a multiple of the K-step, V not a multiple of the vocab tile, a single vocab tile, K = 1,
+    default chunking."""
+    hidden, weight, b, labels = make_data(K=K, V=V, H=H, T=5, bias=bias, device=TRITON_DEVICE, seed=7)
+    b64 = b.double() if bias else None
+    ref, grad_ref, _ = run_frozen_head(hidden.double(), weight.double(), b64, labels, K, "reference")
+    out, grad, _ = run_frozen_head(hidden, weight, b, labels, K, "triton")
+    assert fused_pass2 == ["_grad_logits_tiles_kernel"]  # one row chunk, one vocab chunk
+    torch.testing.assert_close(grad.double(), grad_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_pass2_with_a_strided_lm_head(fused_pass2):
+    """A column-major lm_head weight: both passes read its contiguous copy, so pass 2 follows
+    pass 1 onto the fused GEMM."""
+    hidden, weight, _, labels = make_data(K=3, V=300, H=16, T=5, device=TRITON_DEVICE, seed=11)
+    strided = weight.t().contiguous().t()
+    assert not strided.is_contiguous()
+    _, grad, _ = run_frozen_head(hidden, strided, None, labels, 3, "triton")
+    _, grad_ref, _ = run_frozen_head(hidden, weight, None, labels, 3, "reference")
+    assert fused_pass2 == ["_grad_logits_tiles_kernel"]
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_pass2_masked_vocabulary_block(fused_pass2):
+    """A bias of -inf over whole vocab tiles: their gradient is exactly 0, never NaN."""
+    hidden, weight, b, labels = make_data(K=3, V=300, H=16, T=5, bias=True, device=TRITON_DEVICE, seed=3)
+    b[64:256] = float("-inf")
+    labels = torch.where(labels >= 64, labels % 64, labels)
+    _, grad, _ = run_frozen_head(hidden, weight, b, labels, 3, "triton")
+    _, grad_ref, _ = run_frozen_head(hidden, weight, b, labels, 3, "reference")
+    assert fused_pass2 and torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_pass2_fp16_within_budget(small_chunks, fused_pass2, monkeypatch):
+    """fp16 operands: d hidden within 2x plain PyTorch fp16's error against the fp64 oracle (pass 2
+    asked for: on the CPU pass 1 of 16-bit operands stays chunked, so `auto` would follow it)."""
+    monkeypatch.setenv("LORAMCL_MCL_PASS2", "fused")
+    hidden, weight, bias, labels = make_data(device=TRITON_DEVICE, dtype=torch.float32, bias=True, seed=5)
+    h16, w16, b16 = (t.half() for t in (hidden, weight, bias))
+    for mode in MODE_KW:
+        kw = dict(mode=mode, **MODE_KW[mode])
+        _, grad, _ = run_frozen_head(h16, w16, b16, labels, 3, "triton", **kw)
+        oracle = run_official(h16, w16, b16, labels, 3, torch.float64, torch.float64, **kw)
+        plain = run_official(h16, w16, b16, labels, 3, torch.float16, torch.float32, **kw)
+        assert_within_budget(grad, oracle[4][0], plain[4][0], atol=1e-4, name=f"d hidden ({mode})")
+    assert set(fused_pass2) == {"_grad_logits_tiles_kernel"}
+
+
+def test_fused_passes_need_hopper_and_its_shared_memory(monkeypatch):
+    """TMA (compute capability 9+) and 227 KB of shared memory per block: an A100 has neither,
+    consumer Blackwell (sm_120, 99 KB) has TMA but not the room for the tiles."""
+    cuda = torch.device("cuda")
+    for capability, shared, expected in [((132, 9), 232448, True), ((108, 8), 166912, False),
+                                         ((170, 12), 101376, False), ((148, 10), 232448, True)]:
+        monkeypatch.setattr(mcl_module, "device_facts", lambda device, c=capability: c)
+        monkeypatch.setattr(triton_utils, "shared_memory_per_block", lambda device, b=shared: b)
+        assert mcl_module._tma_gemm_device(cuda) == expected, (capability, shared)
+    assert not mcl_module._tma_gemm_device(torch.device("cpu"))
+
+
+def test_pass2_path_choice(monkeypatch):
+    h = torch.zeros(3, 2, 20, dtype=torch.float16)
+    w = torch.zeros(7, 20, dtype=torch.float16)
+    h32 = torch.zeros(3, 2, 24, dtype=torch.float16)
+    w32 = torch.zeros(7, 24, dtype=torch.float16)
+    monkeypatch.setenv("LORAMCL_MCL_PASS2", "fused")
+    assert mcl_module._pass2_path(h32, w32, lm_head_grads=False) == "fused"
+    assert mcl_module._pass2_path(h32, w32, lm_head_grads=True) == "chunked"  # it forms d hidden only
+    assert mcl_module._pass2_path(h, w, lm_head_grads=False) == "chunked"  # rows of 40 bytes: no TMA
+    monkeypatch.setenv("LORAMCL_MCL_PASS2", "auto")  # follows pass 1
+    monkeypatch.setenv("LORAMCL_MCL_PASS1", "chunked")
+    assert mcl_module._pass2_path(h32.float(), w32.float(), lm_head_grads=False) == "chunked"
+    monkeypatch.setenv("LORAMCL_MCL_PASS1", "fused")
+    assert mcl_module._pass2_path(h32.float(), w32.float(), lm_head_grads=False) == "fused"
+    assert mcl_module._pass2_path(h32.float(), w32.float(), lm_head_grads=True) == "chunked"
+    monkeypatch.setenv("LORAMCL_MCL_PASS2", "chunked")
+    assert mcl_module._pass2_path(h32, w32, lm_head_grads=False) == "chunked"
+    monkeypatch.setenv("LORAMCL_MCL_PASS2", "epilogue")
+    with pytest.raises(ValueError, match="LORAMCL_MCL_PASS2"):
+        mcl_module._pass2_path(h32, w32, lm_head_grads=False)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -1328,6 +1482,37 @@ def test_gpu_soft_one_pass_bf16(mode, monkeypatch):
 
 
 @requires_cuda
+@pytest.mark.parametrize("mode", list(MODE_KW))
+@pytest.mark.parametrize("pass2", ["fused", "chunked"])
+def test_gpu_frozen_head_pass2_bf16_within_budget(mode, pass2, monkeypatch):
+    """lm_head frozen, bf16, both passes fused or pass 2 chunked, several row and vocab chunks: d
+    hidden within budget of fp64, deterministic; soft weights through pass 2 (recompute)."""
+    monkeypatch.setenv("LORAMCL_MCL_PASS1", "fused")
+    monkeypatch.setenv("LORAMCL_MCL_PASS2", pass2)
+    monkeypatch.setenv("LORAMCL_MCL_SOFT_BACKWARD", "recompute")
+    monkeypatch.setattr(mcl_module, "LOGITS_CHUNK_ELEMENTS", 128 * 2048)
+    monkeypatch.setattr(mcl_module, "MAX_ROW_CHUNK", 256)
+    launches = []
+    for name in ("_grad_logits_tiles_kernel", "_grad_logits_chunk_kernel"):
+        monkeypatch.setattr(mcl_module, name, _Counting(getattr(mcl_module, name), name, launches))
+    hidden, weight, bias, labels = make_data(K=4, B=3, T=65, H=256, V=5003, bias=True, seed=97)
+    hb, wb, bb = (t.cuda().bfloat16() for t in (hidden, weight, bias))
+    labels = labels.cuda()
+    kw = dict(mode=mode, **MODE_KW[mode])
+    _, grad, rows = run_frozen_head(hb, wb, bb, labels, 4, "triton", **kw)
+    _, grad_again, _ = run_frozen_head(hb, wb, bb, labels, 4, "triton", **kw)
+    assert rows > 0 and torch.equal(grad, grad_again)
+    kernel = "_grad_logits_tiles_kernel" if pass2 == "fused" else "_grad_logits_chunk_kernel"
+    assert set(launches) == {kernel} and len(launches) > 2
+    oracle, plain = [], []
+    for dtype, upcast, into in ((torch.float64, torch.float64, oracle), (torch.bfloat16, torch.float32, plain)):
+        h = hb.to(dtype).requires_grad_(True)
+        loss = official_mcl_loss(h, wb.to(dtype), bb.to(dtype), labels, 4, upcast=upcast, **kw)[0]
+        into.append(torch.autograd.grad(loss, (h,))[0])
+    assert_within_budget(grad, oracle[0], plain[0], atol=1e-4, name="d hidden")
+
+
+@requires_cuda
 def test_gpu_auto_pass1_is_fused_for_16_bit_operands_on_hopper(monkeypatch):
     monkeypatch.delenv("LORAMCL_MCL_PASS1", raising=False)
     h = torch.zeros(2, 4, 64, device="cuda", dtype=torch.bfloat16)
@@ -1336,6 +1521,9 @@ def test_gpu_auto_pass1_is_fused_for_16_bit_operands_on_hopper(monkeypatch):
     expected = "fused" if hopper and mcl_module._mm_out_dtype_supported(h.device) else "chunked"
     assert mcl_module._pass1_path(h, w) == expected
     assert mcl_module._pass1_path(h.float(), w.float()) == "chunked"  # fp32 fused pass 1: opt-in
+    monkeypatch.delenv("LORAMCL_MCL_PASS2", raising=False)
+    assert mcl_module._pass2_path(h, w, lm_head_grads=False) == expected  # pass 2 follows pass 1
+    assert mcl_module._pass2_path(h, w, lm_head_grads=True) == "chunked"
 
 
 @requires_cuda

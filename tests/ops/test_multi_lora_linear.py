@@ -268,7 +268,11 @@ def test_triton_fused_path_taken_when_eligible(monkeypatch):
     monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "auto")
     assert mll._choose_path(x, w) == "cublas"  # auto: fused only on Hopper GPUs
     monkeypatch.setattr(mll, "_device_facts", lambda device: (132, 9))  # Hopper
-    rows = torch.randn(mll.FUSED_MIN_ROWS, 32)
+    rows = torch.randn(mll.FUSED_MIN_ROWS, 32, dtype=torch.bfloat16)
+    x, w = x.bfloat16(), w.bfloat16()
+    assert mll._choose_path(x.float(), w.float()) == "cublas"  # fp32: cuBLAS (the fp32 tiles spill)
+    assert mll._choose_path(rows.float(), w.float()) == "cublas"
+    assert mll._choose_path(x.half(), w.half()) == "decode"
     assert mll._choose_path(x, w) == "decode"  # a few rows: the one-kernel decode forward
     assert mll._choose_path(rows[: mll.DECODE_AUTO_MAX_ROWS], w) == "decode"
     assert mll._choose_path(rows[: mll.DECODE_AUTO_MAX_ROWS + 1], w) == "cublas"
@@ -287,6 +291,10 @@ def test_triton_fused_path_taken_when_eligible(monkeypatch):
     assert mll._choose_path(x_gpu, w_gpu) == "cublas"
     monkeypatch.setattr(mll, "_device_facts", lambda device: (132, 9))
     assert mll._choose_path(x_gpu, w_gpu) == "fused"
+    monkeypatch.setattr(mll, "_hopper_shared_memory", lambda device: False)  # consumer Blackwell: 99 KB
+    assert mll._choose_path(x_gpu, w_gpu) == "cublas"
+    monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "auto")
+    assert mll._choose_path(rows, w) == "cublas"
     monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "bogus")
     with pytest.raises(ValueError, match="LORAMCL_MULTI_LORA_PATH"):
         mll._choose_path(x, w)

@@ -75,6 +75,9 @@ def _worker(rank, port, result_file):
         results["fsdp"] = _step(mcl, mcl, ids[rows], labels[rows])
         if rank == 0:
             torch.save(results, result_file)
+        # both ranks done with every collective before either tears gloo down (one run aborted
+        # with "terminate called without an active exception" as the processes exited)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

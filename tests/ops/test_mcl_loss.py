@@ -1247,6 +1247,19 @@ def test_opcheck(backend):
     torch.library.opcheck(mcl_module._mcl_loss_backward_op, bargs)
 
 
+def test_opcheck_fused_passes(fused_pass2):
+    """Both registered ops with the fused pass 1 and, lm_head frozen, the fused pass 2."""
+    hidden, weight, bias, labels = make_data(K=2, B=2, T=4, H=8, V=20, bias=True, device=TRITON_DEVICE)
+    (h,) = leaf(hidden)
+    args = (h, weight, bias, labels, 2, "batch_major", "wta", 0.0, tau(1.0), "mean", IGNORE, True, False, "triton")
+    torch.library.opcheck(mcl_module._mcl_loss_forward_op, args)
+    fwd = mcl_module._mcl_loss_forward_op(*args)
+    bargs = (torch.ones((), dtype=fwd[0].dtype, device=TRITON_DEVICE), hidden, weight, bias, labels, fwd[3], fwd[4],
+             fwd[5], fwd[6], fwd[7], 2, "batch_major", "mean", IGNORE, True, True, False, False, "triton")
+    torch.library.opcheck(mcl_module._mcl_loss_backward_op, bargs)
+    assert "_grad_logits_tiles_kernel" in fused_pass2
+
+
 # annealed weights are detached functions of the inputs, so finite differences of the loss are
 # not its (defined) gradient; annealed gradients are checked against the oracle above.
 @pytest.mark.parametrize("mode", ["wta", "relaxed"])

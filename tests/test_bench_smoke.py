@@ -163,9 +163,9 @@ def test_the_decode_sweep_runs_its_configurations_on_the_cpu():
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [row for row in _table_rows(proc.stdout) if row[3] != "base"]
-    assert len(rows) == 13, proc.stdout
+    assert len(rows) == 19, proc.stdout
     for row in rows:
-        us, err = float(row[5]), float(row[6])
+        us, err = float(row[7]), float(row[8])
         assert math.isfinite(us) and us > 0 and err <= 1e-4, row
 
 

@@ -889,8 +889,9 @@ def _a_as_expand(lora_A: Tensor):
     return lora_A, (lora_A.stride(0), lora_A.stride(2), lora_A.stride(1))
 
 
-# GPU tiles of the decode kernels: at most this many rows per block, this many output columns
-DECODE_GPU_MAX_BM, DECODE_GPU_BN = 64, 64
+# GPU tiles of the decode kernels: at most this many rows per block, this many output columns,
+# and at most this many tiles in flight (benchmarks/sweep_decode.py varies it)
+DECODE_GPU_MAX_BM, DECODE_GPU_BN, DECODE_GPU_MAX_STAGES = 64, 64, 3
 
 
 def _decode_expand_columns(num_hyp: int, r: int) -> int:
@@ -952,7 +953,7 @@ def _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row
     workspace = torch.empty(splits, m, columns, device=x.device, dtype=torch.float32)
     # shared memory: a buffer of the x and [W; A] tiles per stage (measured by tests/sm90_compile.py)
     stage_bytes = (block_m + block_n) * block_k * x.element_size()
-    stages = 1 if on_cpu else max(1, min(3, _shared_memory_budget(x.device) // stage_bytes))
+    stages = 1 if on_cpu else max(1, min(DECODE_GPU_MAX_STAGES, _shared_memory_budget(x.device) // stage_bytes))
     launch(_decode_partial_kernel, (cdiv(m, block_m), columns // block_n, splits),
         x, weight if has_base else x, lora_A, workspace, m, n, d, num_hyp * r, d_split, w_tiles,
         x.stride(0), weight.stride(0) if has_base else 0, lora_A.stride(1), workspace.stride(0), workspace.stride(1),

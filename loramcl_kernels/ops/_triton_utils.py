@@ -213,7 +213,7 @@ def shared_memory_per_block(device: torch.device) -> int:
 
 def hopper_shared_memory(device: torch.device) -> bool:
     """Does one block get the H100's 227 KB of shared memory on `device`? The persistent TMA GEMMs'
-    tile configurations were chosen on sm_90 and take up to 180 KB (tests/sm90_compile.py);
+    tile configurations were chosen on sm_90 and take up to 192 KB (tests/sm90_compile.py);
     consumer Blackwell (sm_120, 99 KB) has TMA but not that room, so their callers take the
     cuBLAS paths there."""
     return shared_memory_per_block(device) >= H100_SHARED_MEMORY

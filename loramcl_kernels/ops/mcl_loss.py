@@ -66,7 +66,9 @@ Design of the 'triton' backend
    recomputed per chunk (half pass 1's buffer: its fp32 logits, their operand-dtype copy and the
    fp32 d hidden rows are the backward's peak memory) with cuBLAS, a Triton row kernel turns them
    into c * (exp((z - max) - log-sum) - onehot) (in the operand dtype for the next GEMM, and in fp32 when
-   lm_head grads are needed),
+   lm_head grads are needed). With a frozen lm_head where pass 1 is fused, pass 2 is fused too
+   (_grad_logits_tiles_kernel): pass 1's GEMM recomputes the logits and its epilogue stores that
+   gradient, so no fp32 logits reach memory (see _pass2_path);
    then cuBLAS gives d hidden (accumulated in fp32 over vocab chunks, by an fp32-output addmm
    where torch has one) and, when lm_head requires grad, d W (fp32 GEMM into an fp32
    accumulator) and d bias (fp32 column sums). A Triton kernel scatters the d hidden rows into

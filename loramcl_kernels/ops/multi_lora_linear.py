@@ -719,9 +719,9 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
     return out
 
 
-def _choose_path(x: Tensor, weight: Optional[Tensor], shared_output: bool = False) -> str:
-    """'fused', 'cublas' or 'decode' for this call (shared_output: the shared-input forward, K
-    outputs per row of x); env LORAMCL_MULTI_LORA_PATH overrides auto.
+def _choose_path(x: Tensor, weight: Optional[Tensor], shared_input: bool = False) -> str:
+    """'fused', 'cublas' or 'decode' for this call (shared_input: a GEMM of shared input's forward,
+    K outputs per row of x, or backward); env LORAMCL_MULTI_LORA_PATH overrides auto.
 
     decode: the whole forward of a few rows in two kernels, see _decode_partial_kernel; only the
     forward of distinct rows, with at most DECODE_MAX_ROWS rows, K*r <= 256 and W read along d_in
@@ -733,18 +733,15 @@ def _choose_path(x: Tensor, weight: Optional[Tensor], shared_output: bool = Fals
     memory (their exact fp32 dots are FMA loops over whole tiles), where cuBLAS's SGEMM does not.
     - decode up to DECODE_AUTO_MAX_ROWS rows: the split-K pair took 23.2 / 18.5 / 23.1 / 20.1 us
       replayed from a CUDA graph at 8 rows per hypothesis against 43.5 / 40.1 / 45.0 / 55.7 us for
-      cublas (K, r = 5, 8 / 4, 16 / 8, 8 / 4, 64; base 12.5-13.6 us; h200-2026-11-27), and 17.2-20.3
-      us with the splits _decode_config now takes (its sweep);
-    - fused from FUSED_MIN_ROWS rows: kernel time per fwd+bwd at K=4, T=2048, r=16 (8192 rows)
-      0.865 ms fused vs 0.911 ms cublas (base 0.686); replayed from a CUDA graph 0.918-0.965 /
-      1.093 ms fused vs 0.979-1.036 / 1.162 ms cublas at the 8192-row training shapes (r = 8-16 /
-      64); with shared input at 780 rows, 0.209 ms fused vs 0.186 ms cublas (224 output tiles:
-      under two waves of the persistent GEMM on 132 SMs); fused needs TMA and aligned rows;
-    - cublas in between, and for the shared-input forward: on the H200 of 2026-11-27
-      (benchmarks/measured/h200-2026-11-27/, graph, fwd+bwd) shared input took 0.185 / 0.355 /
-      0.248 / 0.390 ms on the cublas path against 0.216 / 0.388 / 0.258 / 0.408 fused at the four
-      training shapes; distinct rows, fused and cublas within 2 % of each other (0.485 / 0.905 /
-      0.912 / 1.002 against 0.482 / 0.921 / 0.920 / 1.001 ms), so FUSED_MIN_ROWS stays.
+      cublas (K, r = 5, 8 / 4, 16 / 8, 8 / 4, 64; base 12.5-13.6 us; h200-2026-11-27), and its sweep
+      17.7 / 17.2 / 17.8 / 20.3 us with the 4 splits _decode_config now takes;
+    - fused for distinct rows from FUSED_MIN_ROWS rows (it needs TMA and aligned rows): on the
+      H200 of 2026-11-27 (benchmarks/measured/h200-2026-11-27/, fwd+bwd) kernel time at K=4,
+      T=2048, r=16 0.841 ms fused vs 0.844 ms cublas (base 0.686); replayed from a CUDA graph
+      0.485 / 0.905 / 0.912 / 1.002 ms fused vs 0.482 / 0.921 / 0.920 / 1.001 ms cublas at the four
+      training shapes (3900-8192 rows): within 2 %, so FUSED_MIN_ROWS stays;
+    - cublas in between, and for shared input (forward and backward): graph 0.185 / 0.355 / 0.248
+      / 0.390 ms on the cublas path against 0.216 / 0.388 / 0.258 / 0.408 fused at those shapes.
     """
     path = os.environ.get("LORAMCL_MULTI_LORA_PATH", "auto").lower()
     if path not in PATHS:
@@ -758,7 +755,7 @@ def _choose_path(x: Tensor, weight: Optional[Tensor], shared_output: bool = Fals
                 and _hopper_shared_memory(x.device))
     if path == "fused":
         return "fused" if eligible else "cublas"
-    if path == "cublas" or before_hopper or x.dtype not in (torch.float16, torch.bfloat16) or shared_output:
+    if path == "cublas" or before_hopper or x.dtype not in (torch.float16, torch.bfloat16) or shared_input:
         return "cublas"
     if x.shape[0] <= DECODE_AUTO_MAX_ROWS:
         return "decode"
@@ -836,7 +833,7 @@ def _expand_then_base(x, weight, w_kn, bias, shrink, e_all_t, out):
 
 
 def _gemm_with_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out, shared_out, num_hyp, r,
-                      rows_per_group=1, stacked_expand_t=None, dropout=None):
+                      rows_per_group=1, stacked_expand_t=None, dropout=None, shared_input=False):
     """out = x W^T (+ bias) + expand: the fused path when it applies, else cuBLAS.
 
     stacked_expand_t() gives E_all^T (K*r, N) with the scaling folded in (A_all is a view of
@@ -848,7 +845,7 @@ def _gemm_with_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out,
     The kernels read S (M, K*r) with unit column stride (at r = 1, dS_all of shared input is not).
     """
     shrink = _contig_rows(shrink)
-    if dropout is None and _choose_path(x, weight, shared_output=shared_out) == "fused":
+    if dropout is None and _choose_path(x, weight, shared_input=shared_out or shared_input) == "fused":
         weight = weight.contiguous()
         if stacked_expand_t is not None and not shared_out and _tma_ok(shrink):
             e_all = stacked_expand_t().t().contiguous()
@@ -916,10 +913,11 @@ def _decode_config(m: int, d: int, columns: int, element_size: int, on_cpu: bool
     columns = d_out + K*r partial-product columns.
 
     GPU: the rows in one block where they fit (64), so W is read once; 64-column tiles; d split into
-    as many parts as keep every program in one wave of two per SM (d = 4096, 65 column tiles, 132
-    SMs: 4 splits of 1024). benchmarks/sweep_decode.py on an H200 (2026-11-27, bf16, under a CUDA
-    graph): 64 columns and 4 splits took 17.2-17.8 us at K, r = 5, 8 / 4, 16 / 8, 8 against 18.4-24.2
-    for 2, 5 (the earlier rule: 2.5 waves) or 8 splits, and 20.3 us at 4, 64 (3 splits here; 2: 21.0).
+    the number of parts nearest to two programs per SM (d = 4096 on 132 SMs: 65 or 68 column tiles,
+    4 splits of 1024). benchmarks/sweep_decode.py on an H200 (2026-11-27, bf16, under a CUDA graph):
+    64 columns and 4 splits took 17.2-17.8 us at K, r = 5, 8 / 4, 16 / 8, 8 against 18.1-24.2 us
+    for 1, 2 or 8 splits and 23.1-23.4 us for the 5 of the earlier rule (the splits rounded up: 325
+    programs, 61 of them in a second round), and 20.3 us at 4, 64 (2 splits: 21.0).
     CPU (the interpreter, tests): small tiles and splits of 2 BK, so that tests cover several.
     """
     block_m = max(16, min(DECODE_GPU_MAX_BM, _next_pow2(m)))
@@ -927,7 +925,7 @@ def _decode_config(m: int, d: int, columns: int, element_size: int, on_cpu: bool
         return block_m, 16, 32, 64
     block_n, block_k = DECODE_GPU_BN, 256 // element_size
     programs = cdiv(m, block_m) * cdiv(columns, block_n)
-    splits = max(1, min(cdiv(d, 2 * block_k), 2 * _device_facts(torch.device("cuda"))[0] // programs))
+    splits = max(1, min(cdiv(d, 2 * block_k), round(2 * _device_facts(torch.device("cuda"))[0] / programs)))
     return block_m, block_n, block_k, cdiv(cdiv(d, splits), block_k) * block_k
 
 
@@ -1027,7 +1025,8 @@ def multi_lora_linear_shared_triton_backward(grad_y, x, weight, lora_A, lora_B, 
     grad_y_sum = grad_y4.sum(1, dtype=torch.float32).to(x.dtype).reshape(x.shape[0], grad_y.shape[-1])
     out = torch.empty(x.shape[0], d_in, device=x.device, dtype=x.dtype)
     grad_x = _gemm_with_expand(grad_y_sum, weight, True, None, grad_shrink_all, *_a_as_expand(lora_A), None, out,
-                               False, num_hyp, r, stacked_expand_t=lambda: _stack_A(lora_A, x.dtype))
+                               False, num_hyp, r, stacked_expand_t=lambda: _stack_A(lora_A, x.dtype),
+                               shared_input=True)
     return grad_x, grad_A, grad_B
 
 

@@ -262,7 +262,7 @@ def test_triton_fused_path_taken_when_eligible(monkeypatch):
     w = torch.randn(16, 32)
     monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "fused")
     assert mll._choose_path(x, w) == "fused"
-    assert mll._choose_path(x, w, shared_output=True) == "fused"  # forced: the tests cover its kernel
+    assert mll._choose_path(x, w, shared_input=True) == "fused"  # forced: the tests cover its kernels
     assert mll._choose_path(x[:, :30], w[:, :30]) == "cublas"  # rows not 16-byte aligned: no TMA
     assert mll._choose_path(x, None) == "cublas"
     monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "auto")
@@ -278,8 +278,8 @@ def test_triton_fused_path_taken_when_eligible(monkeypatch):
     assert mll._choose_path(rows[: mll.DECODE_AUTO_MAX_ROWS + 1], w) == "cublas"
     assert mll._choose_path(rows[:-1], w) == "cublas"  # under two waves of the persistent GEMM
     assert mll._choose_path(rows, w) == "fused"
-    assert mll._choose_path(rows, w, shared_output=True) == "cublas"  # measured faster for K outputs per row
-    assert mll._choose_path(x, w, shared_output=True) == "cublas"  # the decode kernel has no shared output
+    assert mll._choose_path(rows, w, shared_input=True) == "cublas"  # measured faster, forward and backward
+    assert mll._choose_path(x, w, shared_input=True) == "cublas"  # the decode kernel has no shared output
     assert mll._choose_path(rows[:, :30], w[:, :30]) == "cublas"  # no TMA for these rows
     monkeypatch.setattr(mll, "_device_facts", lambda device: (132, 8))
     assert mll._choose_path(rows, w) == "cublas"  # before Hopper: cublas for every size
@@ -363,16 +363,36 @@ def test_decode_path_over_splits_row_blocks_and_column_tiles(monkeypatch, dtype,
     assert mll._decode_config(70, 200, 40 + 15, 4, on_cpu=True)[3] == 64  # 4 splits over d_in = 200
 
 
-def test_decode_gpu_config_keeps_its_programs_in_one_wave_of_two_per_sm(monkeypatch):
-    """On a GPU the decode split-K takes as many d_in splits as keep every program resident at
-    once, two per SM (the rule the H200 sweep chose): 65 column tiles of 64 at d = 4096 on 132 SMs
-    -> 4 splits of 1024 (5 splits, 2.5 waves, measured slower); 68 tiles -> 3 splits."""
+def test_auto_takes_cublas_for_shared_input_forward_and_backward(monkeypatch):
+    """On Hopper, fp16, rows past FUSED_MIN_ROWS: distinct rows take the fused GEMM, shared input
+    never does (neither its K-output forward nor its backward's dx), as measured faster."""
     monkeypatch.setattr(mll, "_device_facts", lambda device: (132, 9))
-    for columns, splits in [(4096 + 40, 4), (4096 + 64, 4), (4096 + 256, 3), (64, 16)]:
+    monkeypatch.setattr(mll, "FUSED_MIN_ROWS", 8)
+    fused_gemms = []
+    launch_gemm_expand = mll._launch_gemm_expand
+    monkeypatch.setattr(mll, "_launch_gemm_expand",
+                        lambda x, *args, **kwargs: (fused_gemms.append(x is not None), launch_gemm_expand(x, *args,
+                                                                                                          **kwargs))[1])
+    K, n = 3, mll.DECODE_AUTO_MAX_ROWS + 8
+    x, w, _, a, b, s = make_inputs(n, (), 32, 16, 4, K, torch.float16, TRITON_DEVICE)
+    for shared, rows in ((True, n), (False, n - n % K)):
+        fused_gemms.clear()
+        leaves = [t.detach().requires_grad_() for t in (x[:rows], a, b)]
+        y = multi_lora_linear(leaves[0], w, None, leaves[1], leaves[2], s, num_hypotheses=K, shared_input=shared,
+                              backend="triton")
+        y.float().sum().backward()
+        assert any(fused_gemms) != shared, (shared, fused_gemms)
+
+
+def test_decode_gpu_config_takes_the_splits_nearest_two_programs_per_sm(monkeypatch):
+    """On a GPU the decode split-K takes the number of d_in splits nearest to two programs per SM
+    (the H200 sweep's best): 65 or 68 column tiles of 64 at d = 4096 on 132 SMs -> 4 splits of 1024
+    (5, rounded up, measured slower); a single column tile -> d_in in steps of two K-steps."""
+    monkeypatch.setattr(mll, "_device_facts", lambda device: (132, 9))
+    for columns, splits in [(4096 + 40, 4), (4096 + 64, 4), (4096 + 256, 4), (2 * 4096, 2), (64, 16)]:
         bm, bn, bk, d_split = mll._decode_config(40, 4096, columns, 2, on_cpu=False)
         assert (bm, bn, bk) == (64, mll.DECODE_GPU_BN, 128)
-        programs = mll.cdiv(columns, bn) * mll.cdiv(4096, d_split)
-        assert mll.cdiv(4096, d_split) == splits and d_split % bk == 0 and programs <= 2 * 132, columns
+        assert mll.cdiv(4096, d_split) == splits and d_split % bk == 0, columns
 
 
 def test_grad_B_rounds_once_with_the_fp32_output_gemm(monkeypatch):

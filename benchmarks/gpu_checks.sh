@@ -54,7 +54,7 @@ for step in $STEPS; do
       timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_decode.py --out "$OUT/decode.json" 2>&1 | tee "$OUT/bench_decode.log" ;;
     sweep)
       timeout "${SWEEP_TIMEOUT:-120}" python3 benchmarks/sweep_decode.py 2>&1 | tee "$OUT/sweep_decode.log"
-      timeout "${SWEEP_TIMEOUT:-120}" python3 benchmarks/sweep_mcl_pass1.py 2>&1 | tee "$OUT/sweep_mcl_pass1.log" ;;
+      timeout "${SWEEP_TIMEOUT:-120}" python3 benchmarks/sweep_mcl_loss.py 2>&1 | tee "$OUT/sweep_mcl_loss.log" ;;
     profile_loss)
       timeout 150 python3 benchmarks/profile_mcl_loss.py 2>&1 | tee "$OUT/profile_mcl_loss.log" ;;
     bench_loss)

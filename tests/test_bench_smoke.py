@@ -125,7 +125,7 @@ def test_ratios_and_targets(smoke_run):
     ("profile_multi_lora.py", "no GPU: nothing to profile"),
     ("profile_mcl_loss.py", "no GPU: nothing to profile"),
     ("sweep_decode.py", "no GPU: nothing to sweep"),
-    ("sweep_mcl_pass1.py", "no GPU: nothing to sweep"),
+    ("sweep_mcl_loss.py", "no GPU: nothing to sweep"),
 ])
 def test_gpu_only_scripts_say_so_and_exit_0_without_a_gpu(script, says):
     """The profiling and sweep scripts (GPU only) import, say there is nothing to do and exit 0."""
@@ -141,15 +141,17 @@ def _table_rows(stdout):
             if line.startswith("| ") and not line.startswith("| K |") and not line.startswith("| BM |")]
 
 
-def test_the_mcl_pass1_sweep_runs_its_configurations_on_the_cpu():
-    """sweep_mcl_pass1.py --smoke (interpreter): the automatic configuration and each swept one
-    time the fused pass 1 and give the same lse as it, to rounding (other BK: other order)."""
+def test_the_mcl_sweep_runs_its_configurations_on_the_cpu():
+    """sweep_mcl_loss.py --smoke (interpreter): for both fused passes, the automatic configuration
+    and each swept one run and give the same lse / d hidden as it, to rounding (another BK: another
+    order); pass 2's table also has the chunked pass 2."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "benchmarks", "sweep_mcl_pass1.py"), "--smoke"],
+    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "benchmarks", "sweep_mcl_loss.py"), "--smoke"],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = _table_rows(proc.stdout)
-    assert len(rows) == 3 and rows[0][0].startswith("auto:"), proc.stdout
+    assert len(rows) == 3 + 4, proc.stdout
+    assert rows[0][0].startswith("auto:") and rows[3][0] == "chunked pass 2" and rows[4][0].startswith("auto:")
     for row in rows:
         ms, diff = float(row[6]), float(row[8])
         assert math.isfinite(ms) and ms > 0 and diff <= 1e-5, row

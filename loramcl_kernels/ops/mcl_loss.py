@@ -1001,9 +1001,10 @@ def _soft_backward_path() -> str:
 def _fused_config(device: torch.device, dtype: torch.dtype) -> dict:
     if device.type == "cpu":  # the interpreter: small tiles
         return dict(BM=16, BN=32, BK=32, GM=4, num_warps=4, num_stages=1)
-    # benchmarks/sweep_mcl_pass1.py on an H200 (2026-11-27, bf16): 128 x 256 tiles in 3 stages were
-    # faster than the 128 x 128 x 4 stages of before in all three regimes (captioning 1.335 vs
-    # 1.367 ms, dense LM 28.3 vs 29.6, small vocab 3.22 vs 3.38); shared memory: 48 KB a stage.
+    # benchmarks/sweep_mcl_loss.py on an H200 (2026-11-27, bf16; measured/.../sweep_mcl_pass1.log):
+    # 128 x 256 tiles in 3 stages were faster than the 128 x 128 x 4 stages of before in all three
+    # regimes (captioning 1.335 vs 1.367 ms, dense LM 28.3 vs 29.6, small vocab 3.22 vs 3.38);
+    # shared memory: 48 KB a stage.
     # fp32 tiles are twice the bytes: 128 x 128 in 3 stages.
     if dtype == torch.float32:
         return dict(BM=128, BN=128, BK=64, GM=8, num_warps=8, num_stages=3)
@@ -1013,7 +1014,8 @@ def _fused_config(device: torch.device, dtype: torch.dtype) -> dict:
 def _pass2_fused_config(device: torch.device, dtype: torch.dtype) -> dict:
     """Pass 2's fused GEMM: the K-step of pass 1 (BK = 64), 128 x 128 tiles. Compiled for sm_90
     (tests/sm90_compile.py): 128 x 256 tiles spill 768 bytes a thread in this epilogue (255
-    registers), 128 x 128 in 4 stages none; pass 1 measured at 598 TFLOP/s with these tiles."""
+    registers), 128 x 128 in 4 stages none; pass 1 measured at 598 TFLOP/s with these tiles.
+    Not yet measured in pass 2: benchmarks/sweep_mcl_loss.py times it against five others."""
     if device.type == "cpu" or dtype == torch.float32:
         return _fused_config(device, dtype)
     return dict(BM=128, BN=128, BK=64, GM=8, num_warps=8, num_stages=4)

@@ -1,0 +1,139 @@
+"""The fused GEMMs of mcl_loss, pass 1 and pass 2, at several tile configurations (GPU).
+
+python benchmarks/sweep_mcl_loss.py  -> markdown tables per regime (DESIGN.md section 3, bf16).
+
+Pass 1 (the logits + log-sum-exp GEMM): milliseconds, TFLOP/s over the 2 n H V FLOPs of every
+hypothesis' supervised rows, and the largest difference of lse from the default configuration's.
+Configurations with the default's vocab tile (BN) and k-step (BK) should give the same lse bit for
+bit (each row still combines the same tiles in the same order; the last column shows whether they
+do); another BN or BK changes the rounding at the ulp level. _fused_config in ops/mcl_loss.py
+takes its tiles from such a run.
+
+Pass 2 (hard WTA, lm_head frozen: the backward, whose work is the winners' rows): milliseconds of
+the whole backward, TFLOP/s over its two GEMMs (4 n_w H V), and the largest difference of d hidden
+from the default configuration's; the chunked pass 2 (fp32 logits chunks and a row kernel) is a
+row of its own. _pass2_fused_config takes its tiles from such a run. "auto" is the configuration
+the package picks.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.bench_mcl_loss import CPU_REGIMES, GPU_REGIMES, IGNORE, make_inputs  # noqa: E402
+from benchmarks.common import env_var, time_ms  # noqa: E402
+from loramcl_kernels.ops import mcl_loss as mcl  # noqa: E402
+
+# (BM, BN, BK, GM, num_warps, num_stages); shared memory per stage (BM + BN) * BK * 2 bytes
+CONFIGS = [
+    (128, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 5), (128, 128, 64, 4, 8, 4),
+    (128, 128, 64, 16, 8, 4), (256, 128, 64, 8, 8, 3), (64, 128, 64, 8, 4, 5),
+    (128, 256, 64, 8, 8, 3), (128, 128, 128, 8, 8, 3),
+]
+PASS2_CONFIGS = [
+    (128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (64, 128, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4),
+    (128, 128, 64, 16, 8, 4),
+]
+# --smoke (CPU, TRITON_INTERPRET=1): the interpreter's tiles, fp32, the CPU regimes: checks the script
+SMOKE_CONFIGS = [(16, 32, 32, 4, 4, 1), (32, 32, 16, 2, 4, 1)]
+
+
+def _config_label(c):
+    return " | ".join(str(c[k]) for k in ("BM", "BN", "BK", "GM", "num_warps", "num_stages"))
+
+
+def _as_config(config):
+    bm, bn, bk, gm, warps, stages = config
+    return dict(BM=bm, BN=bn, BK=bk, GM=gm, num_warps=warps, num_stages=stages)
+
+
+def sweep_pass2(regimes, configs, device, dtype):
+    auto_config = mcl._pass2_fused_config
+    for name, K, B, T, n_sup, H, V in regimes:
+        hidden, weight, labels = make_inputs(K, B, T, n_sup, H, V, device, dtype)
+        hidden = hidden.detach()
+        out = mcl._mcl_loss_forward_triton(hidden, weight, None, labels, K, "batch_major", "wta", 0.0, 1.0, "mean",
+                                           IGNORE, True)
+        loss, _, _, weights, position_lse, row_count, pass1_rows, nll_grad = out
+
+        def backward():
+            return mcl._mcl_loss_backward_triton(
+                torch.ones_like(loss), hidden, weight, None, labels, weights, position_lse, row_count, pass1_rows,
+                nll_grad, K, "batch_major", "mean", IGNORE, True, True, False, False)[0]
+
+        with env_var("LORAMCL_MCL_PASS2", "fused"):
+            auto_grad = backward()
+        n_w = mcl.KERNEL_STATS.pass2_rows
+        flop = 4 * n_w * H * V
+        print(f"\n{name}, pass 2: n_w = {n_w} winner rows, H = {H}, V = {V}")
+        print("| BM | BN | BK | GM | warps | stages | ms | TFLOP/s | max abs d hidden diff vs auto |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for config in ["chunked", None, *configs]:
+            if config == "chunked":
+                label, path = "chunked pass 2 | | | | |", "chunked"
+            elif config is None:
+                label, path = "auto: " + _config_label(auto_config(hidden.device, hidden.dtype)), "fused"
+            else:
+                mcl._pass2_fused_config = lambda device, dtype, c=_as_config(config): c  # noqa: E731
+                label, path = " | ".join(map(str, config)), "fused"
+            try:
+                with env_var("LORAMCL_MCL_PASS2", path):
+                    ms = time_ms(backward)
+                    diff = (backward().float() - auto_grad.float()).abs().max().item()
+                print(f"| {label} | {ms:.3f} | {flop / ms / 1e9:.0f} | {diff:.2e} |")
+            except Exception as exc:  # noqa: BLE001 - a configuration that does not fit is a row too
+                print(f"| {label} | error: {str(exc)[:100]} | | |")
+            finally:
+                mcl._pass2_fused_config = auto_config
+
+
+def sweep(regimes, configs, device, dtype):
+    auto_config = mcl._fused_config
+    for name, K, B, T, n_sup, H, V in regimes:
+        hidden, weight, labels = make_inputs(K, B, T, n_sup, H, V, device, dtype)
+        R = B * K
+        row_count = torch.empty(R, dtype=torch.int32, device=device)
+        lse = torch.empty(2, R * T, device=device)  # (max, log-sum) per position
+        nll = torch.empty(R * T, device=device)
+        positions, targets, counts = mcl._supervised_positions(
+            labels, R, T, K, "batch_major", True, IGNORE, row_count, V=V, position_lse=lse, position_nll=nll)
+        n = int(counts[0])
+        args = (hidden.detach().reshape(R * T, H), positions[:n], targets[:n], weight, None, lse, nll)
+        flop = 2 * n * H * V
+        print(f"\n{name}: n = {n} supervised rows (all K), H = {H}, V = {V}")
+        print("| BM | BN | BK | GM | warps | stages | ms | TFLOP/s | max abs lse diff vs auto |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        mcl._pass1_fused(*args)
+        auto_lse = lse[:, positions[:n]].sum(0)  # lse = max + log-sum
+        for config in [None, *configs]:
+            if config is None:
+                label = "auto: " + _config_label(auto_config(hidden.device, hidden.dtype))
+            else:
+                mcl._fused_config = lambda device, dtype, c=_as_config(config): c  # noqa: E731
+                label = " | ".join(map(str, config))
+            try:
+                ms = time_ms(lambda: mcl._pass1_fused(*args))  # noqa: B023
+                diff = (lse[:, positions[:n]].sum(0) - auto_lse).abs().max().item()
+                print(f"| {label} | {ms:.3f} | {flop / ms / 1e9:.0f} | {diff:.2e} |")
+            except Exception as exc:  # noqa: BLE001 - a configuration that does not fit is a row too
+                print(f"| {label} | error: {str(exc)[:100]} | | |")
+            finally:
+                mcl._fused_config = auto_config
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU check of the script under TRITON_INTERPRET=1")
+    cli = parser.parse_args()
+    if cli.smoke:
+        print("mcl_loss passes 1 and 2, fused, fp32, CPU smoke run (Triton interpreter): times mean nothing")
+        sweep(CPU_REGIMES[:1], SMOKE_CONFIGS, "cpu", torch.float32)
+        sweep_pass2(CPU_REGIMES[:1], SMOKE_CONFIGS, "cpu", torch.float32)
+    elif not torch.cuda.is_available():
+        print("no GPU: nothing to sweep")
+    else:
+        print(f"mcl_loss passes 1 and 2, fused, bf16, {torch.cuda.get_device_name()}")
+        sweep(GPU_REGIMES, CONFIGS, "cuda", torch.bfloat16)
+        sweep_pass2(GPU_REGIMES, PASS2_CONFIGS, "cuda", torch.bfloat16)

@@ -16,6 +16,7 @@ row of its own. _pass2_fused_config takes its tiles from such a run. "auto" is t
 the package picks.
 """
 import argparse
+import functools
 import os
 import sys
 
@@ -49,6 +50,14 @@ def _as_config(config):
     return dict(BM=bm, BN=bn, BK=bk, GM=gm, num_warps=warps, num_stages=stages)
 
 
+def _hard_wta_backward(hidden, weight, labels, forward_outputs, K):
+    """d hidden of the hard-WTA loss, lm_head frozen: pass 2 over the winners' rows."""
+    loss, _, _, weights, position_lse, row_count, pass1_rows, nll_grad = forward_outputs
+    return mcl._mcl_loss_backward_triton(
+        torch.ones_like(loss), hidden, weight, None, labels, weights, position_lse, row_count, pass1_rows,
+        nll_grad, K, "batch_major", "mean", IGNORE, True, True, False, False)[0]
+
+
 def sweep_pass2(regimes, configs, device, dtype):
     auto_config = mcl._pass2_fused_config
     for name, K, B, T, n_sup, H, V in regimes:
@@ -56,12 +65,7 @@ def sweep_pass2(regimes, configs, device, dtype):
         hidden = hidden.detach()
         out = mcl._mcl_loss_forward_triton(hidden, weight, None, labels, K, "batch_major", "wta", 0.0, 1.0, "mean",
                                            IGNORE, True)
-        loss, _, _, weights, position_lse, row_count, pass1_rows, nll_grad = out
-
-        def backward():
-            return mcl._mcl_loss_backward_triton(
-                torch.ones_like(loss), hidden, weight, None, labels, weights, position_lse, row_count, pass1_rows,
-                nll_grad, K, "batch_major", "mean", IGNORE, True, True, False, False)[0]
+        backward = functools.partial(_hard_wta_backward, hidden, weight, labels, out, K)
 
         with env_var("LORAMCL_MCL_PASS2", "fused"):
             auto_grad = backward()

@@ -31,6 +31,18 @@ def assert_within_budget(value, oracle, plain, *, factor=2.0, atol=1e-5, name="v
     assert err <= budget, f"{name}: error {err:.3e} exceeds budget {budget:.3e}"
 
 
+class CountingKernel:
+    """A Triton kernel whose launches (kernel[grid](...)) are recorded by name in `launches`;
+    `launch` sends such a stand-in through kernel[grid] rather than its direct path."""
+
+    def __init__(self, kernel, name, launches):
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        self.launches.append(self.name)
+        return self.kernel[grid]
+
+
 class ZerosRecorder(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the shape of every zero-filled tensor made while it is active (aten.zeros, zero_)."""
 

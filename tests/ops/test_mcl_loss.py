@@ -18,7 +18,7 @@ from loramcl_kernels.ops.mcl_loss import (
     mcl_loss_from_logits,
 )
 from tests.utils import (
-    TRITON_DEVICE, AllocationRecorder, PeakBytes, ZerosRecorder, assert_within_budget, requires_cuda,
+    TRITON_DEVICE, AllocationRecorder, CountingKernel, PeakBytes, ZerosRecorder, assert_within_budget, requires_cuda,
 )
 
 IGNORE = -100
@@ -646,17 +646,6 @@ def test_triton_gradients_match_reference_every_mode(case, layout, per_row_label
 # ---------------------------------------------------------------------------------------------
 
 
-class _Counting:
-    """A kernel whose launches (kernel[grid](...)) are recorded by name."""
-
-    def __init__(self, kernel, name, launches):
-        self.kernel, self.name, self.launches = kernel, name, launches
-
-    def __getitem__(self, grid):
-        self.launches.append(self.name)
-        return self.kernel[grid]
-
-
 @pytest.fixture
 def fused_pass2(monkeypatch):
     """Both passes through the fused GEMMs (pass 2's `auto` follows pass 1), soft weights through
@@ -666,7 +655,7 @@ def fused_pass2(monkeypatch):
     monkeypatch.setenv("LORAMCL_MCL_SOFT_BACKWARD", "recompute")
     launches = []
     for name in ("_grad_logits_tiles_kernel", "_grad_logits_chunk_kernel"):
-        monkeypatch.setattr(mcl_module, name, _Counting(getattr(mcl_module, name), name, launches))
+        monkeypatch.setattr(mcl_module, name, CountingKernel(getattr(mcl_module, name), name, launches))
     return launches
 
 
@@ -1507,7 +1496,7 @@ def test_gpu_frozen_head_pass2_bf16_within_budget(mode, pass2, monkeypatch):
     monkeypatch.setattr(mcl_module, "MAX_ROW_CHUNK", 256)
     launches = []
     for name in ("_grad_logits_tiles_kernel", "_grad_logits_chunk_kernel"):
-        monkeypatch.setattr(mcl_module, name, _Counting(getattr(mcl_module, name), name, launches))
+        monkeypatch.setattr(mcl_module, name, CountingKernel(getattr(mcl_module, name), name, launches))
     hidden, weight, bias, labels = make_data(K=4, B=3, T=65, H=256, V=5003, bias=True, seed=97)
     hb, wb, bb = (t.cuda().bfloat16() for t in (hidden, weight, bias))
     labels = labels.cuda()

@@ -10,7 +10,7 @@ import torch
 from loramcl_kernels import _backend
 from loramcl_kernels.ops import multi_lora_linear as mll
 from loramcl_kernels.ops.multi_lora_linear import multi_lora_linear
-from tests.utils import TRITON_DEVICE, ZerosRecorder, assert_within_budget, requires_cuda
+from tests.utils import TRITON_DEVICE, CountingKernel, ZerosRecorder, assert_within_budget, requires_cuda
 
 
 def hypotheses_of_rows(n, num_hyp, layout="batch_major", inner=1, ids=None):
@@ -329,7 +329,7 @@ def test_decode_path_two_launches_when_it_applies(monkeypatch, r, num_hyp, rows,
     launches = []
     for name in ("_decode_partial_kernel", "_decode_finish_kernel", "_shrink_kernel", "_gemm_expand_kernel"):
         kernel = getattr(mll, name)
-        monkeypatch.setattr(mll, name, _Counting(kernel, name, launches))
+        monkeypatch.setattr(mll, name, CountingKernel(kernel, name, launches))
     x, w, b, a, bb, s = make_inputs(rows, (), 32, 24, r, num_hyp, torch.float32, TRITON_DEVICE)
     w_view = w if w_layout == "rows" else w.t().contiguous().t()  # (d_out, d_in), stride (1, d_out)
     ids = torch.arange(rows, device=TRITON_DEVICE) % (num_hyp + 1) - 1  # includes -1: base only
@@ -355,7 +355,7 @@ def test_decode_path_over_splits_row_blocks_and_column_tiles(monkeypatch, dtype,
     monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "decode")
     launches = []
     for name in ("_decode_partial_kernel", "_decode_finish_kernel"):
-        monkeypatch.setattr(mll, name, _Counting(getattr(mll, name), name, launches))
+        monkeypatch.setattr(mll, name, CountingKernel(getattr(mll, name), name, launches))
     ids = [(7 * i) % 4 - 1 for i in range(70)]  # -1 (base only) and every hypothesis
     check_case(n=70, tokens=(), d_in=200, d_out=40, r=5, num_hyp=3, dtype=dtype, backend="triton",
                ids=ids, delta_only=delta_only, atol=1e-5 if dtype == torch.float32 else 2e-3, device=TRITON_DEVICE)
@@ -421,17 +421,6 @@ def test_grad_B_rounds_once_with_the_fp32_output_gemm(monkeypatch):
     exact = exact * scaling.double()[:, None, None]
     ulp = torch.finfo(torch.float16).eps * exact.abs().clamp(min=2.0**-14)  # one ulp of each value, at most
     assert ((grad_B.double() - exact).abs() <= 0.5 * ulp + 1e-6 * exact.abs().max()).all()
-
-
-class _Counting:
-    """A kernel whose launches (kernel[grid](...)) are recorded by name."""
-
-    def __init__(self, kernel, name, launches):
-        self.kernel, self.name, self.launches = kernel, name, launches
-
-    def __getitem__(self, grid):
-        self.launches.append(self.name)
-        return self.kernel[grid]
 
 
 _BK = mll._gemm_configs()[0].kwargs["BK"]  # the fused GEMM's K-step: 32 in the interpreter, 64 on the GPU

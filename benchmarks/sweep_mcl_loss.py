@@ -12,8 +12,9 @@ takes its tiles from such a run.
 Pass 2 (hard WTA, lm_head frozen: the backward, whose work is the winners' rows): milliseconds of
 the whole backward, TFLOP/s over its two GEMMs (4 n_w H V), and the largest difference of d hidden
 from the default configuration's; the chunked pass 2 (fp32 logits chunks and a row kernel) is a
-row of its own. _pass2_fused_config takes its tiles from such a run. "auto" is the configuration
-the package picks.
+row of its own, and so is auto's configuration in vocab chunks of the buffer's width instead of
+one wave of tiles (the chunks' memory against their launches: _pass2_chunk_sizes).
+_pass2_fused_config takes its tiles from such a run. "auto" is the configuration the package picks.
 """
 import argparse
 import functools
@@ -59,7 +60,7 @@ def _hard_wta_backward(hidden, weight, labels, forward_outputs, K):
 
 
 def sweep_pass2(regimes, configs, device, dtype):
-    auto_config = mcl._pass2_fused_config
+    auto_config, auto_min_cols = mcl._pass2_fused_config, mcl.PASS2_MIN_COLS
     for name, K, B, T, n_sup, H, V in regimes:
         hidden, weight, labels = make_inputs(K, B, T, n_sup, H, V, device, dtype)
         hidden = hidden.detach()
@@ -74,11 +75,15 @@ def sweep_pass2(regimes, configs, device, dtype):
         print(f"\n{name}, pass 2: n_w = {n_w} winner rows, H = {H}, V = {V}")
         print("| BM | BN | BK | GM | warps | stages | ms | TFLOP/s | max abs d hidden diff vs auto |")
         print("|---|---|---|---|---|---|---|---|---|")
-        for config in ["chunked", None, *configs]:
+        auto_label = _config_label(auto_config(hidden.device, hidden.dtype))
+        for config in ["chunked", None, "wide", *configs]:
             if config == "chunked":
                 label, path = "chunked pass 2 | | | | |", "chunked"
             elif config is None:
-                label, path = "auto: " + _config_label(auto_config(hidden.device, hidden.dtype)), "fused"
+                label, path = "auto: " + auto_label, "fused"
+            elif config == "wide":  # vocab chunks of the buffer's width, not capped at one wave of tiles
+                mcl.PASS2_MIN_COLS = 1 << 40
+                label, path = "auto, buffer-wide chunks: " + auto_label, "fused"
             else:
                 mcl._pass2_fused_config = lambda device, dtype, c=_as_config(config): c  # noqa: E731
                 label, path = " | ".join(map(str, config)), "fused"
@@ -91,6 +96,7 @@ def sweep_pass2(regimes, configs, device, dtype):
                 print(f"| {label} | error: {str(exc)[:100]} | | |")
             finally:
                 mcl._pass2_fused_config = auto_config
+                mcl.PASS2_MIN_COLS = auto_min_cols
 
 
 def sweep(regimes, configs, device, dtype):

@@ -131,6 +131,9 @@ MAX_ROW_CHUNK = 4096
 # Pass 1 with the one-pass gradient rescales a (rows x H) fp32 accumulator once per vocab chunk:
 # fewer rows per chunk mean wider vocab chunks (16384 with the default buffer) and fewer rescales.
 ONE_PASS_ROW_CHUNK = 1024
+# The fused pass 2's vocab chunks are at least this wide: its d hidden GEMM (rows x H, reducing over
+# the chunk) stays compute-bound, and a chunk costs two launches (see _pass2_chunk_sizes).
+PASS2_MIN_COLS = 4096
 # fp32's lowest finite value: where every online log-sum-exp starts its running max, so that masked
 # lanes (z = -inf) give exp(-inf - max) = 0, never NaN, and every finite logit is at or above it.
 FP32_LOWEST = tl.constexpr(-3.4028234663852886e38)  # .value on the host
@@ -906,13 +909,25 @@ def _chunk_sizes(n_rows: int, V: int, max_rows: Optional[int] = None,
     return rows, cols
 
 
-def _pass2_chunk_sizes(n_rows: int, V: int) -> tuple[int, int]:
+def _pass2_chunk_sizes(n_rows: int, V: int, fused_wave: Optional[tuple[int, int, int]] = None) -> tuple[int, int]:
     """Half pass 1's rows and logits per chunk: pass 2 also holds an operand-dtype copy of the
     logits and the rows' fp32 d hidden, and its GEMMs stay compute-bound (2048 x 4096 chunks with
     the default buffer). Its peak at small vocab (1792 winner rows, H=2048, V=32000, bf16): fp32
     logits 32 MiB + their bf16 copy 16 + d hidden 14 + rows 7 = 69 MiB (Cut Cross-Entropy's
-    whole peak there: 0.06 GiB)."""
-    return _chunk_sizes(n_rows, V, max(1, MAX_ROW_CHUNK // 2), max(16, LOGITS_CHUNK_ELEMENTS // 2))
+    whole peak there: 0.06 GiB).
+
+    fused_wave = (BM, BN, SMs) of the fused pass 2, whose buffer is the 16-bit gradient alone:
+    its vocab chunk is at most one wave of its tiles, BN * (SMs // row tiles) columns, but at least
+    PASS2_MIN_COLS. That changes only few rows' chunks: hard WTA at captioning (128 winner rows,
+    V = 156032, bf16) 128 x 65536 (16 MiB) -> 128 x 16896 on 132 SMs (4.1 MiB; peak extra 19.2 ->
+    7.4 MiB, Cut Cross-Entropy's 5.0 MiB measured); the wider regimes' row tiles fill a wave with
+    fewer columns than the floor."""
+    rows, cols = _chunk_sizes(n_rows, V, max(1, MAX_ROW_CHUNK // 2), max(16, LOGITS_CHUNK_ELEMENTS // 2))
+    if fused_wave is not None:
+        block_m, block_n, num_sms = fused_wave
+        wave = block_n * max(1, num_sms // cdiv(rows, block_m))
+        cols = min(cols, max(PASS2_MIN_COLS, wave))
+    return rows, cols
 
 
 def _block_v(n_cols: int) -> tuple[int, int]:
@@ -1258,7 +1273,12 @@ def _mcl_loss_backward_triton(
         lowp = hidden.dtype != torch.float32
         store_fp32 = (not lowp) or need_weight_grad or need_bias_grad
         fused = _pass2_path(hidden, w, need_weight_grad or need_bias_grad) == "fused"
-        rows_per_chunk, cols_per_chunk = _pass2_chunk_sizes(n_rows, V)
+        if fused:
+            config = _pass2_fused_config(device, hidden.dtype)
+            set_tma_allocator(device)
+            num_sms = device_facts(device)[0]
+        rows_per_chunk, cols_per_chunk = _pass2_chunk_sizes(
+            n_rows, V, (config["BM"], config["BN"], num_sms) if fused else None)
         # chunked: fp32 logits (overwritten by the fp32 gradient) and the gradient in the operand
         # dtype; fused: that gradient only
         buffer = None if fused else torch.empty(rows_per_chunk * cols_per_chunk, dtype=torch.float32, device=device)
@@ -1269,10 +1289,6 @@ def _mcl_loss_backward_triton(
         )
         dh_chunk = torch.empty(rows_per_chunk * H, dtype=torch.float32, device=device)
         block_v, warps = _block_v(cols_per_chunk)
-        if fused:
-            config = _pass2_fused_config(device, hidden.dtype)
-            set_tma_allocator(device)
-            num_sms = device_facts(device)[0]
         for r0 in range(0, n_rows, rows_per_chunk):
             pos = positions[r0 : min(r0 + rows_per_chunk, n_rows)]
             nr = pos.numel()

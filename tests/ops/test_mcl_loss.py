@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from loramcl_kernels.ops import _triton_utils as triton_utils
+from loramcl_kernels.ops._triton_utils import cdiv
 from loramcl_kernels.ops import mcl_loss as mcl_module
 from loramcl_kernels.ops.mcl_loss import (
     KERNEL_STATS,
@@ -332,12 +333,46 @@ def test_pass2_buffers_at_the_benchmark_regimes(n_rows, H, V, max_mib):
     assert buffers <= max_mib * 2**20
 
 
-# (K, B, T, supervised per sequence, H, V) of DESIGN.md section 3, and Cut Cross-Entropy's measured
-# peak extra GiB there: the memory target is 1.5x that (section 4)
+@pytest.mark.parametrize("n_rows, V, expected", [
+    (128, 156032, (128, 16896)),  # captioning's winners: one row tile, 132 tiles of 128 columns
+    (1792, 32000, (1792, 4096)),  # small vocab: 14 row tiles fill a wave at 9 x 128 columns; the floor
+    (3584, 151936, (2048, 4096)),  # dense LM: the buffer's 4096 columns already
+    (128, 3000, (128, 3000)),  # the whole vocabulary in one chunk
+])
+def test_fused_pass2_vocab_chunk_is_one_wave_of_tiles(n_rows, V, expected):
+    """The fused pass 2 (128 x 128 tiles, 132 SMs) takes at most one wave of tiles per vocab chunk,
+    at least PASS2_MIN_COLS columns; the chunked pass 2 keeps the buffer's chunks."""
+    rows, cols = mcl_module._pass2_chunk_sizes(n_rows, V, (128, 128, 132))
+    assert (rows, cols) == expected
+    assert cols == V or (cols % 128 == 0 and (cols == mcl_module.PASS2_MIN_COLS or
+                                              cdiv(rows, 128) * cols // 128 <= 132))
+    assert mcl_module._pass2_chunk_sizes(n_rows, V)[0] == rows
+
+
+def test_fused_pass2_one_wave_chunks_match_fp64_oracle(fused_pass2, monkeypatch):
+    """The floor lowered so that the interpreter's tiles (16 x 32) on its 4 "SMs" make vocab
+    chunks of one wave: 32 columns per row tile of a wave, every chunk one launch, d hidden as the
+    fp64 reference's."""
+    monkeypatch.setattr(mcl_module, "PASS2_MIN_COLS", 16)
+    K, V = 3, 300
+    hidden, weight, bias, labels = make_data(K=K, B=4, V=V, H=24, T=12, bias=True, device=TRITON_DEVICE, seed=17)
+    ref, grad_ref, ref_rows = run_frozen_head(hidden.double(), weight.double(), bias.double(), labels, K, "reference")
+    out, grad, rows = run_frozen_head(hidden, weight, bias, labels, K, "triton")
+    assert rows == ref_rows > 16  # two row tiles: 4 // 2 tiles of 32 columns per chunk
+    cols = 32 * max(1, 4 // cdiv(rows, 16))
+    assert fused_pass2 == ["_grad_logits_tiles_kernel"] * cdiv(V, cols) and cdiv(V, cols) > 2
+    torch.testing.assert_close(out.nll.double(), ref.nll, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), grad_ref, rtol=1e-4, atol=1e-6 * max(grad_ref.abs().max().item(), 1))
+
+
+# (K, B, T, supervised per sequence, H, V) of DESIGN.md section 3, and Cut Cross-Entropy's peak
+# extra GiB there, measured by the loss benchmark on an H200 next to ours (25.1.1, hard WTA;
+# benchmarks/measured/h200-2026-11-27/mcl_loss.json; the design notes' 0.12 / 0.13 / 0.06 GiB came
+# from another version): the memory target is 1.5x that (section 4)
 MEMORY_REGIMES = {
-    "captioning": ((5, 4, 780, 32, 4096, 156032), 0.12),
-    "dense LM": ((4, 8, 512, 448, 4096, 151936), 0.13),
-    "small vocab": ((8, 4, 512, 448, 2048, 32000), 0.06),
+    "captioning": ((5, 4, 780, 32, 4096, 156032), 0.0048838),
+    "dense LM": ((4, 8, 512, 448, 4096, 151936), 0.1093760),
+    "small vocab": ((8, 4, 512, 448, 2048, 32000), 0.0546885),
 }
 
 
@@ -363,30 +398,43 @@ def _modelled_peak(regime, pass1, mode, kw, monkeypatch):
     return peak.peak - hidden.numel() * 2
 
 
+# Where the chunked passes (GPUs without TMA) stay over the target: hard WTA's pass 2 there holds
+# an fp32 logits chunk and its 16-bit copy (captioning: 51 MiB against 7.5)
+CHUNKED_OVER_TARGET = {("captioning", "wta")}
+
+
 @pytest.mark.parametrize("pass1", ["fused", "chunked"])
 @pytest.mark.parametrize("regime", list(MEMORY_REGIMES))
 def test_peak_memory_model_at_the_benchmark_regimes(regime, pass1, monkeypatch):
-    """The modelled extra memory stays within 1.5x Cut Cross-Entropy's peak (of the design notes)
-    in every mode. This accounting gave the peaks measured on the H200 (benchmarks/NOTES.md)."""
+    """The modelled extra memory stays within 1.5x Cut Cross-Entropy's measured peak in every mode
+    with the fused passes (`auto` on Hopper, the benchmark's card), and with the chunked passes but
+    for CHUNKED_OVER_TARGET. This accounting gave the peaks measured on the H200 to within 3 KB
+    (benchmarks/NOTES.md)."""
     (K, B, T, n_sup, H, V), cce_gib = MEMORY_REGIMES[regime]
     for mode, kw in MODE_KW.items():
         extra = _modelled_peak(regime, pass1, mode, kw, monkeypatch)
-        assert extra <= 1.5 * cce_gib * 2**30, (mode, extra / 2**30)
+        within = extra <= 1.5 * cce_gib * 2**30
+        assert within != (pass1 == "chunked" and (regime, mode) in CHUNKED_OVER_TARGET), (mode, extra / 2**30)
         if mode != "wta":  # the one-pass gradient's rows (n x H) are alive next to the new d hidden
             assert extra >= K * B * n_sup * H * 2, (mode, extra / 2**30)
 
 
 @pytest.mark.parametrize("regime", list(MEMORY_REGIMES))
 def test_fused_pass2_holds_no_fp32_logits(regime, monkeypatch):
-    """Hard WTA's peak is pass 2's chunk: the fused pass 2 holds exactly one fp32 logits chunk less
-    than the chunked one (captioning 32 MiB of its modelled 50: measured 0.050 GiB chunked)."""
+    """Hard WTA's peak is pass 2's chunk: the chunked pass 2 holds fp32 logits and their 16-bit
+    copy, the fused one the 16-bit gradient alone, in vocab chunks of at most one wave of its
+    tiles (captioning: 48 MiB -> 4.1 MiB of the modelled peak; measured 0.050 GiB chunked)."""
     (K, B, T, n_sup, H, V), _ = MEMORY_REGIMES[regime]
     monkeypatch.setenv("LORAMCL_MCL_PASS2", "chunked")
     chunked = _modelled_peak(regime, "fused", "wta", {}, monkeypatch)
     monkeypatch.setenv("LORAMCL_MCL_PASS2", "auto")
     fused = _modelled_peak(regime, "fused", "wta", {}, monkeypatch)
+    config = mcl_module._pass2_fused_config(torch.device("cuda"), torch.bfloat16)
     rows, cols = mcl_module._pass2_chunk_sizes(B * n_sup, V)  # the winners' positions
-    assert chunked - fused == rows * cols * 4, (chunked / 2**30, fused / 2**30)
+    fused_cols = mcl_module._pass2_chunk_sizes(B * n_sup, V, (config["BM"], config["BN"], 132))[1]
+    assert fused_cols <= cols
+    assert chunked - fused == rows * cols * 4 + rows * (cdiv(cols, 16) - cdiv(fused_cols, 16)) * 16 * 2, (
+        chunked / 2**30, fused / 2**30)
 
 
 # ---------------------------------------------------------------------------------------------

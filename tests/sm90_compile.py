@@ -197,8 +197,9 @@ def main():
         out = mcl._mcl_loss_forward_triton(hidden, weight, bias, labels, 5, "batch_major", "wta", 0.0, 1.0,
                                            "mean", -100, True)
         loss, nll, winners, weights, position_lse, row_count, pass1_rows, nll_grad = out
-        if path == "fused":  # pass 2 follows: fused for a frozen lm_head, chunked for its gradients
-            for lm_head_grads in (False, True):
+        if path == "fused":  # pass 2 follows: fused for a frozen lm_head (both stores of g), chunked for its gradients
+            for lm_head_grads, tma_store in ((False, True), (False, False), (True, True)):
+                mcl.PASS2_TMA_STORE = tma_store
                 mcl._mcl_loss_backward_triton(loss, hidden, weight, bias, labels, weights, position_lse,
                                               row_count, pass1_rows, nll_grad, 5, "batch_major", "mean", -100,
                                               True, True, lm_head_grads, lm_head_grads)

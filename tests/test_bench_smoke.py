@@ -144,16 +144,23 @@ def _table_rows(stdout):
 def test_the_mcl_sweep_runs_its_configurations_on_the_cpu():
     """sweep_mcl_loss.py --smoke (interpreter): for both fused passes, the automatic configuration
     and each swept one run and give the same lse / d hidden as it, to rounding (another BK: another
-    order); pass 2's table also has the chunked pass 2 and auto in buffer-wide vocab chunks."""
+    order); pass 2's table (first) also has the chunked pass 2, auto in buffer-wide vocab chunks,
+    and both ways of storing the gradient tiles."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "benchmarks", "sweep_mcl_loss.py"), "--smoke"],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = _table_rows(proc.stdout)
-    assert len(rows) == 3 + 5, proc.stdout
-    assert rows[0][0].startswith("auto:") and rows[3][0] == "chunked pass 2" and rows[4][0].startswith("auto:")
-    assert rows[5][0].startswith("auto, buffer-wide chunks:")
-    for row in rows:
+    assert len(rows) == 5 + 3, proc.stdout
+    pass2, pass1 = rows[:5], rows[5:]
+    assert pass2[0][0] == "chunked pass 2" and pass2[1][0].startswith("auto:")
+    assert pass2[2][0].startswith("auto, buffer-wide chunks:")
+    assert [row[6] for row in pass2[3:]] == ["True", "False"]  # the TMA store column
+    assert pass1[0][0].startswith("auto:")
+    for row in pass2:
+        ms, diff = float(row[7]), float(row[9])
+        assert math.isfinite(ms) and ms > 0 and diff <= 1e-5, row
+    for row in pass1:
         ms, diff = float(row[6]), float(row[8])
         assert math.isfinite(ms) and ms > 0 and diff <= 1e-5, row
 

@@ -134,6 +134,9 @@ ONE_PASS_ROW_CHUNK = 1024
 # The fused pass 2's vocab chunks are at least this wide: its d hidden GEMM (rows x H, reducing over
 # the chunk) stays compute-bound, and a chunk costs two launches (see _pass2_chunk_sizes).
 PASS2_MIN_COLS = 4096
+# The fused pass 2 stores its gradient tiles through a TMA descriptor (fewer registers: no tile of
+# 64-bit pointers), else through masked pointer stores (see _grad_logits_tiles_kernel).
+PASS2_TMA_STORE = True
 # fp32's lowest finite value: where every online log-sum-exp starts its running max, so that masked
 # lanes (z = -inf) give exp(-inf - max) = 0, never NaN, and every finite logit is at or above it.
 FP32_LOWEST = tl.constexpr(-3.4028234663852886e38)  # .value on the host
@@ -838,11 +841,15 @@ def _grad_logits_tiles_kernel(
     BATCH_MAJOR: tl.constexpr,
     MEAN: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TMA_STORE: tl.constexpr,
 ):
     """Pass 2 fused: z = h W^T (+ bias) one (BM, BN) tile at a time, as in pass 1, and straight from
     the accumulator g = c[r] * (exp((z - max) - log-sum) - onehot(target)), stored once in the
     operand dtype: no fp32 logits in memory (the chunked pass 2 writes them, reads them back and
     writes this g). The same persistent TMA GEMM as _logits_lse_tiles_kernel.
+    TMA_STORE: g leaves through a tensor descriptor (a (BM, BN) tile staged in shared memory, the
+    rows and columns past (n, n_cols) clipped by the copy engine), else through a masked store of a
+    tile of pointers (stride_g a multiple of 16 elements either way).
     """
     pid = tl.program_id(0)
     num_pm = tl.cdiv(n, BM)
@@ -850,6 +857,8 @@ def _grad_logits_tiles_kernel(
     num_tiles = num_pm * num_pn
     h_desc = tl.make_tensor_descriptor(h_ptr, shape=[n, H], strides=[H, 1], block_shape=[BM, BK])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[V, H], strides=[H, 1], block_shape=[BN, BK])
+    if TMA_STORE:
+        g_desc = tl.make_tensor_descriptor(g_ptr, shape=[n, n_cols], strides=[stride_g, 1], block_shape=[BM, BN])
     for tile in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=True):
         pm, pn = grouped_tile(tile, num_pm, num_pn, GM)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -870,8 +879,11 @@ def _grad_logits_tiles_kernel(
         target = tl.load(target_ptr + offs_m, mask=mask_m, other=-1) - v_start
         onehot = tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
         g = coef[:, None] * (tl.exp((acc - row_max[:, None]) - log_sum[:, None]) - onehot)
-        out = g_ptr + offs_m.to(tl.int64)[:, None] * stride_g + cols[None, :]
-        tl.store(out, g.to(g_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        if TMA_STORE:
+            g_desc.store([pm * BM, pn * BN], g.to(g_ptr.dtype.element_ty))
+        else:
+            out = g_ptr + offs_m.to(tl.int64)[:, None] * stride_g + cols[None, :]
+            tl.store(out, g.to(g_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1027,13 +1039,15 @@ def _fused_config(device: torch.device, dtype: torch.dtype) -> dict:
 
 
 def _pass2_fused_config(device: torch.device, dtype: torch.dtype) -> dict:
-    """Pass 2's fused GEMM: the K-step of pass 1 (BK = 64), 128 x 128 tiles. Compiled for sm_90
-    (tests/sm90_compile.py): 128 x 256 tiles spill 768 bytes a thread in this epilogue (255
-    registers), 128 x 128 in 4 stages none; pass 1 measured at 598 TFLOP/s with these tiles.
-    Not yet measured in pass 2: benchmarks/sweep_mcl_loss.py times it against five others."""
+    """Pass 2's fused GEMM: the K-step of pass 1 (BK = 64), 128 x 128 tiles, g stored through a
+    TMA descriptor (PASS2_TMA_STORE). Compiled for sm_90 (tests/sm90_compile.py, bf16, with / without
+    a bias): 128 x 128 in 4 stages 216 / 172 registers and no spills (pointer stores: 202 / 183);
+    128 x 256 in 3 stages all 255 registers and 616 / 0 bytes of spills (pointer stores: 728 /
+    272). Pass 1 measured at 598 TFLOP/s with 128 x 128 tiles. Not yet measured in pass 2:
+    benchmarks/sweep_mcl_loss.py times it against seven others, both stores among them."""
     if device.type == "cpu" or dtype == torch.float32:
-        return _fused_config(device, dtype)
-    return dict(BM=128, BN=128, BK=64, GM=8, num_warps=8, num_stages=4)
+        return dict(_fused_config(device, dtype), TMA_STORE=PASS2_TMA_STORE)
+    return dict(BM=128, BN=128, BK=64, GM=8, num_warps=8, num_stages=4, TMA_STORE=PASS2_TMA_STORE)
 
 
 def _pass1_fused(h2, positions, targets, w, bias, position_lse, position_nll):

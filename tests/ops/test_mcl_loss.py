@@ -729,10 +729,13 @@ def test_fused_pass2_matches_fp64_oracle(case, layout, per_row_labels, small_chu
     torch.testing.assert_close(grad.double(), grad_ref, rtol=1e-4, atol=1e-6 * max(grad_ref.abs().max().item(), 1))
 
 
+@pytest.mark.parametrize("tma_store", [True, False], ids=["tma_store", "pointer_store"])
 @pytest.mark.parametrize("K, H, V, bias", [(3, 24, 1000, True), (1, 40, 77, False), (2, 8, 33, True)])
-def test_fused_pass2_odd_shapes(K, H, V, bias, fused_pass2):
+def test_fused_pass2_odd_shapes(K, H, V, bias, tma_store, fused_pass2, monkeypatch):
     """H not a multiple of the K-step, V not a multiple of the vocab tile, a single vocab tile, K = 1,
-    default chunking."""
+    default chunking; the gradient tiles stored through a TMA descriptor (clipped at the chunk's
+    edges) and through masked pointers."""
+    monkeypatch.setattr(mcl_module, "PASS2_TMA_STORE", tma_store)
     hidden, weight, b, labels = make_data(K=K, V=V, H=H, T=5, bias=bias, device=TRITON_DEVICE, seed=7)
     b64 = b.double() if bias else None
     ref, grad_ref, _ = run_frozen_head(hidden.double(), weight.double(), b64, labels, K, "reference")

@@ -40,7 +40,7 @@ for step in $STEPS; do
     bench)
       timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_multi_lora.py --out "$OUT/multi_lora.json" 2>&1 | tee "$OUT/bench_multi_lora.log" ;;
     profile)
-      { timeout 150 python3 benchmarks/profile_multi_lora.py --K 4 --T 2048 --r 16 --paths fused,fused-unflattened,cublas
+      { timeout 150 python3 benchmarks/profile_multi_lora.py --K 4 --T 2048 --r 16 --paths fused,fused-pointer-store,cublas
         timeout 90 python3 benchmarks/profile_multi_lora.py --K 4 --T 2048 --r 64
         timeout 60 python3 benchmarks/profile_multi_lora.py --K 5 --T 780 --r 8 --shared; } 2>&1 | tee "$OUT/profile.log" ;;
     host)

@@ -3,7 +3,9 @@
 python benchmarks/profile_multi_lora.py [--paths fused,cublas] [--K 4 --T 2048 --r 16] [--shared] [--host]
 Prints the CUDA kernel time table of torch.profiler for each path next to cuBLAS base-only. The
 path "fused-unflattened" is the fused path with the persistent GEMM's loops left unflattened
-(FLATTEN_16_BIT_GEMM off): the fused GEMM's time per call with and without one software pipeline.
+(FLATTEN_16_BIT_GEMM off): the fused GEMM's time per call with and without one software pipeline;
+"fused-pointer-store" stores the GEMM's output tiles through masked pointers instead of TMA
+descriptors (GEMM_TMA_STORE off).
 --host prints instead the host time per call (microseconds to enqueue, GPU drained first) of each
 launch and of the public calls: where the eager time goes when the host is the bottleneck.
 """
@@ -52,8 +54,9 @@ def main():
 
     for name, path, fn in runs:
         if path:
-            os.environ["LORAMCL_MULTI_LORA_PATH"] = path.replace("-unflattened", "")
+            os.environ["LORAMCL_MULTI_LORA_PATH"] = path.split("-")[0]
             mll.FLATTEN_16_BIT_GEMM = not path.endswith("-unflattened")
+            mll.GEMM_TMA_STORE = not path.endswith("-pointer-store")
         for _ in range(5):
             fn()
         torch.cuda.synchronize()

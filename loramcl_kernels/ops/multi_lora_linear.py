@@ -86,6 +86,9 @@ DECODE_AUTO_MAX_ROWS = 64  # auto: the decode kernel up to this many rows (see _
 # The persistent GEMM's tile and K loops flattened into one software pipeline for 16-bit operands
 # (see _gemm_expand_kernel); benchmarks/profile_multi_lora.py turns it off to time the difference.
 FLATTEN_16_BIT_GEMM = True
+# The persistent GEMM stores its output tiles through a TMA descriptor where out's rows are 16-byte
+# aligned (see _gemm_expand_kernel's TMA_STORE); benchmarks/profile_multi_lora.py turns it off too.
+GEMM_TMA_STORE = True
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -433,6 +436,7 @@ if triton is not None:
         HAS_BASE: tl.constexpr, W_KN: tl.constexpr, HAS_INIT: tl.constexpr, SHARED_OUT: tl.constexpr,
         EXPAND_TMA: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
         E_ROWS_OF_R: tl.constexpr = False, DROPOUT: tl.constexpr = False, FLATTEN: tl.constexpr = False,
+        TMA_STORE: tl.constexpr = False,
     ):
         """out = [x W^T] + [init] + [bias] + expand, tiles of (BM, BN) visited round-robin by NUM_PROGRAMS.
 
@@ -447,6 +451,12 @@ if triton is not None:
           SHARED_OUT: output row (m // L)*K*L + k*L + m % L gets acc + s_k S[m, block k] E_k^T, per k.
           DROPOUT (per-hypothesis expand, not SHARED_OUT): the expand is masked by the LoRA dropout
                       keep mask at (m, n) and scaled by dropout_scale (dx of dropout(x), N = d_in).
+        TMA_STORE (HAS_BASE, not SHARED_OUT; out (M, N) with 16-byte aligned rows): each output tile
+        leaves as two (BM, BN/2) halves through a tensor descriptor (staged in shared memory, stored
+        by the copy engine while the next tile's loads run, rows and columns past (M, N) clipped),
+        else through a masked store of a tile of pointers. Compiled for sm_90 (bf16, 128 x 256, K*r
+        <= BK): 156 registers against 172, shared memory 229416 of the 232448 bytes a block may
+        use (one whole-tile descriptor took 262184: over it).
 
         Loop shape: Triton flattens the persistent loop (tiles x K-steps as one software pipeline, so
         the next tile's first loads are in flight while this tile's expand and stores run) only when
@@ -476,6 +486,9 @@ if triton is not None:
                                                block_shape=[BM, BK])
             e_desc = tl.make_tensor_descriptor(e_ptr, shape=[N, NUM_HYP * R], strides=[stride_en, 1],
                                                block_shape=[BN, BK])
+        if TMA_STORE:
+            out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_om, 1],
+                                                 block_shape=[BM, BN // 2])
         offs_j = tl.arange(0, R_PAD)
         mask_j = offs_j < R
         for tile in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=FLATTEN):  # see Loop shape
@@ -539,7 +552,12 @@ if triton is not None:
                                     dropout_scale)
                 else:
                     acc = lora
-            if not SHARED_OUT:
+            if TMA_STORE:
+                halves = tl.permute(tl.reshape(acc.to(out_ptr.dtype.element_ty), (BM, 2, BN // 2)), (0, 2, 1))
+                left, right = tl.split(halves)
+                out_desc.store([pm * BM, pn * BN], left)
+                out_desc.store([pm * BM, pn * BN + BN // 2], right)
+            elif not SHARED_OUT:
                 tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
                          acc.to(out_ptr.dtype.element_ty), mask=mask_mn)
 
@@ -781,7 +799,8 @@ def _launch_gemm_expand(x, weight, w_kn, init, shrink, e, e_strides, scaling, bi
                   E_ROWS_OF_R=not expand_tma and tuple(e_strides[1:]) == (r, 1), DROPOUT=dropout is not None,
                   # the persistent GEMM on 16-bit operands (the expand-only epilogue runs one tile per
                   # program: flattening its loop compiled to scalar 2-byte stores, sm_90 PTX)
-                  FLATTEN=has_base and x.element_size() == 2 and FLATTEN_16_BIT_GEMM)
+                  FLATTEN=has_base and x.element_size() == 2 and FLATTEN_16_BIT_GEMM,
+                  TMA_STORE=has_base and not shared_out and GEMM_TMA_STORE and _tma_ok(out))
     seed, threshold, keep_scale = _dropout_args(dropout, out)
     args = [x if has_base else out, weight if has_base else out, init if init is not None else out,
             shrink, e, scaling if scaling is not None else shrink, bias if bias is not None else out, out, seed,

@@ -455,6 +455,40 @@ def test_fused_path_loads_expand_through_tma_when_aligned(monkeypatch, num_hyp, 
         torch.testing.assert_close(g, e, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype, d_out, aligned", [
+    (torch.float16, 40, True),  # 80-byte rows; 40 = one full and one partial 32-column tile in the interpreter
+    (torch.float16, 36, False),  # 72-byte rows: the forward's masked pointer store (dy's rows: dx on cuBLAS)
+    (torch.float32, 36, True),
+])
+def test_fused_gemm_stores_its_tiles_through_tma_when_aligned(monkeypatch, dtype, d_out, aligned):
+    """The fused GEMM writes out through a TMA descriptor (two half tiles, clipped at the matrix's
+    edges) where out's rows are 16-byte aligned, else through masked pointers: both give the same
+    values, with partial row and column tiles (50 rows: one full and one partial 32-row tile)."""
+    monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "fused")
+    stores = []
+    launch = mll.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        if "TMA_STORE" in kwargs:
+            stores.append(kwargs["TMA_STORE"])
+        return launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(mll, "launch", spy)
+    x, w, b, a, bb, s = make_inputs(10, (5,), 32, d_out, 4, 2, dtype, TRITON_DEVICE)
+    results = {}
+    for tma_store in (True, False):
+        monkeypatch.setattr(mll, "GEMM_TMA_STORE", tma_store)
+        stores.clear()
+        results[tma_store] = forward_and_grads(lambda *t: multi_lora_linear(*t, s, backend="triton"), x, w, b, a, bb)
+        # the forward's GEMM, and with aligned rows the backward's dx (32 columns)
+        assert stores == ([tma_store] * 2 if aligned else [False]), stores
+    want = forward_and_grads(lambda *t: multi_lora_linear(*t, s, backend="reference"), x, w, b, a, bb)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    for tma, pointers, reference in zip(results[True], results[False], want):
+        assert torch.equal(tma, pointers)
+        torch.testing.assert_close(tma, reference, rtol=tol, atol=tol)
+
+
 def test_triton_is_deterministic(triton_path):
     x, w, b, a, bb, s = make_inputs(6, (5,), 32, 32, 4, 3, torch.float32, TRITON_DEVICE)
     runs = [forward_and_grads(lambda *t: multi_lora_linear(*t, s, backend="triton"), x, w, b, a, bb)

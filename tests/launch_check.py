@@ -91,7 +91,9 @@ def calls():
                 y, shrink = mll.multi_lora_linear_shared_triton(x, w, None, a, b, s, 1)
                 mll.multi_lora_linear_shared_triton_backward(y, x, w, a, b, s, shrink, 1)
 
-    for path, mode in (("chunked", "wta"), ("fused", "wta"), ("chunked", "annealed")):
+    # (pass 1, mode, lm_head gradients): a frozen lm_head after the fused pass 1 takes the fused pass 2
+    for path, mode, lm_head_grads in (("chunked", "wta", True), ("fused", "wta", True), ("fused", "wta", False),
+                                      ("chunked", "annealed", False)):
         os.environ["LORAMCL_MCL_PASS1"] = path
         for dtype in (torch.bfloat16, torch.float32):
             hidden, weight = empty(10, 40, 256, dtype=dtype), empty(1000, 256, dtype=dtype)
@@ -99,7 +101,7 @@ def calls():
             out = mcl._mcl_loss_forward_triton(hidden, weight, bias, labels, 5, "batch_major", mode, 0.0, 1.0,
                                                "mean", -100, True, keep_nll_grad=mode == "annealed")
             mcl._mcl_loss_backward_triton(out[0], hidden, weight, bias, labels, *out[3:8], 5, "batch_major", "mean",
-                                          -100, True, mode == "wta", mode == "wta", mode == "wta")
+                                          -100, True, mode == "wta", lm_head_grads, lm_head_grads)
 
 
 def main():

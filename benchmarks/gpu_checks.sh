@@ -53,7 +53,9 @@ for step in $STEPS; do
     decode)
       timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_decode.py --out "$OUT/decode.json" 2>&1 | tee "$OUT/bench_decode.log" ;;
     sweep)
-      timeout "${SWEEP_TIMEOUT:-120}" python3 benchmarks/sweep_decode.py 2>&1 | tee "$OUT/sweep_decode.log"
+      # the multi-LoRA sweeps share one log: the device tool returns at most 8 files
+      { timeout "${SWEEP_TIMEOUT:-120}" python3 benchmarks/sweep_decode.py
+        timeout 60 python3 benchmarks/sweep_shrink.py; } 2>&1 | tee "$OUT/sweep_multi_lora.log"
       timeout "${SWEEP_TIMEOUT:-120}" python3 benchmarks/sweep_mcl_loss.py 2>&1 | tee "$OUT/sweep_mcl_loss.log" ;;
     profile_loss)
       timeout 150 python3 benchmarks/profile_mcl_loss.py 2>&1 | tee "$OUT/profile_mcl_loss.log" ;;

@@ -126,6 +126,7 @@ def test_ratios_and_targets(smoke_run):
     ("profile_mcl_loss.py", "no GPU: nothing to profile"),
     ("sweep_decode.py", "no GPU: nothing to sweep"),
     ("sweep_mcl_loss.py", "no GPU: nothing to sweep"),
+    ("sweep_shrink.py", "no GPU: nothing to sweep"),
 ])
 def test_gpu_only_scripts_say_so_and_exit_0_without_a_gpu(script, says):
     """The profiling and sweep scripts (GPU only) import, say there is nothing to do and exit 0."""
@@ -177,6 +178,20 @@ def test_the_decode_sweep_runs_its_configurations_on_the_cpu():
     for row in rows:
         us, err = float(row[7]), float(row[8])
         assert math.isfinite(us) and us > 0 and err <= 1e-4, row
+
+
+def test_the_shrink_sweep_runs_on_the_cpu():
+    """sweep_shrink.py --smoke (interpreter): each row runs the shrink and matches auto's S (on the
+    CPU the launcher keeps the interpreter's tiles: this checks the script, not the configurations)."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "benchmarks", "sweep_shrink.py"), "--smoke"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [row for row in _table_rows(proc.stdout) if row[0] != "K"]
+    assert len(rows) == 2 and rows[0][3].startswith("auto:"), proc.stdout
+    for row in rows:
+        us, diff = float(row[7]), float(row[9])
+        assert math.isfinite(us) and us > 0 and diff == 0, row
 
 
 def test_a_run_stopped_by_timeout_keeps_its_rows(tmp_path):

@@ -90,6 +90,9 @@ FLATTEN_16_BIT_GEMM = True
 # aligned (see _gemm_expand_kernel's TMA_STORE); benchmarks/profile_multi_lora.py turns it off too.
 GEMM_TMA_STORE = True
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# GPU tiles of the shrink: rows per program, bytes of x per row and K-step, most tiles in flight
+# (stages - 1 of them loaded ahead, as shared memory allows), warps (benchmarks/sweep_shrink.py varies them)
+SHRINK_GPU_BM, SHRINK_GPU_BD_BYTES, SHRINK_GPU_MAX_STAGES, SHRINK_GPU_WARPS = 32, 256, 3, 4
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -710,7 +713,7 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
     if m == 0:
         return out
     on_cpu = x.device.type == "cpu"  # CPU tensors only run under the Triton interpreter
-    block_m, block_d = (16, 32) if on_cpu else (32, 256 // x.element_size())
+    block_m, block_d = (16, 32) if on_cpu else (SHRINK_GPU_BM, SHRINK_GPU_BD_BYTES // x.element_size())
     # Block diagonal with runs of at least a tile of rows per hypothesis (a sequence's tokens):
     # per-run tiles that read and multiply P_h only. Else every program takes all the blocks of
     # BC columns and masks them (decode-like runs of few rows, shared input).
@@ -720,7 +723,7 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
     # shared memory: (stages - 1) buffers of the x and P tiles (measured by tests/sm90_compile.py):
     # two where the device has room (227 KB on Hopper, 163 KB on A100), else one (99 KB cards)
     stage_bytes = (block_m + block_c) * block_d * x.element_size()
-    stages = 1 if on_cpu else (3 if 2 * stage_bytes <= _shared_memory_budget(x.device) else 2)
+    stages = 1 if on_cpu else max(2, min(SHRINK_GPU_MAX_STAGES, 1 + _shared_memory_budget(x.device) // stage_bytes))
     if runs:
         grid = (cdiv(m, row_div), cdiv(row_div, block_m))
     else:
@@ -732,7 +735,7 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
         x.stride(0), p.stride(0), p.stride(1), p.stride(2), out.stride(0), threshold, keep_scale,
         R=r, BM=block_m, BD=block_d, BC=block_c, R_PAD=r_pad, BLOCK_DIAG=block_diag,
         HAS_IDS=hypothesis_ids is not None, HAS_SCALE=scaling is not None, DOT_PRECISION=_DOT_PRECISION,
-        DROPOUT=dropout is not None, RUNS=runs, num_warps=4, num_stages=stages,
+        DROPOUT=dropout is not None, RUNS=runs, num_warps=SHRINK_GPU_WARPS, num_stages=stages,
     )
     return out
 

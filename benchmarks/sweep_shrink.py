@@ -1,0 +1,75 @@
+"""The multi-LoRA shrink kernel at several tile configurations, under a CUDA graph (GPU).
+
+python benchmarks/sweep_shrink.py  -> a markdown table; the SHRINK_GPU_* constants of
+ops/multi_lora_linear.py should take their values from such a run. "auto" is the package's.
+
+The shrink S_bd = x A_h^T (forward; the backward's dS = s dy B_h is the same kernel on dy) of a
+training shape, with runs of T rows per hypothesis (the per-run tiles): memory-bound, it reads x
+once (M x d_in x 2 bytes) and writes S (M x K*r). Each row: microseconds per call, the fraction of
+the HBM floor (bytes moved at 4.3 TB/s: 64 MiB in 15.6 us), and the largest difference of S from
+auto's (another K-step sums in another order: ulp-level differences).
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from loramcl_kernels.ops import multi_lora_linear as mll  # noqa: E402
+
+HBM_BYTES_PER_US = 4.3e6  # H200: 64 MiB read in 15.6 us (benchmarks/NOTES.md)
+# (rows per program, bytes of x per row and K-step, most stages, warps); None: auto's
+CONFIGS = [None, (16, 256, 3, 4), (64, 256, 3, 4), (32, 512, 3, 4), (32, 128, 5, 4), (32, 256, 5, 4),
+           (16, 256, 6, 4), (64, 512, 3, 8), (32, 256, 3, 8)]
+SMOKE_CONFIGS = [None, (16, 256, 3, 4)]  # on the CPU the launcher keeps its interpreter tiles: checks the script
+
+
+def _knobs():
+    return (mll.SHRINK_GPU_BM, mll.SHRINK_GPU_BD_BYTES, mll.SHRINK_GPU_MAX_STAGES, mll.SHRINK_GPU_WARPS)
+
+
+def _set_knobs(values):
+    mll.SHRINK_GPU_BM, mll.SHRINK_GPU_BD_BYTES, mll.SHRINK_GPU_MAX_STAGES, mll.SHRINK_GPU_WARPS = values
+
+
+def sweep(shapes, d, device, dtype, configs, time_us):
+    print("| K | tokens/hyp | r | BM | BD bytes | stages | warps | us | x HBM floor | max abs S diff vs auto |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    auto = _knobs()
+    for K, T, r in shapes:
+        torch.manual_seed(0)
+        x = torch.randn(K * T, d, device=device).to(dtype)
+        a = (torch.randn(K, r, d, device=device) / d**0.5).to(dtype)
+        shrink = lambda: mll._launch_shrink(x, a, None, None, T, block_diag=True)  # noqa: E731, B023
+        reference = shrink()
+        floor_us = (x.numel() + K * T * K * r) * x.element_size() / HBM_BYTES_PER_US
+        for config in configs:
+            _set_knobs(config or auto)
+            label = " | ".join(map(str, config or auto)) if config else "auto: " + " | ".join(map(str, auto))
+            try:
+                diff = (shrink().float() - reference.float()).abs().max().item()
+                us = time_us(shrink)
+                print(f"| {K} | {T} | {r} | {label} | {us:.1f} | {us / floor_us:.2f} | {diff:.2e} |")
+            except Exception as exc:  # noqa: BLE001 - a configuration that does not fit is a row too
+                print(f"| {K} | {T} | {r} | {label} | error: {str(exc)[:100]} | | |")
+            finally:
+                _set_knobs(auto)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU check of the script under TRITON_INTERPRET=1")
+    cli = parser.parse_args()
+    if cli.smoke:
+        print("shrink, us per call, d=64, fp32, CPU smoke run (Triton interpreter): times mean nothing")
+        sweep([(3, 20, 5)], 64, "cpu", torch.float32, SMOKE_CONFIGS,
+              lambda fn: 1e3 * common.time_ms(fn, cpu_reps=1))
+    elif not torch.cuda.is_available():
+        print("no GPU: nothing to sweep")
+    else:
+        d = 4096
+        print(f"shrink (per-run tiles), us under a CUDA graph, d={d}, bf16, {torch.cuda.get_device_name()}")
+        sweep([(4, 2048, 16), (4, 2048, 64), (8, 1024, 8)], d, "cuda", torch.bfloat16, CONFIGS,
+              common.time_graph_us)

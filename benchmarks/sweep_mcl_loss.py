@@ -146,12 +146,13 @@ if __name__ == "__main__":
     cli = parser.parse_args()
     if cli.smoke:
         print("mcl_loss passes 1 and 2, fused, fp32, CPU smoke run (Triton interpreter): times mean nothing")
+        mcl.PASS2_MIN_COLS = 16  # one-wave vocab chunks at the CPU regime's size: "buffer-wide" differs
         sweep_pass2(CPU_REGIMES[:1], SMOKE_PASS2_CONFIGS, "cpu", torch.float32)
         sweep(CPU_REGIMES[:1], SMOKE_CONFIGS, "cpu", torch.float32)
     elif not torch.cuda.is_available():
         print("no GPU: nothing to sweep")
     else:
         print(f"mcl_loss passes 1 and 2, fused, bf16, {torch.cuda.get_device_name()}")
-        # pass 2 first: never measured yet (pass 1's tiles came from the last sweep)
+        # pass 2 first: a run that its time limit cuts short keeps pass 2's table
         sweep_pass2(GPU_REGIMES, PASS2_CONFIGS, "cuda", torch.bfloat16)
         sweep(GPU_REGIMES, CONFIGS, "cuda", torch.bfloat16)

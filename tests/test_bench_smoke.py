@@ -155,7 +155,8 @@ def test_the_mcl_sweep_runs_its_configurations_on_the_cpu():
     assert len(rows) == 5 + 3, proc.stdout
     pass2, pass1 = rows[:5], rows[5:]
     assert pass2[0][0] == "chunked pass 2" and pass2[1][0].startswith("auto:")
-    assert pass2[2][0].startswith("auto, buffer-wide chunks:")
+    # the smoke run cuts auto's vocab chunks to one wave: the buffer-wide ones sum d hidden in another order
+    assert pass2[2][0].startswith("auto, buffer-wide chunks:") and float(pass2[2][9]) > 0
     assert [row[6] for row in pass2[3:]] == ["True", "False"]  # the TMA store column
     assert pass1[0][0].startswith("auto:")
     for row in pass2:

@@ -131,11 +131,13 @@ MAX_ROW_CHUNK = 4096
 # Pass 1 with the one-pass gradient rescales a (rows x H) fp32 accumulator once per vocab chunk:
 # fewer rows per chunk mean wider vocab chunks (16384 with the default buffer) and fewer rescales.
 ONE_PASS_ROW_CHUNK = 1024
-# The fused pass 2's vocab chunks are at least this wide: its d hidden GEMM (rows x H, reducing over
-# the chunk) stays compute-bound, and a chunk costs two launches (see _pass2_chunk_sizes).
+# The fused pass 2 cuts its vocab chunks to one wave of tiles only where a wave is at least this
+# wide: its d hidden GEMM (rows x H, reducing over the chunk) stays compute-bound, and a chunk costs
+# two launches (see _pass2_chunk_sizes).
 PASS2_MIN_COLS = 4096
-# The fused pass 2 stores its gradient tiles through a TMA descriptor (fewer registers: no tile of
-# 64-bit pointers), else through masked pointer stores (see _grad_logits_tiles_kernel).
+# The fused pass 2 stores its gradient tiles through a TMA descriptor (no tile of 64-bit pointers:
+# fewer registers without a bias, sm_90), else through masked pointer stores
+# (see _grad_logits_tiles_kernel).
 PASS2_TMA_STORE = True
 # fp32's lowest finite value: where every online log-sum-exp starts its running max, so that masked
 # lanes (z = -inf) give exp(-inf - max) = 0, never NaN, and every finite logit is at or above it.
@@ -921,24 +923,26 @@ def _chunk_sizes(n_rows: int, V: int, max_rows: Optional[int] = None,
     return rows, cols
 
 
-def _pass2_chunk_sizes(n_rows: int, V: int, fused_wave: Optional[tuple[int, int, int]] = None) -> tuple[int, int]:
+def _pass2_chunk_sizes(n_rows: int, V: int,
+                       fused_tiles: Optional[tuple[int, int, int]] = None) -> tuple[int, int]:
     """Half pass 1's rows and logits per chunk: pass 2 also holds an operand-dtype copy of the
     logits and the rows' fp32 d hidden, and its GEMMs stay compute-bound (2048 x 4096 chunks with
     the default buffer). Its peak at small vocab (1792 winner rows, H=2048, V=32000, bf16): fp32
     logits 32 MiB + their bf16 copy 16 + d hidden 14 + rows 7 = 69 MiB (Cut Cross-Entropy's
     whole peak there: 0.06 GiB).
 
-    fused_wave = (BM, BN, SMs) of the fused pass 2, whose buffer is the 16-bit gradient alone:
-    its vocab chunk is at most one wave of its tiles, BN * (SMs // row tiles) columns, but at least
-    PASS2_MIN_COLS. That changes only few rows' chunks: hard WTA at captioning (128 winner rows,
-    V = 156032, bf16) 128 x 65536 (16 MiB) -> 128 x 16896 on 132 SMs (4.1 MiB; peak extra 19.2 ->
-    7.4 MiB, Cut Cross-Entropy's 5.0 MiB measured); the wider regimes' row tiles fill a wave with
-    fewer columns than the floor."""
+    fused_tiles = (BM, BN, SMs) of the fused pass 2, whose buffer is the 16-bit gradient alone:
+    where one wave of its tiles, BN * (SMs // row tiles) columns, is at least PASS2_MIN_COLS wide,
+    a vocab chunk is at most one wave. That is the case of few rows: hard WTA at captioning (128
+    winner rows, V = 156032, bf16, 132 SMs) 128 x 65536 (16 MiB) -> 128 x 16896 (4.1 MiB; peak
+    extra 19.4 -> 7.48 MiB, against 1.5x Cut Cross-Entropy's 5.0 MiB). The other regimes' row
+    tiles fill a wave with fewer columns than that, and keep the buffer's chunks."""
     rows, cols = _chunk_sizes(n_rows, V, max(1, MAX_ROW_CHUNK // 2), max(16, LOGITS_CHUNK_ELEMENTS // 2))
-    if fused_wave is not None:
-        block_m, block_n, num_sms = fused_wave
+    if fused_tiles is not None:
+        block_m, block_n, num_sms = fused_tiles
         wave = block_n * max(1, num_sms // cdiv(rows, block_m))
-        cols = min(cols, max(PASS2_MIN_COLS, wave))
+        if wave >= PASS2_MIN_COLS:
+            cols = min(cols, wave)
     return rows, cols
 
 
@@ -1044,7 +1048,7 @@ def _pass2_fused_config(device: torch.device, dtype: torch.dtype) -> dict:
     a bias): 128 x 128 in 4 stages 216 / 172 registers and no spills (pointer stores: 202 / 183);
     128 x 256 in 3 stages all 255 registers and 616 / 0 bytes of spills (pointer stores: 728 /
     272). Pass 1 measured at 598 TFLOP/s with 128 x 128 tiles. Not yet measured in pass 2:
-    benchmarks/sweep_mcl_loss.py times it against seven others, both stores among them."""
+    benchmarks/sweep_mcl_loss.py times it against eight others, both stores among them."""
     if device.type == "cpu" or dtype == torch.float32:
         return dict(_fused_config(device, dtype), TMA_STORE=PASS2_TMA_STORE)
     return dict(BM=128, BN=128, BK=64, GM=8, num_warps=8, num_stages=4, TMA_STORE=PASS2_TMA_STORE)
@@ -1292,7 +1296,7 @@ def _mcl_loss_backward_triton(
             set_tma_allocator(device)
             num_sms = device_facts(device)[0]
         rows_per_chunk, cols_per_chunk = _pass2_chunk_sizes(
-            n_rows, V, (config["BM"], config["BN"], num_sms) if fused else None)
+            n_rows, V, fused_tiles=(config["BM"], config["BN"], num_sms) if fused else None)
         # chunked: fp32 logits (overwritten by the fp32 gradient) and the gradient in the operand
         # dtype; fused: that gradient only
         buffer = None if fused else torch.empty(rows_per_chunk * cols_per_chunk, dtype=torch.float32, device=device)

@@ -459,7 +459,7 @@ if triton is not None:
         by the copy engine while the next tile's loads run, rows and columns past (M, N) clipped),
         else through a masked store of a tile of pointers. Compiled for sm_90 (bf16, 128 x 256, K*r
         <= BK): 156 registers against 172, shared memory 229416 of the 232448 bytes a block may
-        use (one whole-tile descriptor took 262184: over it).
+        use (a whole (BM, BN) staging tile takes 262184: over it).
 
         Loop shape: Triton flattens the persistent loop (tiles x K-steps as one software pipeline, so
         the next tile's first loads are in flight while this tile's expand and stores run) only when
@@ -489,6 +489,7 @@ if triton is not None:
                                                block_shape=[BM, BK])
             e_desc = tl.make_tensor_descriptor(e_ptr, shape=[N, NUM_HYP * R], strides=[stride_en, 1],
                                                block_shape=[BN, BK])
+        tl.static_assert(not (TMA_STORE and SHARED_OUT), "shared input's K outputs are stored per hypothesis")
         if TMA_STORE:
             out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_om, 1],
                                                  block_shape=[BM, BN // 2])

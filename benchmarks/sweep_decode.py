@@ -1,7 +1,8 @@
 """Decode forward under a CUDA graph for several (BN columns, d_in splits) of the decode kernels (GPU).
 
 python benchmarks/sweep_decode.py  -> a markdown table; _decode_config in ops/multi_lora_linear.py
-should take its tiles from such a run. "auto" is the configuration _decode_config picks. Each
+should take its tiles from such a run. "auto" is the configuration _decode_config picks, with and
+without the finish kernel's programmatic dependent launch (PDL, DECODE_PDL). Each
 graph runs LAYERS copies of the layer one after the other (us per call = graph time / LAYERS):
 their W outgrow the L2 cache, so each call reads W from HBM, as the layers of a decoding step do.
 """
@@ -21,8 +22,8 @@ LAYERS = 4  # 4 x 32 MiB of W at d = 4096: more than the H200's 50 MB of L2
 
 def sweep(shapes, d, device, dtype, time_us):
     """One table row per (K, r) and (BN, splits); time_us(fn) -> us per call of fn."""
-    print("| K | r | rows | BN | splits | BK | stages | us | max abs err vs cublas path |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| K | r | rows | BN | splits | BK | stages | PDL | us | max abs err vs cublas path |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     auto_config = mll._decode_config
     for K, r in shapes:
         torch.manual_seed(0)
@@ -34,22 +35,24 @@ def sweep(shapes, d, device, dtype, time_us):
             ref = multi_lora_linear(x, w, None, a, b, 2.0, num_hypotheses=K, backend="triton")
         layers = [(w, a, b)] + [(w.clone(), a.clone(), b.clone()) for _ in range(LAYERS - 1)]
         base_us = time_us(lambda: [x @ w_.t() for w_, _, _ in layers]) / LAYERS  # noqa: B023
-        print(f"| {K} | {r} | {8 * K} | base | - | - | - | {base_us:.1f} | - |")
-        # (BN, splits, BK, stages); None: auto's. The K-step and pipeline depth at 64 columns and 4
+        print(f"| {K} | {r} | {8 * K} | base | - | - | - | - | {base_us:.1f} | - |")
+        # (BN, splits, BK, stages, PDL); None: auto's. auto without the programmatic dependent launch
+        # of the finish kernel (DECODE_PDL); the K-step and pipeline depth at 64 columns and 4
         # splits, where each program streams only 1024 of d_in (8 steps of 128)
-        configs = [("auto", "auto", None, None)] + [(bn, splits, None, None) for bn in (32, 64, 128)
-                                                     for splits in (1, 2, 4, 8)]
-        configs += [(64, 4, bk, stages) for bk, stages in ((64, 3), (64, 4), (64, 6), (128, 4), (256, 2), (256, 3))]
-        for bn, splits, bk, stages in configs:
+        configs = [("auto", "auto", None, None, True), ("auto", "auto", None, None, False)]
+        configs += [(bn, splits, None, None, True) for bn in (32, 64, 128) for splits in (1, 2, 4, 8)]
+        configs += [(64, 4, bk, stages, True)
+                    for bk, stages in ((64, 3), (64, 4), (64, 6), (128, 4), (256, 2), (256, 3))]
+        for bn, splits, bk, stages, pdl in configs:
             if bn != "auto":
                 def config(m, d_in, columns, element_size, on_cpu, bn=bn, splits=splits, bk=bk):
                     bm, _, auto_bk, _ = auto_config(m, d_in, columns, element_size, on_cpu)
                     bk = bk if bk is not None and not on_cpu else auto_bk
                     return bm, bn, bk, mll.cdiv(mll.cdiv(d_in, splits), bk) * bk
                 mll._decode_config = config
-            auto_stages = mll.DECODE_GPU_MAX_STAGES
-            mll.DECODE_GPU_MAX_STAGES = stages or auto_stages
-            label = f"{bn} | {splits} | {bk or 'auto'} | {stages or 'auto'}"
+            auto_stages, auto_pdl = mll.DECODE_GPU_MAX_STAGES, mll.DECODE_PDL
+            mll.DECODE_GPU_MAX_STAGES, mll.DECODE_PDL = stages or auto_stages, pdl
+            label = f"{bn} | {splits} | {bk or 'auto'} | {stages or 'auto'} | {pdl}"
             try:
                 with common.env_var("LORAMCL_MULTI_LORA_PATH", "decode"):
                     out = multi_lora_linear(x, w, None, a, b, 2.0, num_hypotheses=K, backend="triton")
@@ -61,7 +64,7 @@ def sweep(shapes, d, device, dtype, time_us):
                 print(f"| {K} | {r} | {8 * K} | {label} | error: {str(exc)[:120]} | |")
             finally:
                 mll._decode_config = auto_config
-                mll.DECODE_GPU_MAX_STAGES = auto_stages
+                mll.DECODE_GPU_MAX_STAGES, mll.DECODE_PDL = auto_stages, auto_pdl
 
 
 if __name__ == "__main__":

@@ -175,9 +175,10 @@ def test_the_decode_sweep_runs_its_configurations_on_the_cpu():
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [row for row in _table_rows(proc.stdout) if row[3] != "base"]
-    assert len(rows) == 19, proc.stdout
+    assert len(rows) == 20, proc.stdout
+    assert [row[7] for row in rows[:2]] == ["True", "False"]  # auto with and without the dependent launch
     for row in rows:
-        us, err = float(row[7]), float(row[8])
+        us, err = float(row[8]), float(row[9])
         assert math.isfinite(us) and us > 0 and err <= 1e-4, row
 
 

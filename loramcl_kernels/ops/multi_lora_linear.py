@@ -572,6 +572,7 @@ if triton is not None:
         M, N, D, KR, D_SPLIT, NT,
         stride_xm, stride_wn, stride_ar, stride_ws_split, stride_ws_m,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        GDC: tl.constexpr = False,
     ):
         """Decode, step 1 of 2: split-K partial products of x with the rows of [W; A_all].
 
@@ -581,7 +582,11 @@ if triton is not None:
         d in [pid_s * D_SPLIT, +D_SPLIT). Column tiles c < NT are rows of W (d_out), c >= NT rows
         (c - NT) * BN + i of A_all (K*r, d_in) (NT = 0 without W). Both are read along d with unit
         stride.
+        GDC (programmatic dependent launch, Hopper): every program lets the finish kernel launch as
+        it starts; the finish kernel waits for this grid's completion before reading ws.
         """
+        if GDC:
+            tl.extra.cuda.gdc_launch_dependents()
         pid_m = tl.program_id(0)
         pid_c = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -613,7 +618,7 @@ if triton is not None:
         M, N, NUM_HYP, ROW_DIV, NUM_SPLITS, A_COL0,
         stride_ws_split, stride_ws_m, stride_om, stride_sm,
         R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, HAS_BASE: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr, GDC: tl.constexpr = False,
     ):
         """Decode, step 2 of 2: y = sum_s ws_s[:, outputs] + bias + s_h S_bd B_h^T.
 
@@ -622,6 +627,9 @@ if triton is not None:
         rounded to x's dtype like S_bd of the other paths, scaled and multiplied by its (BN, BC)
         slice of B; the programs of output tile 0 store S_bd for backward. Splits are summed in a
         fixed order: deterministic.
+        GDC (launched as the partial kernel's programmatic dependent, Hopper): the programs start
+        while the partial kernel runs and wait for its grid to finish. (Loading B, the scaling or
+        the bias before the wait kept them live across the split loop: sm_90 spills at BC = 256.)
         """
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -633,6 +641,8 @@ if triton is not None:
         mask_m = offs_m < M
         mask_n = offs_n < N
         mask_c = offs_c < NUM_HYP * R
+        if GDC:
+            tl.extra.cuda.gdc_wait()
         ws_rows = ws_ptr + offs_m.to(tl.int64)[:, None] * stride_ws_m
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         acc_s = tl.zeros((BM, BC), dtype=tl.float32)
@@ -912,6 +922,9 @@ def _a_as_expand(lora_A: Tensor):
 # GPU tiles of the decode kernels: at most this many rows per block, this many output columns,
 # and at most this many tiles in flight (benchmarks/sweep_decode.py varies it)
 DECODE_GPU_MAX_BM, DECODE_GPU_BN, DECODE_GPU_MAX_STAGES = 64, 64, 3
+# Hopper: the finish kernel as the partial kernel's programmatic dependent launch (see the kernels);
+# benchmarks/sweep_decode.py turns it off to time the difference
+DECODE_PDL = True
 
 
 def _decode_expand_columns(num_hyp: int, r: int) -> int:
@@ -975,10 +988,12 @@ def _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row
     # shared memory: a buffer of the x and [W; A] tiles per stage (measured by tests/sm90_compile.py)
     stage_bytes = (block_m + block_n) * block_k * x.element_size()
     stages = 1 if on_cpu else max(1, min(DECODE_GPU_MAX_STAGES, _shared_memory_budget(x.device) // stage_bytes))
+    # Hopper: the finish kernel launches while the partial kernel runs (programmatic dependent launch)
+    gdc = DECODE_PDL and not on_cpu and _device_facts(x.device)[1] >= 9
     launch(_decode_partial_kernel, (cdiv(m, block_m), columns // block_n, splits),
         x, weight if has_base else x, lora_A, workspace, m, n, d, num_hyp * r, d_split, w_tiles,
         x.stride(0), weight.stride(0) if has_base else 0, lora_A.stride(1), workspace.stride(0), workspace.stride(1),
-        BM=block_m, BN=block_n, BK=block_k, DOT_PRECISION=_DOT_PRECISION, num_warps=4, num_stages=stages,
+        BM=block_m, BN=block_n, BK=block_k, DOT_PRECISION=_DOT_PRECISION, GDC=gdc, num_warps=4, num_stages=stages,
     )
     launch(_decode_finish_kernel, (cdiv(m, block_m), cdiv(n, block_n)),
         workspace, bias if bias is not None else x, lora_B, scaling,
@@ -986,8 +1001,8 @@ def _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row
         m, n, num_hyp, row_div, splits, w_tiles * block_n,
         workspace.stride(0), workspace.stride(1), out.stride(0), shrink_bd.stride(0),
         R=r, BM=block_m, BN=block_n, BC=_decode_expand_columns(num_hyp, r), HAS_BASE=has_base,
-        HAS_BIAS=bias is not None, HAS_IDS=hypothesis_ids is not None, DOT_PRECISION=_DOT_PRECISION,
-        num_warps=4, num_stages=1,
+        HAS_BIAS=bias is not None, HAS_IDS=hypothesis_ids is not None, DOT_PRECISION=_DOT_PRECISION, GDC=gdc,
+        num_warps=4, num_stages=1, launch_pdl=gdc,
     )
     return out, shrink_bd
 

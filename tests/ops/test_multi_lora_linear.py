@@ -395,6 +395,36 @@ def test_decode_gpu_config_takes_the_splits_nearest_two_programs_per_sm(monkeypa
         assert mll.cdiv(4096, d_split) == splits and d_split % bk == 0, columns
 
 
+@pytest.mark.parametrize("capability, pdl", [(9, True), (8, False)])
+def test_decode_finish_is_a_programmatic_dependent_launch_on_hopper(monkeypatch, capability, pdl):
+    """On Hopper the finish kernel is launched as the partial kernel's programmatic dependent
+    (launch_pdl) and both kernels take their grid-dependency instructions (GDC): the partial kernel
+    lets it launch, the finish kernel waits for the partial grid before reading the workspace.
+    Before Hopper, on the CPU (the interpreter has no such instructions) or with DECODE_PDL off:
+    two plain launches. Launches recorded on meta tensors (the launchers treat them as a GPU's)."""
+    monkeypatch.setattr(mll, "_device_facts", lambda device: (132, capability))
+    launches = []
+    monkeypatch.setattr(mll, "launch", lambda kernel, grid, *args, **kwargs: launches.append(kwargs))
+    meta = torch.device("meta")
+    x, w = torch.empty(40, 256, dtype=torch.bfloat16, device=meta), torch.empty(512, 256, dtype=torch.bfloat16,
+                                                                                    device=meta)
+    a, b = torch.empty(5, 8, 256, dtype=torch.bfloat16, device=meta), torch.empty(5, 512, 8, dtype=torch.bfloat16,
+                                                                                  device=meta)
+    s = torch.empty(5, device=meta)
+    for enabled in (True, False):
+        monkeypatch.setattr(mll, "DECODE_PDL", enabled)
+        launches.clear()
+        mll._launch_decode(x, w, None, a, b, s, None, 8)
+        partial, finish = launches
+        expected = pdl and enabled
+        assert partial["GDC"] == finish["GDC"] == finish["launch_pdl"] == expected
+        assert "launch_pdl" not in partial  # the partial kernel waits for its predecessors as usual
+    launches.clear()
+    x_cpu, w_cpu, a_cpu, b_cpu = (torch.zeros(t.shape, dtype=torch.float32) for t in (x, w, a, b))
+    mll._launch_decode(x_cpu, w_cpu, None, a_cpu, b_cpu, torch.ones(5), None, 8)
+    assert [kwargs["GDC"] for kwargs in launches] == [False, False]
+
+
 def test_grad_B_rounds_once_with_the_fp32_output_gemm(monkeypatch):
     """Where torch has the fp32-output GEMM (CUDA), dB_k = s_k (dy^T S_bd) is scaled in fp32 and
     rounded once to fp16: within half an ulp (+ the fp32 sums' error) of the value formed from the

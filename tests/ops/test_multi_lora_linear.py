@@ -1082,6 +1082,34 @@ def test_gpu_matches_fp64_within_2x_plain_torch(case, dtype, path, monkeypatch):
 
 
 @requires_cuda
+def test_gpu_decode_replayed_from_a_cuda_graph_gives_eagers_bits(monkeypatch):
+    """The decode pair replayed from a CUDA graph, where on Hopper the finish kernel is the partial
+    kernel's programmatic dependent launch (its programs wait for the partial grid before reading
+    the workspace), gives eager's bits; so does the pair without the dependent launch."""
+    monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "decode")
+    x, w, b, a, bb, s = make_inputs(40, (), 4096, 4096, 8, 5, torch.bfloat16, "cuda")
+    outputs = []
+    for pdl in (True, False):
+        monkeypatch.setattr(mll, "DECODE_PDL", pdl)
+        with torch.no_grad():
+            eager = multi_lora_linear(x, w, b, a, bb, s, backend="triton")  # compiles
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                multi_lora_linear(x, w, b, a, bb, s, backend="triton")
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                replayed = multi_lora_linear(x, w, b, a, bb, s, backend="triton")
+            for _ in range(3):
+                graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(replayed, eager), pdl
+        outputs.append(eager)
+    assert torch.equal(outputs[0], outputs[1])
+
+
+@requires_cuda
 @pytest.mark.parametrize("routing", ["batch_major", "ids", "shared", "float_scaling"])
 def test_gpu_deterministic_and_free_of_host_syncs(routing):
     x, w, b, a, bb, s = make_inputs(5, (200,), 4096, 4096, 8, 5, torch.bfloat16, "cuda")

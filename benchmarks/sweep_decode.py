@@ -52,7 +52,8 @@ def sweep(shapes, d, device, dtype, time_us):
                 mll._decode_config = config
             auto_stages, auto_pdl = mll.DECODE_GPU_MAX_STAGES, mll.DECODE_PDL
             mll.DECODE_GPU_MAX_STAGES, mll.DECODE_PDL = stages or auto_stages, pdl
-            label = f"{bn} | {splits} | {bk or 'auto'} | {stages or 'auto'} | {pdl}"
+            pdl_taken = pdl and device == "cuda" and torch.cuda.get_device_capability()[0] >= 9  # as _launch_decode
+            label = f"{bn} | {splits} | {bk or 'auto'} | {stages or 'auto'} | {pdl_taken}"
             try:
                 with common.env_var("LORAMCL_MULTI_LORA_PATH", "decode"):
                     out = multi_lora_linear(x, w, None, a, b, 2.0, num_hypotheses=K, backend="triton")

@@ -176,7 +176,8 @@ def test_the_decode_sweep_runs_its_configurations_on_the_cpu():
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [row for row in _table_rows(proc.stdout) if row[3] != "base"]
     assert len(rows) == 20, proc.stdout
-    assert [row[7] for row in rows[:2]] == ["True", "False"]  # auto with and without the dependent launch
+    # auto with and without the finish kernel's dependent launch, which the CPU never takes (Hopper only)
+    assert [row[7] for row in rows[:2]] == ["False", "False"]
     for row in rows:
         us, err = float(row[8]), float(row[9])
         assert math.isfinite(us) and us > 0 and err <= 1e-4, row

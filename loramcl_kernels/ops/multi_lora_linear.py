@@ -628,8 +628,9 @@ if triton is not None:
         slice of B; the programs of output tile 0 store S_bd for backward. Splits are summed in a
         fixed order: deterministic.
         GDC (launched as the partial kernel's programmatic dependent, Hopper): the programs start
-        while the partial kernel runs and wait for its grid to finish. (Loading B, the scaling or
-        the bias before the wait kept them live across the split loop: sm_90 spills at BC = 256.)
+        while the partial kernel runs and wait for its grid to finish. B, the scaling and the bias
+        are read after the wait: loaded before it, they stay live across the split loop (sm_90
+        spills at BC = 256).
         """
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)

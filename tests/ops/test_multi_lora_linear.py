@@ -1085,28 +1085,32 @@ def test_gpu_matches_fp64_within_2x_plain_torch(case, dtype, path, monkeypatch):
 def test_gpu_decode_replayed_from_a_cuda_graph_gives_eagers_bits(monkeypatch):
     """The decode pair replayed from a CUDA graph, where on Hopper the finish kernel is the partial
     kernel's programmatic dependent launch (its programs wait for the partial grid before reading
-    the workspace), gives eager's bits; so does the pair without the dependent launch."""
+    the workspace), gives eager's bits at every replay, the input switched between two batches
+    before each (a finish kernel reading the previous replay's workspace would give the other
+    batch's output); so does the pair without the dependent launch."""
     monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "decode")
     x, w, b, a, bb, s = make_inputs(40, (), 4096, 4096, 8, 5, torch.bfloat16, "cuda")
-    outputs = []
+    batches = [x, torch.randn_like(x)]
+    outputs = {}
     for pdl in (True, False):
         monkeypatch.setattr(mll, "DECODE_PDL", pdl)
         with torch.no_grad():
-            eager = multi_lora_linear(x, w, b, a, bb, s, backend="triton")  # compiles
+            eager = [multi_lora_linear(xb, w, b, a, bb, s, backend="triton") for xb in batches]  # compiles
+            static_x = batches[0].clone()
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                multi_lora_linear(x, w, b, a, bb, s, backend="triton")
+                multi_lora_linear(static_x, w, b, a, bb, s, backend="triton")
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                replayed = multi_lora_linear(x, w, b, a, bb, s, backend="triton")
-            for _ in range(3):
+                replayed = multi_lora_linear(static_x, w, b, a, bb, s, backend="triton")
+            for i in range(10):
+                static_x.copy_(batches[i % 2])
                 graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(replayed, eager), pdl
-        outputs.append(eager)
-    assert torch.equal(outputs[0], outputs[1])
+                assert torch.equal(replayed, eager[i % 2]), (pdl, i)
+        outputs[pdl] = eager
+    assert all(torch.equal(p, q) for p, q in zip(outputs[True], outputs[False]))
 
 
 @requires_cuda

@@ -219,6 +219,12 @@ def hopper_shared_memory(device: torch.device) -> bool:
     return shared_memory_per_block(device) >= H100_SHARED_MEMORY
 
 
+def tma_gemm_capable(device: torch.device, capability: int) -> bool:
+    """Can the persistent TMA-descriptor GEMMs of both ops run on `device` of compute capability
+    `capability` (device_facts)? TMA needs Hopper or later, their tiles the H100's shared memory."""
+    return capability >= 9 and hopper_shared_memory(device)
+
+
 def shared_memory_budget(device: torch.device) -> int:
     """Bytes of pipelined tiles (tiles loaded ahead) a launcher may plan for on `device`: the
     per-block limit less room for the kernel's scratch (200 KB on sm_90, 72 KB on 99 KB cards)."""

@@ -112,8 +112,8 @@ import triton.language as tl
 from loramcl_kernels._backend import BACKENDS, requested_backend, resolve_backend, triton_interpreting
 from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
 from loramcl_kernels.ops._triton_utils import (
-    cdiv, contiguous_or_none, device_facts, grouped_tile, hopper_shared_memory, launch, next_pow2, on_input_device,
-    set_tma_allocator, tma_rows_ok,
+    cdiv, contiguous_or_none, device_facts, grouped_tile, launch, next_pow2, on_input_device, set_tma_allocator,
+    tma_gemm_capable, tma_rows_ok,
 )
 from loramcl_kernels.ops._triton_utils import addmm_out_dtype_supported as _addmm_out_dtype_supported
 from loramcl_kernels.ops._triton_utils import mm_out_dtype_supported as _mm_out_dtype_supported
@@ -955,7 +955,7 @@ def _block_v(n_cols: int) -> tuple[int, int]:
 def _tma_gemm_device(device: torch.device) -> bool:
     """A GPU the fused passes' persistent TMA GEMMs run on: Hopper or later (TMA) with the H100's
     shared memory per block for their tiles (not consumer Blackwell's 99 KB)."""
-    return device.type == "cuda" and device_facts(device)[1] >= 9 and hopper_shared_memory(device)
+    return device.type == "cuda" and tma_gemm_capable(device, device_facts(device)[1])
 
 
 PASS1_PATHS = ("auto", "chunked", "fused")

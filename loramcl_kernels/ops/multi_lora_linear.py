@@ -70,7 +70,7 @@ from torch import Tensor
 from loramcl_kernels._backend import requested_backend, resolve_backend
 from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
 from loramcl_kernels.ops._triton_utils import device_facts as _device_facts
-from loramcl_kernels.ops._triton_utils import hopper_shared_memory as _hopper_shared_memory
+from loramcl_kernels.ops._triton_utils import tma_gemm_capable as _tma_gemm_capable
 from loramcl_kernels.ops._triton_utils import mm_out_dtype_supported as _mm_out_dtype_supported
 from loramcl_kernels.ops._triton_utils import next_pow2 as _next_pow2
 from loramcl_kernels.ops._triton_utils import cdiv, contiguous_or_none, launch, on_input_device
@@ -781,14 +781,14 @@ def _choose_path(x: Tensor, weight: Optional[Tensor], shared_input: bool = False
         raise ValueError(f"LORAMCL_MULTI_LORA_PATH must be one of {PATHS}, got '{path}'")
     if path == "decode":
         return "decode"
-    before_hopper = _device_facts(x.device)[1] < 9
-    # TMA descriptors: aligned rows, and a Hopper GPU (or CPU tensors: the interpreter) with room
-    # for the tiles (not consumer Blackwell's 99 KB)
-    eligible = (weight is not None and _tma_ok(x, weight) and not (x.device.type != "cpu" and before_hopper)
-                and _hopper_shared_memory(x.device))
+    capability = _device_facts(x.device)[1]
+    # TMA descriptors: aligned rows, and CPU tensors (the interpreter) or a GPU the persistent TMA
+    # GEMM runs on (Hopper with room for its tiles, not consumer Blackwell's 99 KB)
+    eligible = (weight is not None and _tma_ok(x, weight)
+                and (x.device.type == "cpu" or _tma_gemm_capable(x.device, capability)))
     if path == "fused":
         return "fused" if eligible else "cublas"
-    if path == "cublas" or before_hopper or x.dtype not in (torch.float16, torch.bfloat16) or shared_input:
+    if path == "cublas" or capability < 9 or x.dtype not in (torch.float16, torch.bfloat16) or shared_input:
         return "cublas"
     if x.shape[0] <= DECODE_AUTO_MAX_ROWS:
         return "decode"

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from loramcl_kernels import _backend
+from loramcl_kernels.ops import _triton_utils as triton_utils
 from loramcl_kernels.ops import multi_lora_linear as mll
 from loramcl_kernels.ops.multi_lora_linear import multi_lora_linear
 from tests.utils import TRITON_DEVICE, CountingKernel, ZerosRecorder, assert_within_budget, requires_cuda
@@ -291,10 +292,10 @@ def test_triton_fused_path_taken_when_eligible(monkeypatch):
     assert mll._choose_path(x_gpu, w_gpu) == "cublas"
     monkeypatch.setattr(mll, "_device_facts", lambda device: (132, 9))
     assert mll._choose_path(x_gpu, w_gpu) == "fused"
-    monkeypatch.setattr(mll, "_hopper_shared_memory", lambda device: False)  # consumer Blackwell: 99 KB
+    monkeypatch.setattr(triton_utils, "shared_memory_per_block", lambda device: 101376)  # consumer Blackwell
     assert mll._choose_path(x_gpu, w_gpu) == "cublas"
     monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "auto")
-    assert mll._choose_path(rows, w) == "cublas"
+    assert mll._choose_path(rows.to("meta"), w_gpu.bfloat16()) == "cublas"
     monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "bogus")
     with pytest.raises(ValueError, match="LORAMCL_MULTI_LORA_PATH"):
         mll._choose_path(x, w)

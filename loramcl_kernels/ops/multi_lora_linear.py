@@ -70,12 +70,12 @@ from torch import Tensor
 from loramcl_kernels._backend import requested_backend, resolve_backend
 from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
 from loramcl_kernels.ops._triton_utils import device_facts as _device_facts
-from loramcl_kernels.ops._triton_utils import tma_gemm_capable as _tma_gemm_capable
 from loramcl_kernels.ops._triton_utils import mm_out_dtype_supported as _mm_out_dtype_supported
 from loramcl_kernels.ops._triton_utils import next_pow2 as _next_pow2
 from loramcl_kernels.ops._triton_utils import cdiv, contiguous_or_none, launch, on_input_device
 from loramcl_kernels.ops._triton_utils import shared_memory_budget as _shared_memory_budget
 from loramcl_kernels.ops._triton_utils import set_tma_allocator as _set_tma_allocator
+from loramcl_kernels.ops._triton_utils import tma_gemm_capable as _tma_gemm_capable
 from loramcl_kernels.ops._triton_utils import tma_rows_ok as _tma_ok
 
 LAYOUTS = ("batch_major", "hypothesis_major")

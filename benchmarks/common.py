@@ -180,6 +180,30 @@ def host_us(fn, *, calls: int = 20) -> float:
 
 
 @contextlib.contextmanager
+def module_attrs(module, **values):
+    """Set attributes of a module (a launcher's tile constants or config function) for the block,
+    then put back the values they had: how the sweeps try configurations other than auto's."""
+    old = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(module, name, value)
+
+
+def sweep_row(first_cells: str, measured_cells, empty_cells: int) -> None:
+    """Print one markdown row of a sweep: first_cells, then measured_cells() (a string of cells).
+    A configuration that raises (does not fit, does not compile) is a row too: its error takes the
+    measured cells' place, followed by empty_cells empty cells."""
+    try:
+        print(f"| {first_cells} | {measured_cells()} |", flush=True)
+    except Exception as exc:  # noqa: BLE001
+        print(f"| {first_cells} | error: {str(exc)[:120]} |" + " |" * empty_cells, flush=True)
+
+
+@contextlib.contextmanager
 def env_var(name: str, value: str | None):
     """Set (or, with None, unset) an environment variable for the duration of the block."""
     old = os.environ.get(name)

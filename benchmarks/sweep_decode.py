@@ -44,28 +44,26 @@ def sweep(shapes, d, device, dtype, time_us):
         configs += [(64, 4, bk, stages, True)
                     for bk, stages in ((64, 3), (64, 4), (64, 6), (128, 4), (256, 2), (256, 3))]
         for bn, splits, bk, stages, pdl in configs:
+            knobs = dict(DECODE_GPU_MAX_STAGES=stages or mll.DECODE_GPU_MAX_STAGES, DECODE_PDL=pdl)
             if bn != "auto":
                 def config(m, d_in, columns, element_size, on_cpu, bn=bn, splits=splits, bk=bk):
                     bm, _, auto_bk, _ = auto_config(m, d_in, columns, element_size, on_cpu)
                     bk = bk if bk is not None and not on_cpu else auto_bk
                     return bm, bn, bk, mll.cdiv(mll.cdiv(d_in, splits), bk) * bk
-                mll._decode_config = config
-            auto_stages, auto_pdl = mll.DECODE_GPU_MAX_STAGES, mll.DECODE_PDL
-            mll.DECODE_GPU_MAX_STAGES, mll.DECODE_PDL = stages or auto_stages, pdl
+                knobs["_decode_config"] = config
             pdl_taken = pdl and device == "cuda" and torch.cuda.get_device_capability()[0] >= 9  # as _launch_decode
-            label = f"{bn} | {splits} | {bk or 'auto'} | {stages or 'auto'} | {pdl_taken}"
-            try:
+
+            def measured():
                 with common.env_var("LORAMCL_MULTI_LORA_PATH", "decode"):
-                    out = multi_lora_linear(x, w, None, a, b, 2.0, num_hypotheses=K, backend="triton")
-                    err = (out.float() - ref.float()).abs().max().item()
+                    out = multi_lora_linear(x, w, None, a, b, 2.0, num_hypotheses=K, backend="triton")  # noqa: B023
+                    err = (out.float() - ref.float()).abs().max().item()  # noqa: B023
                     us = time_us(lambda: [multi_lora_linear(x, w_, None, a_, b_, 2.0, num_hypotheses=K,  # noqa: B023
                                                             backend="triton") for w_, a_, b_ in layers]) / LAYERS
-                print(f"| {K} | {r} | {8 * K} | {label} | {us:.1f} | {err:.2e} |")
-            except Exception as exc:  # noqa: BLE001
-                print(f"| {K} | {r} | {8 * K} | {label} | error: {str(exc)[:120]} | |")
-            finally:
-                mll._decode_config = auto_config
-                mll.DECODE_GPU_MAX_STAGES, mll.DECODE_PDL = auto_stages, auto_pdl
+                return f"{us:.1f} | {err:.2e}"
+
+            with common.module_attrs(mll, **knobs):
+                common.sweep_row(f"{K} | {r} | {8 * K} | {bn} | {splits} | {bk or 'auto'} | {stages or 'auto'} | "
+                                 f"{pdl_taken}", measured, 1)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_mcl_loss import CPU_REGIMES, GPU_REGIMES, IGNORE, make_inputs  # noqa: E402
-from benchmarks.common import env_var, time_ms  # noqa: E402
+from benchmarks.common import env_var, module_attrs, sweep_row, time_ms  # noqa: E402
 from loramcl_kernels.ops import mcl_loss as mcl  # noqa: E402
 
 # (BM, BN, BK, GM, num_warps, num_stages); shared memory per stage (BM + BN) * BK * 2 bytes
@@ -67,7 +67,7 @@ def _hard_wta_backward(hidden, weight, labels, forward_outputs, K):
 
 
 def sweep_pass2(regimes, configs, device, dtype):
-    auto_config, auto_min_cols = mcl._pass2_fused_config, mcl.PASS2_MIN_COLS
+    auto_config = mcl._pass2_fused_config
     for name, K, B, T, n_sup, H, V in regimes:
         hidden, weight, labels = make_inputs(K, B, T, n_sup, H, V, device, dtype)
         hidden = hidden.detach()
@@ -84,27 +84,26 @@ def sweep_pass2(regimes, configs, device, dtype):
         print("|---|---|---|---|---|---|---|---|---|---|")
         auto_label = _config_label(auto_config(hidden.device, hidden.dtype), PASS2_COLUMNS)
         for config in ["chunked", None, "wide", *configs]:
+            knobs = {}
             if config == "chunked":
                 label, path = "chunked pass 2 | | | | | |", "chunked"
             elif config is None:
                 label, path = "auto: " + auto_label, "fused"
             elif config == "wide":  # vocab chunks of the buffer's width, not capped at one wave of tiles
-                mcl.PASS2_MIN_COLS = 1 << 40
+                knobs["PASS2_MIN_COLS"] = 1 << 40
                 label, path = "auto, buffer-wide chunks: " + auto_label, "fused"
             else:
-                mcl._pass2_fused_config = lambda device, dtype, c=_as_config(config): c  # noqa: E731
+                knobs["_pass2_fused_config"] = lambda device, dtype, c=_as_config(config): c  # noqa: E731
                 label, path = _config_label(_as_config(config), PASS2_COLUMNS), "fused"
-            try:
-                with env_var("LORAMCL_MCL_PASS2", path):
-                    ms = time_ms(backward)
-                    diff = (backward().float() - auto_grad.float()).abs().max().item()
-                print(f"| {label} | {ms:.3f} | {flop / ms / 1e9:.0f} | {diff:.2e} |")
-            except Exception as exc:  # noqa: BLE001 - a configuration that does not fit is a row too
-                print(f"| {label} | error: {str(exc)[:100]} | | |")
-            finally:
-                mcl._pass2_fused_config = auto_config
-                mcl.PASS2_MIN_COLS = auto_min_cols
 
+            def measured(path=path):
+                with env_var("LORAMCL_MCL_PASS2", path):
+                    ms = time_ms(backward)  # noqa: B023
+                    diff = (backward().float() - auto_grad.float()).abs().max().item()  # noqa: B023
+                return f"{ms:.3f} | {flop / ms / 1e9:.0f} | {diff:.2e}"  # noqa: B023
+
+            with module_attrs(mcl, **knobs):
+                sweep_row(label, measured, 2)
 
 def sweep(regimes, configs, device, dtype):
     auto_config = mcl._fused_config
@@ -125,20 +124,20 @@ def sweep(regimes, configs, device, dtype):
         mcl._pass1_fused(*args)
         auto_lse = lse[:, positions[:n]].sum(0)  # lse = max + log-sum
         for config in [None, *configs]:
+            knobs = {}
             if config is None:
                 label = "auto: " + _config_label(auto_config(hidden.device, hidden.dtype))
             else:
-                mcl._fused_config = lambda device, dtype, c=_as_config(config): c  # noqa: E731
+                knobs["_fused_config"] = lambda device, dtype, c=_as_config(config): c  # noqa: E731
                 label = " | ".join(map(str, config))
-            try:
-                ms = time_ms(lambda: mcl._pass1_fused(*args))  # noqa: B023
-                diff = (lse[:, positions[:n]].sum(0) - auto_lse).abs().max().item()
-                print(f"| {label} | {ms:.3f} | {flop / ms / 1e9:.0f} | {diff:.2e} |")
-            except Exception as exc:  # noqa: BLE001 - a configuration that does not fit is a row too
-                print(f"| {label} | error: {str(exc)[:100]} | | |")
-            finally:
-                mcl._fused_config = auto_config
 
+            def measured():
+                ms = time_ms(lambda: mcl._pass1_fused(*args))  # noqa: B023
+                diff = (lse[:, positions[:n]].sum(0) - auto_lse).abs().max().item()  # noqa: B023
+                return f"{ms:.3f} | {flop / ms / 1e9:.0f} | {diff:.2e}"  # noqa: B023
+
+            with module_attrs(mcl, **knobs):
+                sweep_row(label, measured, 2)
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -26,18 +26,13 @@ CONFIGS = [None, (16, 256, 3, 4), (64, 256, 3, 4), (32, 512, 3, 4), (32, 128, 5,
 SMOKE_CONFIGS = [None, (16, 256, 3, 4)]  # on the CPU the launcher keeps its interpreter tiles: checks the script
 
 
-def _knobs():
-    return (mll.SHRINK_GPU_BM, mll.SHRINK_GPU_BD_BYTES, mll.SHRINK_GPU_MAX_STAGES, mll.SHRINK_GPU_WARPS)
-
-
-def _set_knobs(values):
-    mll.SHRINK_GPU_BM, mll.SHRINK_GPU_BD_BYTES, mll.SHRINK_GPU_MAX_STAGES, mll.SHRINK_GPU_WARPS = values
+KNOBS = ("SHRINK_GPU_BM", "SHRINK_GPU_BD_BYTES", "SHRINK_GPU_MAX_STAGES", "SHRINK_GPU_WARPS")
 
 
 def sweep(shapes, d, device, dtype, configs, time_us):
     print("| K | tokens/hyp | r | BM | BD bytes | stages | warps | us | x HBM floor | max abs S diff vs auto |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    auto = _knobs()
+    auto = tuple(getattr(mll, name) for name in KNOBS)
     for K, T, r in shapes:
         torch.manual_seed(0)
         x = torch.randn(K * T, d, device=device).to(dtype)
@@ -45,18 +40,16 @@ def sweep(shapes, d, device, dtype, configs, time_us):
         shrink = lambda: mll._launch_shrink(x, a, None, None, T, block_diag=True)  # noqa: E731, B023
         reference = shrink()
         floor_us = (x.numel() + K * T * K * r) * x.element_size() / HBM_BYTES_PER_US
-        for config in configs:
-            _set_knobs(config or auto)
-            label = " | ".join(map(str, config or auto)) if config else "auto: " + " | ".join(map(str, auto))
-            try:
-                diff = (shrink().float() - reference.float()).abs().max().item()
-                us = time_us(shrink)
-                print(f"| {K} | {T} | {r} | {label} | {us:.1f} | {us / floor_us:.2f} | {diff:.2e} |")
-            except Exception as exc:  # noqa: BLE001 - a configuration that does not fit is a row too
-                print(f"| {K} | {T} | {r} | {label} | error: {str(exc)[:100]} | | |")
-            finally:
-                _set_knobs(auto)
 
+        def measured():
+            diff = (shrink().float() - reference.float()).abs().max().item()  # noqa: B023
+            us = time_us(shrink)  # noqa: B023
+            return f"{us:.1f} | {us / floor_us:.2f} | {diff:.2e}"  # noqa: B023
+
+        for config in configs:
+            label = " | ".join(map(str, config)) if config else "auto: " + " | ".join(map(str, auto))
+            with common.module_attrs(mll, **dict(zip(KNOBS, config or auto))):
+                common.sweep_row(f"{K} | {T} | {r} | {label}", measured, 2)
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

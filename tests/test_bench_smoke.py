@@ -239,3 +239,29 @@ def test_json_without_nan_and_errors_with_their_cause(tmp_path):
     except RuntimeError as exc:
         chain = common.error_chain(exc)
     assert chain == "RuntimeError: operation failed due to a previous error during capture <- ValueError: the first error"
+
+
+def test_a_sweep_row_that_raises_prints_its_error_and_the_knobs_come_back(capsys):
+    """The sweeps try each configuration inside common.module_attrs and print it with
+    common.sweep_row: a configuration that raises is a row with its error, and the module's
+    attributes are restored either way."""
+    sys.path.insert(0, os.path.join(REPO_ROOT, "benchmarks"))
+    import types
+
+    import common
+
+    module = types.SimpleNamespace(TILE=64, config=None)
+
+    def too_big():
+        assert module.TILE == 256 and module.config == "wide"
+        raise RuntimeError("out of resources: shared memory")
+
+    with common.module_attrs(module, TILE=256, config="wide"):
+        common.sweep_row("4 | 256", too_big, 2)
+    with common.module_attrs(module, TILE=32):
+        common.sweep_row("4 | 32", lambda: f"{module.TILE * 0.5:.1f} | 1e-06", 2)
+    assert (module.TILE, module.config) == (64, None)
+    assert capsys.readouterr().out.splitlines() == [
+        "| 4 | 256 | error: out of resources: shared memory | | |",
+        "| 4 | 32 | 16.0 | 1e-06 |",
+    ]

@@ -136,8 +136,7 @@ ONE_PASS_ROW_CHUNK = 1024
 # two launches (see _pass2_chunk_sizes).
 PASS2_MIN_COLS = 4096
 # The fused pass 2 stores its gradient tiles through a TMA descriptor (no tile of 64-bit pointers:
-# fewer registers without a bias, sm_90), else through masked pointer stores
-# (see _grad_logits_tiles_kernel).
+# fewer registers, sm_90), else through masked pointer stores (see _grad_logits_tiles_kernel).
 PASS2_TMA_STORE = True
 # fp32's lowest finite value: where every online log-sum-exp starts its running max, so that masked
 # lanes (z = -inf) give exp(-inf - max) = 0, never NaN, and every finite logit is at or above it.
@@ -497,6 +496,14 @@ def _row_coefficient(r, grad_ptr, weights_ptr, row_count_ptr, K, B,
 
 
 @triton.jit
+def _nll_gradient(z, is_target, row_max, log_sum, coef):
+    """d loss / d z = c[r] * (softmax(z) - onehot(target)), with softmax(z) = exp((z - max) - log-sum)
+    from pass 1's (max, log-sum): one row's columns or a (rows, columns) tile, the row values
+    broadcast to z's shape by the caller."""
+    return coef * (tl.exp((z - row_max) - log_sum) - tl.where(is_target, 1.0, 0.0))
+
+
+@triton.jit
 def _load_logits(row_ptr, bias_ptr, v_start, c0, n_cols, BLOCK_V: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Columns c0 .. c0 + BLOCK_V of one row of a logits chunk (+ bias) in fp32, -inf past n_cols."""
     cols = c0 + tl.arange(0, BLOCK_V)
@@ -689,7 +696,7 @@ def _grad_logits_chunk_kernel(
     coef = _row_coefficient(position // T, grad_ptr, weights_ptr, row_count_ptr, K, B, BATCH_MAJOR, MEAN)
     for c0 in range(0, n_cols, BLOCK_V):
         z, cols, in_range = _load_logits(logits_ptr + offset, bias_ptr, v_start, c0, n_cols, BLOCK_V, HAS_BIAS)
-        g = coef * (tl.exp((z - row_max) - log_sum) - tl.where(cols == target_col, 1.0, 0.0))
+        g = _nll_gradient(z, cols == target_col, row_max, log_sum, coef)
         if STORE_FP32:
             tl.store(logits_ptr + offset + cols, g, mask=in_range)
         if STORE_LOWP:
@@ -879,8 +886,7 @@ def _grad_logits_tiles_kernel(
         log_sum = tl.load(position_logsum_ptr + position, mask=mask_m, other=0.0)
         coef = _row_coefficient(position // T, grad_ptr, weights_ptr, row_count_ptr, K, B, BATCH_MAJOR, MEAN)
         target = tl.load(target_ptr + offs_m, mask=mask_m, other=-1) - v_start
-        onehot = tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
-        g = coef[:, None] * (tl.exp((acc - row_max[:, None]) - log_sum[:, None]) - onehot)
+        g = _nll_gradient(acc, cols[None, :] == target[:, None], row_max[:, None], log_sum[:, None], coef[:, None])
         if TMA_STORE:
             g_desc.store([pm * BM, pn * BN], g.to(g_ptr.dtype.element_ty))
         else:
@@ -1045,9 +1051,9 @@ def _fused_config(device: torch.device, dtype: torch.dtype) -> dict:
 def _pass2_fused_config(device: torch.device, dtype: torch.dtype) -> dict:
     """Pass 2's fused GEMM: the K-step of pass 1 (BK = 64), 128 x 128 tiles, g stored through a
     TMA descriptor (PASS2_TMA_STORE). Compiled for sm_90 (tests/sm90_compile.py, bf16, with / without
-    a bias): 128 x 128 in 4 stages 216 / 172 registers and no spills (pointer stores: 202 / 183);
-    128 x 256 in 3 stages all 255 registers and 616 / 0 bytes of spills (pointer stores: 728 /
-    272). Pass 1 measured at 598 TFLOP/s with 128 x 128 tiles. Not yet measured in pass 2:
+    a bias): 128 x 128 in 4 stages 188 / 145 registers and no spills (pointer stores: 202 / 254);
+    128 x 256 in 3 stages all 255 registers and 608 / 0 bytes of spills (pointer stores: 696 /
+    184). Pass 1 measured at 598 TFLOP/s with 128 x 128 tiles. Not yet measured in pass 2:
     benchmarks/sweep_mcl_loss.py times it against eight others, both stores among them."""
     if device.type == "cpu" or dtype == torch.float32:
         return dict(_fused_config(device, dtype), TMA_STORE=PASS2_TMA_STORE)

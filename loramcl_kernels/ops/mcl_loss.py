@@ -964,6 +964,13 @@ def _tma_gemm_device(device: torch.device) -> bool:
     return device.type == "cuda" and tma_gemm_capable(device, device_facts(device)[1])
 
 
+def _tma_operands(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Can the fused passes' persistent TMA GEMMs take these operands here: a device they run on
+    (or the interpreter), 16-byte aligned rows of H and a 16-byte aligned, contiguous W."""
+    tma = triton_interpreting() or _tma_gemm_device(hidden.device)
+    return tma and (hidden.shape[-1] * hidden.element_size()) % 16 == 0 and tma_rows_ok(weight)
+
+
 PASS1_PATHS = ("auto", "chunked", "fused")
 
 
@@ -984,12 +991,10 @@ def _pass1_path(hidden: torch.Tensor, weight: torch.Tensor) -> str:
     measured = hidden.device.type == "cuda" and hidden.dtype in (torch.bfloat16, torch.float16)
     if path == "chunked" or (path == "auto" and not measured):
         return "chunked"
-    tma = triton_interpreting() or _tma_gemm_device(hidden.device)
     # pass 2 recomputes the logits with cuBLAS: its lse must come from logits of the same (fp32)
     # precision, which 16-bit operands only get where mm can write fp32
     same_logits = hidden.dtype == torch.float32 or _mm_out_dtype_supported(hidden.device)
-    eligible = tma and same_logits and (hidden.shape[-1] * hidden.element_size()) % 16 == 0 and tma_rows_ok(weight)
-    return "fused" if eligible else "chunked"
+    return "fused" if same_logits and _tma_operands(hidden, weight) else "chunked"
 
 
 PASS2_PATHS = ("auto", "chunked", "fused")
@@ -1015,9 +1020,7 @@ def _pass2_path(hidden: torch.Tensor, weight: torch.Tensor, lm_head_grads: bool)
         return "chunked"
     if path == "auto":
         return _pass1_path(hidden, weight)
-    tma = triton_interpreting() or _tma_gemm_device(hidden.device)
-    eligible = tma and (hidden.shape[-1] * hidden.element_size()) % 16 == 0 and tma_rows_ok(weight)
-    return "fused" if eligible else "chunked"
+    return "fused" if _tma_operands(hidden, weight) else "chunked"
 
 
 SOFT_BACKWARD_PATHS = ("auto", "one_pass", "recompute")

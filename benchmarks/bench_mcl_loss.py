@@ -13,7 +13,7 @@ recomputes the logits of every supervised row, 6*K*n*H*V in all); on a GPU hard 
 that auto takes on Hopper, in both passes) and "ours, chunked pass 2" (LORAMCL_MCL_PASS2=chunked:
 pass 1 fused, pass 2 from fp32 logits chunks instead of the fused GEMM's gradient epilogue).
 
-    python benchmarks/bench_mcl_loss.py [--out results/mcl_loss.json]
+    python benchmarks/bench_mcl_loss.py [--out results/mcl_loss.json] [--regimes captioning] [--modes wta]
 
 Without a GPU: a small, labelled CPU smoke run of the same tables on the reference backend.
 """
@@ -140,14 +140,30 @@ def fwd_bwd(step, hidden):
     return run
 
 
+def _selected(entries, wanted, what, name_of):
+    """The entries named in the comma-separated `wanted` (all when None), in their table order."""
+    if wanted is None:
+        return entries
+    names = [name.strip() for name in wanted.split(",")]
+    unknown = sorted(set(names) - {name_of(entry) for entry in entries})
+    if unknown:
+        raise SystemExit(f"unknown {what}(s) {unknown}: choose from {[name_of(entry) for entry in entries]}")
+    return [entry for entry in entries if name_of(entry) in names]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="results/mcl_loss.json")
+    parser.add_argument("--regimes", default=None,
+                        help="comma-separated regimes to run, e.g. 'captioning,small vocab' (default: all)")
+    parser.add_argument("--modes", default=None, help="comma-separated modes, e.g. 'wta' (default: all)")
     args = parser.parse_args()
     device = "cuda" if HAS_CUDA else "cpu"
     dtype = torch.bfloat16 if HAS_CUDA else torch.float32
     backend = "triton" if HAS_CUDA else "reference"
-    regimes = GPU_REGIMES if HAS_CUDA else CPU_REGIMES
+    regimes = _selected(GPU_REGIMES if HAS_CUDA else CPU_REGIMES, args.regimes, "regime",
+                        lambda regime: regime[0].removesuffix(" (cpu smoke)"))
+    modes = _selected(MODES, args.modes, "mode", lambda mode: mode[0])
     timing = dict(warmup_ms=10, rep_ms=40) if HAS_CUDA else {}
     if not HAS_CUDA:
         print("No CUDA device: CPU smoke run of the same tables (reference backend, small shapes, "
@@ -171,7 +187,7 @@ def main():
         fwd = 2 * K * n * H * V
         floors = {"wta": (fwd + 4 * n * H * V) / PEAK_TFLOPS / 1e9,
                   "soft": 2 * fwd / PEAK_TFLOPS / 1e9}
-        for mode, kw in MODES:
+        for mode, kw in modes:
             floor_ms = floors["wta" if mode == "wta" else "soft"]
             ours = lambda: mcl_loss(hidden, weight, labels, num_hypotheses=K, mode=mode,  # noqa: E731
                                     backend=backend, **kw).loss

@@ -185,15 +185,21 @@ def test_the_decode_sweep_runs_its_configurations_on_the_cpu():
 
 def test_the_shrink_sweep_runs_on_the_cpu():
     """sweep_shrink.py --smoke (interpreter): each row runs the shrink and matches auto's S (on the
-    CPU the launcher keeps the interpreter's tiles: this checks the script, not the configurations)."""
+    CPU the launcher keeps the interpreter's tiles: this checks the script, not the configurations);
+    the backward's shrink with B^T read in place and copied first gives the same dS."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "benchmarks", "sweep_shrink.py"), "--smoke"],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [row for row in _table_rows(proc.stdout) if row[0] != "K"]
-    assert len(rows) == 2 and rows[0][3].startswith("auto:"), proc.stdout
-    for row in rows:
+    configs, backward = rows[:2], rows[2:]
+    assert configs[0][3].startswith("auto:"), proc.stdout
+    for row in configs:
         us, diff = float(row[7]), float(row[9])
+        assert math.isfinite(us) and us > 0 and diff == 0, row
+    assert [row[3] for row in backward] == ["in place", "copied first"], proc.stdout
+    for row in backward:
+        us, diff = float(row[4]), float(row[5])
         assert math.isfinite(us) and us > 0 and diff == 0, row
 
 
@@ -265,3 +271,22 @@ def test_a_sweep_row_that_raises_prints_its_error_and_the_knobs_come_back(capsys
         "| 4 | 256 | error: out of resources: shared memory | | |",
         "| 4 | 32 | 16.0 | 1e-06 |",
     ]
+
+
+def test_the_loss_benchmark_runs_the_regimes_and_modes_asked_for(tmp_path):
+    """bench_mcl_loss.py --regimes / --modes (CPU smoke run): exactly those rows, in table order;
+    an unknown name is an error that lists the choices."""
+    script = os.path.join(REPO_ROOT, "benchmarks", "bench_mcl_loss.py")
+    out = tmp_path / "loss.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, script, "--out", str(out), "--regimes", "small vocab,captioning",
+                           "--modes", "wta"], check=False, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["regime"] for row in rows][0] == "captioning (cpu smoke)"
+    assert {(row["regime"], row["mode"]) for row in rows} == {
+        ("captioning (cpu smoke)", "wta"), ("small vocab (cpu smoke)", "wta")}
+    assert all(math.isfinite(row["ms"]) for row in rows)
+    proc = subprocess.run([sys.executable, script, "--modes", "wta,greedy"], check=False, capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode != 0 and "unknown mode(s) ['greedy']" in proc.stderr and "'annealed'" in proc.stderr

@@ -433,8 +433,8 @@ def _compact_positions_kernel(
     row_count_ptr,  # (R,) int32 supervised positions per row (_row_counts_kernel)
     row_bad_ptr,  # (R,) int32 bad labels per row, read when COUNT_BAD
     weights_ptr,  # (K, B) fp32 weights, read when ROW_WEIGHTS
-    positions_ptr,  # (R*T,) int64 out: the active supervised positions r*T + t first, row-major
-    targets_ptr,  # (R*T,) int64 out: their targets, in the same slots
+    positions_ptr,  # int64 out, one slot per active supervised position: r*T + t, row-major
+    targets_ptr,  # int64 out: their targets, in the same slots
     counts_ptr,  # (2,) int64 out: number of active supervised positions, number of bad labels
     R, T, K, B, stride_label_row, stride_label_t, ignore_index,
     SHARED_LABELS: tl.constexpr,
@@ -1103,19 +1103,22 @@ def _online_lse_state(nr, device):
 
 
 def _supervised_positions(labels, R, T, K, layout, shift_labels, ignore_index, row_count, *, V=None,
-                          position_lse=None, position_nll=None, weights=None):
+                          position_lse=None, position_nll=None, weights=None, capacity=None):
     """Compacts the supervised positions on the device, in row-major order (a stable sort of the
     mask would give the same), with no sort and no host sync.
 
-    -> positions (R*T,) int64 flat positions r*T + t, targets (R*T,) int64 their targets (the first
-    n entries of both hold them; the rest is unused) and counts (2,) int64 (n, bad labels).
-    Forward (V and the position arrays given): also fills row_count (R,) int32, counts the labels
-    outside [0, V) and zeroes position_lse (2, R*T) and position_nll (R*T,). Else row_count is the forward's;
-    with weights (K, B) only the rows whose weight is non-zero count (pass 2 of hard weights).
+    -> positions (capacity,) int64 flat positions r*T + t, targets (capacity,) int64 their targets
+    (the first n entries of both hold them; the rest is unused) and counts (2,) int64 (n, bad
+    labels). Forward (V and the position arrays given): also fills row_count (R,) int32, counts the
+    labels outside [0, V) and zeroes position_lse (2, R*T) and position_nll (R*T,). Else row_count
+    is the forward's; with weights (K, B) only the rows whose weight is non-zero count (pass 2 of
+    hard weights). capacity: at least the active positions, R*T when None (one-hot weights: B*T,
+    one row per sequence; at captioning's hard WTA 2 x 125 KB less at the loss's peak).
     """
     device = labels.device
-    positions = torch.empty(R * T, dtype=torch.int64, device=device)
-    targets = torch.empty(R * T, dtype=torch.int64, device=device)
+    capacity = R * T if capacity is None else capacity
+    positions = torch.empty(capacity, dtype=torch.int64, device=device)
+    targets = torch.empty(capacity, dtype=torch.int64, device=device)
     counts = torch.empty(2, dtype=torch.int64, device=device)
     shape_args = (T, K, R // K)
     label_reads = (labels.stride(0), labels.stride(1), ignore_index)  # labels read in place, any strides
@@ -1253,8 +1256,8 @@ def _pass2_positions(labels, weights, row_count, pass1_rows, R, T, K, layout, ig
         # 0 gets c[r] = 0
         positions, targets, _ = _supervised_positions(labels, R, T, K, layout, shift_labels, ignore_index, row_count)
         return positions, targets, n_supervised
-    positions, targets, counts = _supervised_positions(
-        labels, R, T, K, layout, shift_labels, ignore_index, row_count, weights=weights)
+    positions, targets, counts = _supervised_positions(  # w[:, b] one-hot: B rows at most
+        labels, R, T, K, layout, shift_labels, ignore_index, row_count, weights=weights, capacity=(R // K) * T)
     if labels.shape[0] != R:
         # labels (B, T): the K rows of sequence b each have count_b supervised positions, so
         # n_supervised = K * sum_b count_b, and one winner row per sequence (w[:, b] one-hot)

@@ -90,9 +90,13 @@ FLATTEN_16_BIT_GEMM = True
 # aligned (see _gemm_expand_kernel's TMA_STORE); benchmarks/profile_multi_lora.py turns it off too.
 GEMM_TMA_STORE = True
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# GPU tiles of the shrink: rows per program, bytes of x per row and K-step, most tiles in flight
-# (stages - 1 of them loaded ahead, as shared memory allows), warps (benchmarks/sweep_shrink.py varies them)
-SHRINK_GPU_BM, SHRINK_GPU_BD_BYTES, SHRINK_GPU_MAX_STAGES, SHRINK_GPU_WARPS = 32, 256, 3, 4
+# GPU tiles of the shrink: rows per program, bytes of x per row and K-step (halved where a stage
+# would not fit the shared memory), most tiles in flight (stages - 1 of them loaded ahead, as shared
+# memory allows), warps. benchmarks/sweep_shrink.py on an H200 (2026-11-27, bf16, d = 4096,
+# measured/h200-2026-11-27-b/sweep_multi_lora.log): 64 rows x 512 bytes, 3 stages, 8 warps took
+# 20.8 / 23.3 / 21.2 us at (K, T, r) = (4, 2048, 16) / (4, 2048, 64) / (8, 1024, 8), against
+# 22.8 / 28.7 / 23.5 for the 32 x 256 bytes, 4 warps of before (1.31-1.40x the HBM floor).
+SHRINK_GPU_BM, SHRINK_GPU_BD_BYTES, SHRINK_GPU_MAX_STAGES, SHRINK_GPU_WARPS = 64, 512, 3, 8
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -732,10 +736,15 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
     runs = block_diag and row_div >= block_m and cdiv(row_div, block_m) < 65536  # grid dim 1 limit
     block_c = r_pad if runs else r_pad * min(_next_pow2(num_hyp), max(1, 256 // r_pad))
     # x is read once; many row tiles keep every SM streaming (P is re-read from L2)
-    # shared memory: (stages - 1) buffers of the x and P tiles (measured by tests/sm90_compile.py):
-    # two where the device has room (227 KB on Hopper, 163 KB on A100), else one (99 KB cards)
+    # shared memory: up to `stages` buffers of the x and P tiles of a K-step (tests/sm90_compile.py
+    # measured stages - 1 of them with per-run tiles, all of them without), at least two: the K-step
+    # halves until two fit (99 KB cards; 256 columns of blocks: 64 x 256 bf16 of x and 256 x 256 of
+    # P are 160 KB a K-step)
+    budget = 0 if on_cpu else _shared_memory_budget(x.device)
+    while not on_cpu and block_d > 32 and 2 * (block_m + block_c) * block_d * x.element_size() > budget:
+        block_d //= 2
     stage_bytes = (block_m + block_c) * block_d * x.element_size()
-    stages = 1 if on_cpu else max(2, min(SHRINK_GPU_MAX_STAGES, 1 + _shared_memory_budget(x.device) // stage_bytes))
+    stages = 1 if on_cpu else max(2, min(SHRINK_GPU_MAX_STAGES, budget // stage_bytes))
     if runs:
         grid = (cdiv(m, row_div), cdiv(row_div, block_m))
     else:
@@ -1031,10 +1040,9 @@ def multi_lora_linear_triton_backward(grad_y, x, weight, lora_A, lora_B, scaling
     grad_y = _contig_rows(grad_y)
     x = _contig_rows(x)
     dropout = (dropout_seed, lora_dropout) if lora_dropout else None
-    # dS_bd = s_h dy B_h in block h: the shrink kernel with P_k = B_k^T (r, d_out), made contiguous
-    # (K*r*d_out values) so that its loads along d_out are coalesced.
-    lora_Bt = lora_B.transpose(1, 2).contiguous()
-    grad_shrink_bd = _launch_shrink(grad_y, lora_Bt, scaling, hypothesis_ids, row_div, block_diag=True)
+    # dS_bd = s_h dy B_h in block h: the shrink kernel with P_k = B_k^T (r, d_out), read in place:
+    # a K-step's (r, BD) tile of it is BD * r contiguous values of lora_B (K, d_out, r)
+    grad_shrink_bd = _launch_shrink(grad_y, lora_B.transpose(1, 2), scaling, hypothesis_ids, row_div, block_diag=True)
     out = torch.empty(grad_y.shape[0], d_in, device=x.device, dtype=x.dtype)
     grad_x = _gemm_with_expand(grad_y, weight, True, None, grad_shrink_bd, *_a_as_expand(lora_A), None, out, False,
                                num_hyp, r, stacked_expand_t=lambda: _stack_A(lora_A, x.dtype),

@@ -1040,9 +1040,15 @@ def multi_lora_linear_triton_backward(grad_y, x, weight, lora_A, lora_B, scaling
     grad_y = _contig_rows(grad_y)
     x = _contig_rows(x)
     dropout = (dropout_seed, lora_dropout) if lora_dropout else None
-    # dS_bd = s_h dy B_h in block h: the shrink kernel with P_k = B_k^T (r, d_out), read in place:
-    # a K-step's (r, BD) tile of it is BD * r contiguous values of lora_B (K, d_out, r)
-    grad_shrink_bd = _launch_shrink(grad_y, lora_B.transpose(1, 2), scaling, hypothesis_ids, row_div, block_diag=True)
+    # dS_bd = s_h dy B_h in block h: the shrink kernel with P_k = B_k^T (r, d_out). Where r is its
+    # own padding (16, 32, 64, ...) B^T is read in place, a K-step's (r, BD) tile being BD * r
+    # contiguous values of lora_B (K, d_out, r); else from a contiguous copy (loads along d_out).
+    # benchmarks/sweep_shrink.py on an H200 (bf16, d = 4096): in place 21.0 / 23.4 us against 25.1 /
+    # 34.9 copied first at r = 16 / 64, but 33.7 against 25.0 at r = 8 (padded to 16).
+    lora_Bt = lora_B.transpose(1, 2)
+    if r != _r_pad(r):
+        lora_Bt = lora_Bt.contiguous()
+    grad_shrink_bd = _launch_shrink(grad_y, lora_Bt, scaling, hypothesis_ids, row_div, block_diag=True)
     out = torch.empty(grad_y.shape[0], d_in, device=x.device, dtype=x.dtype)
     grad_x = _gemm_with_expand(grad_y, weight, True, None, grad_shrink_bd, *_a_as_expand(lora_A), None, out, False,
                                num_hyp, r, stacked_expand_t=lambda: _stack_A(lora_A, x.dtype),

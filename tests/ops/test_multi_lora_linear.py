@@ -179,6 +179,9 @@ CASES = [
     dict(n=3, tokens=(4,), d_in=24, d_out=16, r=3, num_hyp=2, shared=True, layout="hypothesis_major"),
     dict(n=2, tokens=(3,), d_in=20, d_out=12, r=3, num_hyp=4, shared=True, delta_only=True, bias=False),
     dict(n=6, tokens=(2,), d_in=16, d_out=8, r=1, num_hyp=3, ids=[0, 2, -1, 1, 1, 0]),  # rank 1
+    # r = 16, its own padding: the backward's shrink reads B^T in place (lora_B's strides)
+    dict(n=4, tokens=(5,), d_in=40, d_out=36, r=16, num_hyp=2),
+    dict(n=4, tokens=(5,), d_in=40, d_out=36, r=16, num_hyp=2, non_contiguous="operands"),
     dict(n=4, tokens=(), d_in=16, d_out=8, r=1, num_hyp=3, shared=True),  # rank 1: dS_all's reshape is a column view
     # runs of >= 16 rows per hypothesis (a sequence's tokens): the per-run shrink tiles on the CPU
     dict(n=6, tokens=(20,), d_in=24, d_out=16, r=3, num_hyp=3),  # a full and a partial tile per run

@@ -121,21 +121,15 @@ def available_libraries():
     return libs
 
 
-def with_env(settings, fn):
-    """fn() with the environment variables in `settings` (name -> value) set for the call."""
-    def run():
-        with contextlib.ExitStack() as stack:
-            for name, value in settings.items():
-                stack.enter_context(env_var(name, value))
-            return fn()
-
-    return run
-
-
-def fwd_bwd(step, hidden):
+def fwd_bwd(step, hidden, settings=None):
+    """One forward (step() -> loss) and backward, with the environment variables of `settings`
+    (name -> value) set for both: the backward reads its own (LORAMCL_MCL_PASS2)."""
     def run():
         hidden.grad = None
-        step().backward()
+        with contextlib.ExitStack() as stack:
+            for name, value in (settings or {}).items():
+                stack.enter_context(env_var(name, value))
+            step().backward()
 
     return run
 
@@ -192,28 +186,27 @@ def main():
             ours = lambda: mcl_loss(hidden, weight, labels, num_hypotheses=K, mode=mode,  # noqa: E731
                                     backend=backend, **kw).loss
             chunked, recompute = {"LORAMCL_MCL_PASS1": "chunked"}, {"LORAMCL_MCL_SOFT_BACKWARD": "recompute"}
-            cases = [("ours", ours)]  # auto: on Hopper, hard WTA takes the fused pass 1
+            cases = [("ours", ours, {})]  # auto: on Hopper, hard WTA takes the fused pass 1
             if mode != "wta":  # soft weights: the pass-2 recompute next to the default one-pass gradient
-                cases.append(("ours, recompute", with_env({**chunked, **recompute}, ours)))
+                cases.append(("ours, recompute", ours, {**chunked, **recompute}))
             if HAS_CUDA and mode == "wta":  # pass 1 (and so pass 2) as cuBLAS logits chunks + Triton row kernels
-                cases.append(("ours, chunked pass 1", with_env(chunked, ours)))
+                cases.append(("ours, chunked pass 1", ours, chunked))
                 # pass 2 alone: the gradient formed from fp32 logits chunks instead of the GEMM's epilogue
-                cases.append(("ours, chunked pass 2", with_env({"LORAMCL_MCL_PASS2": "chunked"}, ours)))
+                cases.append(("ours, chunked pass 2", ours, {"LORAMCL_MCL_PASS2": "chunked"}))
             elif HAS_CUDA:  # pass 1 as one fused Triton GEMM + log-sum-exp, then pass 2
-                cases.append(("ours, fused pass 1 + recompute",
-                              with_env({"LORAMCL_MCL_PASS1": "fused", **recompute}, ours)))
+                cases.append(("ours, fused pass 1 + recompute", ours, {"LORAMCL_MCL_PASS1": "fused", **recompute}))
             if mode == "wta" or not HAS_CUDA:
                 cases += [
-                    ("official (full fp32 logits)", lambda: official_step(hidden, weight, labels, K, mode, kw)),
+                    ("official (full fp32 logits)", lambda: official_step(hidden, weight, labels, K, mode, kw), {}),
                     ("torch, supervised rows", lambda: supervised_rows_step(
-                        hidden, weight, labels, K, mode, kw, positions, targets, counts)),
+                        hidden, weight, labels, K, mode, kw, positions, targets, counts), {}),
                 ]
                 for lib in libs:
                     cases.append((lib, lambda lib=lib: library_step(
-                        lib, hidden, weight, labels, K, mode, kw, positions, targets, counts)))
-            for method, step in cases:
+                        lib, hidden, weight, labels, K, mode, kw, positions, targets, counts), {}))
+            for method, step, settings in cases:
                 try:
-                    run = fwd_bwd(step, hidden)
+                    run = fwd_bwd(step, hidden, settings)
                     ms = time_ms(run, **timing)
                     gib = peak_extra_gib(run)
                     err = None

@@ -82,7 +82,7 @@ def sweep_pass2(regimes, configs, device, dtype):
         print(f"\n{name}, pass 2: n_w = {n_w} winner rows, H = {H}, V = {V}")
         print("| BM | BN | BK | GM | warps | stages | TMA store | ms | TFLOP/s | max abs d hidden diff vs auto |")
         print("|---|---|---|---|---|---|---|---|---|---|")
-        auto_label = _config_label(auto_config(hidden.device, hidden.dtype), PASS2_COLUMNS)
+        auto_label = _config_label(auto_config(hidden.device, hidden.dtype, n_w, False), PASS2_COLUMNS)
         for config in ["chunked", None, "wide", *configs]:
             knobs = {}
             if config == "chunked":
@@ -93,7 +93,7 @@ def sweep_pass2(regimes, configs, device, dtype):
                 knobs["PASS2_MIN_COLS"] = 1 << 40
                 label, path = "auto, buffer-wide chunks: " + auto_label, "fused"
             else:
-                knobs["_pass2_fused_config"] = lambda device, dtype, c=_as_config(config): c  # noqa: E731
+                knobs["_pass2_fused_config"] = lambda *args, c=_as_config(config): c  # noqa: E731
                 label, path = _config_label(_as_config(config), PASS2_COLUMNS), "fused"
 
             def measured(path=path):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "bench_multi_lora.py")
@@ -290,3 +291,29 @@ def test_the_loss_benchmark_runs_the_regimes_and_modes_asked_for(tmp_path):
     proc = subprocess.run([sys.executable, script, "--modes", "wta,greedy"], check=False, capture_output=True,
                           text=True, env=env, timeout=600)
     assert proc.returncode != 0 and "unknown mode(s) ['greedy']" in proc.stderr and "'annealed'" in proc.stderr
+
+
+def test_the_loss_benchmark_sets_a_rows_switches_for_its_backward_too(monkeypatch):
+    """A row's environment switches hold through the backward, which reads its own
+    (LORAMCL_MCL_PASS2 chooses pass 2 there): a row set only around the forward would time `auto`."""
+    monkeypatch.syspath_prepend(REPO_ROOT)
+    from benchmarks import bench_mcl_loss
+
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(("forward", os.environ.get("LORAMCL_MCL_PASS2")))
+            return x.sum()
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(("backward", os.environ.get("LORAMCL_MCL_PASS2")))
+            return grad.expand(3)
+
+    hidden = torch.zeros(3, requires_grad=True)
+    monkeypatch.delenv("LORAMCL_MCL_PASS2", raising=False)
+    bench_mcl_loss.fwd_bwd(lambda: Probe.apply(hidden), hidden, {"LORAMCL_MCL_PASS2": "chunked"})()
+    assert seen == [("forward", "chunked"), ("backward", "chunked")]
+    assert "LORAMCL_MCL_PASS2" not in os.environ and torch.equal(hidden.grad, torch.ones(3))

@@ -945,11 +945,17 @@ def _pass2_chunk_sizes(n_rows: int, V: int,
     tiles fill a wave with fewer columns than that, and keep the buffer's chunks."""
     rows, cols = _chunk_sizes(n_rows, V, max(1, MAX_ROW_CHUNK // 2), max(16, LOGITS_CHUNK_ELEMENTS // 2))
     if fused_tiles is not None:
-        block_m, block_n, num_sms = fused_tiles
-        wave = block_n * max(1, num_sms // cdiv(rows, block_m))
-        if wave >= PASS2_MIN_COLS:
+        wave = _one_wave_columns(rows, *fused_tiles)
+        if wave is not None:
             cols = min(cols, wave)
     return rows, cols
+
+
+def _one_wave_columns(rows: int, block_m: int, block_n: int, num_sms: int) -> Optional[int]:
+    """The columns of one wave of (block_m, block_n) tiles over `rows` rows, where that is at least
+    PASS2_MIN_COLS (few rows: pass 2's vocab chunks are then one wave); else None."""
+    wave = block_n * max(1, num_sms // cdiv(rows, block_m))
+    return wave if wave >= PASS2_MIN_COLS else None
 
 
 def _block_v(n_cols: int) -> tuple[int, int]:
@@ -1007,11 +1013,13 @@ def _pass2_path(hidden: torch.Tensor, weight: torch.Tensor, lm_head_grads: bool)
     lm_head and bias) and needs what pass 1's fused GEMM needs (TMA, aligned rows). auto follows
     pass 1: fused where pass 1 is.
 
-    Counted for an H200 (not yet measured): the chunked pass 2 writes fp32 logits from its GEMM and
-    a row kernel reads them back and writes the 16-bit gradient (6 bytes a logit in a kernel of its
-    own); the fused one writes that gradient from the GEMM. At dense LM (3584 winner rows, V =
-    151936) the row kernel moves 3.3 GB, about 0.8 ms of 44.8 (the fused pass 1 saved the like:
-    46.7 -> 44.8 ms); its buffer is a third of the chunked one's.
+    The chunked pass 2 writes fp32 logits from its GEMM and a row kernel reads them back and writes
+    the 16-bit gradient (6 bytes a logit in a kernel of its own); the fused one writes that gradient
+    from the GEMM, and its buffer is a third of the chunked one's. Counted at dense LM (3584 winner
+    rows, V = 151936): the row kernel moves 3.3 GB, ~0.8 ms. Measured (benchmarks/sweep_mcl_loss.py,
+    H200, bf16, pass 2 alone): chunked 0.810 / 14.94 / 0.905 ms at captioning / dense LM / small
+    vocab, fused 0.797 / 15.23 / 0.885 with 128 x 128 tiles and 14.94 / 0.837 with 128 x 256 at the
+    last two: the GEMM, not the row kernel's traffic, sets the pace.
     """
     path = os.environ.get("LORAMCL_MCL_PASS2", "auto").lower()
     if path not in PASS2_PATHS:
@@ -1051,16 +1059,24 @@ def _fused_config(device: torch.device, dtype: torch.dtype) -> dict:
     return dict(BM=128, BN=256, BK=64, GM=8, num_warps=8, num_stages=3)
 
 
-def _pass2_fused_config(device: torch.device, dtype: torch.dtype) -> dict:
-    """Pass 2's fused GEMM: the K-step of pass 1 (BK = 64), 128 x 128 tiles, g stored through a
-    TMA descriptor (PASS2_TMA_STORE). Compiled for sm_90 (tests/sm90_compile.py, bf16, with / without
-    a bias): 128 x 128 in 4 stages 188 / 145 registers and no spills (pointer stores: 202 / 254);
-    128 x 256 in 3 stages all 255 registers and 608 / 0 bytes of spills (pointer stores: 696 /
-    184). Pass 1 measured at 598 TFLOP/s with 128 x 128 tiles. Not yet measured in pass 2:
-    benchmarks/sweep_mcl_loss.py times it against eight others, both stores among them."""
+def _pass2_fused_config(device: torch.device, dtype: torch.dtype, n_rows: int = 0, has_bias: bool = True) -> dict:
+    """Pass 2's fused GEMM over n_rows winner rows: the K-step of pass 1 (BK = 64), g stored
+    through a TMA descriptor (PASS2_TMA_STORE), 128 x 256 tiles in 3 stages where they fit the
+    case, else 128 x 128 in 4.
+
+    benchmarks/sweep_mcl_loss.py on an H200 (2026-11-27, bf16, no bias; measured/h200-2026-11-27-b/):
+    128 x 256 took 14.94 ms at dense LM (3584 rows) and 0.837 at small vocab (1792) against 15.23
+    and 0.885 for 128 x 128. Two cases keep 128 x 128: a bias (compiled for sm_90, tests/sm90_compile.py:
+    128 x 256 spills 608 bytes a thread, 128 x 128 none at 188 registers), and few rows, where the
+    vocab chunks are one wave of tiles (_pass2_chunk_sizes): a wave of 128 x 256 tiles holds twice the
+    columns, so captioning's chunk (128 rows) would be 8.3 MiB against 4.1, over its memory target."""
+    narrow = dict(BM=128, BN=128, BK=64, GM=8, num_warps=8, num_stages=4, TMA_STORE=PASS2_TMA_STORE)
     if device.type == "cpu" or dtype == torch.float32:
         return dict(_fused_config(device, dtype), TMA_STORE=PASS2_TMA_STORE)
-    return dict(BM=128, BN=128, BK=64, GM=8, num_warps=8, num_stages=4, TMA_STORE=PASS2_TMA_STORE)
+    rows = _pass2_chunk_sizes(n_rows, 1 << 20)[0]
+    if has_bias or _one_wave_columns(rows, narrow["BM"], narrow["BN"], device_facts(device)[0]) is not None:
+        return narrow
+    return dict(narrow, BN=256, num_stages=3)
 
 
 def _pass1_fused(h2, positions, targets, w, bias, position_lse, position_nll):
@@ -1304,7 +1320,7 @@ def _mcl_loss_backward_triton(
         store_fp32 = (not lowp) or need_weight_grad or need_bias_grad
         fused = _pass2_path(hidden, w, need_weight_grad or need_bias_grad) == "fused"
         if fused:
-            config = _pass2_fused_config(device, hidden.dtype)
+            config = _pass2_fused_config(device, hidden.dtype, n_rows, has_bias)
             set_tma_allocator(device)
             num_sms = device_facts(device)[0]
         rows_per_chunk, cols_per_chunk = _pass2_chunk_sizes(

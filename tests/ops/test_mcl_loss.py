@@ -347,6 +347,26 @@ def test_fused_pass2_vocab_chunk_is_one_wave_of_tiles(n_rows, V, expected):
     assert mcl_module._pass2_chunk_sizes(n_rows, V)[0] == expected[0]
 
 
+@pytest.mark.parametrize("n_rows, has_bias, block_n", [
+    (128, False, 128),  # captioning's winners: chunks of one wave of 128 x 128 tiles (its memory)
+    (3584, False, 256),  # dense LM
+    (1792, False, 256),  # small vocab
+    (3584, True, 128),  # a bias: 128 x 256 would spill
+    (512, False, 128),  # 4 row tiles: a wave of 128 x 128 tiles is 33 x 128 = 4224 >= 4096 columns
+    (640, False, 256),  # 5 row tiles: 26 x 128 = 3328 columns, the buffer's chunks
+])
+def test_fused_pass2_tiles_follow_rows_and_bias(n_rows, has_bias, block_n, monkeypatch):
+    """On a 132-SM Hopper GPU with 16-bit operands pass 2 takes 128 x 256 tiles (3 stages) unless
+    there is a bias or its vocab chunks are one wave of 128 x 128 tiles; fp32 keeps pass 1's tiles."""
+    monkeypatch.setattr(mcl_module, "device_facts", lambda device: (132, 9))
+    cuda = torch.device("cuda")
+    config = mcl_module._pass2_fused_config(cuda, torch.bfloat16, n_rows, has_bias)
+    assert (config["BM"], config["BN"], config["BK"]) == (128, block_n, 64)
+    assert config["num_stages"] == (3 if block_n == 256 else 4) and config["TMA_STORE"] == mcl_module.PASS2_TMA_STORE
+    fp32 = mcl_module._pass2_fused_config(cuda, torch.float32, n_rows, has_bias)
+    assert {k: v for k, v in fp32.items() if k != "TMA_STORE"} == mcl_module._fused_config(cuda, torch.float32)
+
+
 def test_fused_pass2_one_wave_chunks_match_fp64_oracle(fused_pass2, monkeypatch):
     """The floor lowered so that the interpreter's tiles (16 x 32) on its 4 "SMs" make vocab
     chunks of one wave: 32 columns per row tile of a wave, every chunk one launch, d hidden as the
@@ -442,7 +462,7 @@ def test_fused_pass2_holds_no_fp32_logits(regime, monkeypatch):
     chunked = _modelled_peak(regime, "fused", "wta", {}, monkeypatch)
     monkeypatch.setenv("LORAMCL_MCL_PASS2", "auto")
     fused = _modelled_peak(regime, "fused", "wta", {}, monkeypatch)
-    config = mcl_module._pass2_fused_config(torch.device("cuda"), torch.bfloat16)
+    config = mcl_module._pass2_fused_config(torch.device("cuda"), torch.bfloat16, B * n_sup, has_bias=False)
     rows, cols = mcl_module._pass2_chunk_sizes(B * n_sup, V)  # the winners' positions
     fused_cols = mcl_module._pass2_chunk_sizes(B * n_sup, V, (config["BM"], config["BN"], 132))[1]
     assert fused_cols <= cols

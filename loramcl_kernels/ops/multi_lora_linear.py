@@ -90,8 +90,8 @@ FLATTEN_16_BIT_GEMM = True
 # aligned (see _gemm_expand_kernel's TMA_STORE); benchmarks/profile_multi_lora.py turns it off too.
 GEMM_TMA_STORE = True
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# GPU tiles of the shrink: rows per program, bytes of x per row and K-step (halved where a stage
-# would not fit the shared memory), most tiles in flight (stages - 1 of them loaded ahead, as shared
+# GPU tiles of the shrink: rows per program, bytes of x per row and K-step (both halved where two
+# stages would not fit the shared memory, see _launch_shrink), most tiles in flight (stages - 1 of them loaded ahead, as shared
 # memory allows), warps. benchmarks/sweep_shrink.py on an H200 (2026-11-27, bf16, d = 4096,
 # measured/h200-2026-11-27-b/sweep_multi_lora.log): 64 rows x 512 bytes, 3 stages, 8 warps took
 # 20.8 / 23.3 / 21.2 us at (K, T, r) = (4, 2048, 16) / (4, 2048, 64) / (8, 1024, 8), against
@@ -736,15 +736,22 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
     runs = block_diag and row_div >= block_m and cdiv(row_div, block_m) < 65536  # grid dim 1 limit
     block_c = r_pad if runs else r_pad * min(_next_pow2(num_hyp), max(1, 256 // r_pad))
     # x is read once; many row tiles keep every SM streaming (P is re-read from L2)
-    # shared memory: up to `stages` buffers of the x and P tiles of a K-step (tests/sm90_compile.py
-    # measured stages - 1 of them with per-run tiles, all of them without), at least two: the K-step
-    # halves until two fit (99 KB cards; 256 columns of blocks: 64 x 256 bf16 of x and 256 x 256 of
-    # P are 160 KB a K-step)
+    # shared memory: Triton keeps `stages` K-steps of the x and P tiles for the tiles without runs on
+    # Hopper, stages - 1 otherwise (tests/sm90_compile.py, sm_90 and sm_86); rows, then the K-step,
+    # halve until two stages fit (99 KB cards; 256 columns of blocks on Hopper: 64 x 256 bf16 of x
+    # and 256 x 256 of P are 160 KB a K-step)
+    buffers_of_two_stages = 2 if not runs and not on_cpu and _device_facts(x.device)[1] >= 9 else 1
     budget = 0 if on_cpu else _shared_memory_budget(x.device)
-    while not on_cpu and block_d > 32 and 2 * (block_m + block_c) * block_d * x.element_size() > budget:
-        block_d //= 2
+    while not on_cpu and buffers_of_two_stages * (block_m + block_c) * block_d * x.element_size() > budget:
+        if block_m > 32:
+            block_m //= 2
+        elif block_d > 32:
+            block_d //= 2
+        else:
+            break
     stage_bytes = (block_m + block_c) * block_d * x.element_size()
-    stages = 1 if on_cpu else max(2, min(SHRINK_GPU_MAX_STAGES, budget // stage_bytes))
+    extra_stage = 2 - buffers_of_two_stages  # the stage Triton does not buffer, where it does not
+    stages = 1 if on_cpu else max(2, min(SHRINK_GPU_MAX_STAGES, budget // stage_bytes + extra_stage))
     if runs:
         grid = (cdiv(m, row_div), cdiv(row_div, block_m))
     else:
@@ -1042,7 +1049,8 @@ def multi_lora_linear_triton_backward(grad_y, x, weight, lora_A, lora_B, scaling
     dropout = (dropout_seed, lora_dropout) if lora_dropout else None
     # dS_bd = s_h dy B_h in block h: the shrink kernel with P_k = B_k^T (r, d_out). Where r is its
     # own padding (16, 32, 64, ...) B^T is read in place, a K-step's (r, BD) tile being BD * r
-    # contiguous values of lora_B (K, d_out, r); else from a contiguous copy (loads along d_out).
+    # contiguous values of a contiguous lora_B (K, d_out, r); else from a contiguous copy (loads
+    # along d_out).
     # benchmarks/sweep_shrink.py on an H200 (bf16, d = 4096): in place 21.0 / 23.4 us against 25.1 /
     # 34.9 copied first at r = 16 / 64, but 33.7 against 25.0 at r = 8 (padded to 16).
     lora_Bt = lora_B.transpose(1, 2)

@@ -443,7 +443,7 @@ if triton is not None:
         HAS_BASE: tl.constexpr, W_KN: tl.constexpr, HAS_INIT: tl.constexpr, SHARED_OUT: tl.constexpr,
         EXPAND_TMA: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
         E_ROWS_OF_R: tl.constexpr = False, DROPOUT: tl.constexpr = False, FLATTEN: tl.constexpr = False,
-        TMA_STORE: tl.constexpr = False,
+        TMA_STORE: tl.constexpr = False, E_KN: tl.constexpr = False,
     ):
         """out = [x W^T] + [init] + [bias] + expand, tiles of (BM, BN) visited round-robin by NUM_PROGRAMS.
 
@@ -453,7 +453,8 @@ if triton is not None:
         HAS_BASE: x (M, KD) and W ((N, KD), or (KD, N) when W_KN) through TMA tensor descriptors.
         Expand with S (M, K*r) (block-diagonal or dense, row stride stride_sm):
           EXPAND_TMA: E_all (N, K*r) with s_k folded in, row stride stride_en; the expand is
-                      ceil(K*r / BK) more K-steps of the same GEMM: acc += S E_all^T.
+                      ceil(K*r / BK) more K-steps of the same GEMM: acc += S E_all^T. E_KN: E_all^T
+                      (K*r, N) instead, row stride stride_en (dx's A_all is lora_A itself: no copy).
           else:       E_k (N, r) addressed by strides (k, n, j): acc += sum_k s_k S[m, block k] E_k^T
           SHARED_OUT: output row (m // L)*K*L + k*L + m % L gets acc + s_k S[m, block k] E_k^T, per k.
           DROPOUT (per-hypothesis expand, not SHARED_OUT): the expand is masked by the LoRA dropout
@@ -491,8 +492,12 @@ if triton is not None:
         if EXPAND_TMA:
             s_desc = tl.make_tensor_descriptor(s_ptr, shape=[M, NUM_HYP * R], strides=[stride_sm, 1],
                                                block_shape=[BM, BK])
-            e_desc = tl.make_tensor_descriptor(e_ptr, shape=[N, NUM_HYP * R], strides=[stride_en, 1],
-                                               block_shape=[BN, BK])
+            if E_KN:
+                e_desc = tl.make_tensor_descriptor(e_ptr, shape=[NUM_HYP * R, N], strides=[stride_en, 1],
+                                                   block_shape=[BK, BN])
+            else:
+                e_desc = tl.make_tensor_descriptor(e_ptr, shape=[N, NUM_HYP * R], strides=[stride_en, 1],
+                                                   block_shape=[BN, BK])
         tl.static_assert(not (TMA_STORE and SHARED_OUT), "shared input's K outputs are stored per hypothesis")
         if TMA_STORE:
             out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_om, 1],
@@ -518,13 +523,17 @@ if triton is not None:
             if EXPAND_TMA:  # the LoRA expand: K*r more columns of the reduction (see Loop shape)
                 if NUM_HYP * R <= BK and FLATTEN:  # one step
                     a = s_desc.load([pm * BM, 0])
-                    b = e_desc.load([pn * BN, 0])
-                    acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+                    if E_KN:
+                        acc = tl.dot(a, e_desc.load([0, pn * BN]), acc, input_precision=DOT_PRECISION)
+                    else:
+                        acc = tl.dot(a, e_desc.load([pn * BN, 0]).T, acc, input_precision=DOT_PRECISION)
                 else:
                     for kk in range(tl.cdiv(NUM_HYP * R, BK)):
                         a = s_desc.load([pm * BM, kk * BK])
-                        b = e_desc.load([pn * BN, kk * BK])
-                        acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+                        if E_KN:
+                            acc = tl.dot(a, e_desc.load([kk * BK, pn * BN]), acc, input_precision=DOT_PRECISION)
+                        else:
+                            acc = tl.dot(a, e_desc.load([pn * BN, kk * BK]).T, acc, input_precision=DOT_PRECISION)
             mask_mn = mask_m[:, None] & mask_n[None, :]
             if HAS_INIT:
                 acc += tl.load(init_ptr + offs_m.to(tl.int64)[:, None] * stride_init + offs_n[None, :],
@@ -812,7 +821,7 @@ def _choose_path(x: Tensor, weight: Optional[Tensor], shared_input: bool = False
 
 
 def _launch_gemm_expand(x, weight, w_kn, init, shrink, e, e_strides, scaling, bias, out, shared_out, num_hyp, r,
-                        rows_per_group=1, expand_tma=False, dropout=None):
+                        rows_per_group=1, expand_tma=False, dropout=None, e_kn=False):
     """out = [x W^T] + [init] + [bias] + expand (masked by the LoRA dropout of dropout = (seed, p):
     the expand-only epilogue of dx).
 
@@ -831,7 +840,7 @@ def _launch_gemm_expand(x, weight, w_kn, init, shrink, e, e_strides, scaling, bi
                   # the persistent GEMM on 16-bit operands (the expand-only epilogue runs one tile per
                   # program: flattening its loop compiled to scalar 2-byte stores, sm_90 PTX)
                   FLATTEN=has_base and x.element_size() == 2 and FLATTEN_16_BIT_GEMM,
-                  TMA_STORE=has_base and not shared_out and GEMM_TMA_STORE and _tma_ok(out))
+                  TMA_STORE=has_base and not shared_out and GEMM_TMA_STORE and _tma_ok(out), E_KN=e_kn)
     seed, threshold, keep_scale = _dropout_args(dropout, out)
     args = [x if has_base else out, weight if has_base else out, init if init is not None else out,
             shrink, e, scaling if scaling is not None else shrink, bias if bias is not None else out, out, seed,
@@ -887,8 +896,9 @@ def _gemm_with_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out,
     """out = x W^T (+ bias) + expand: the fused path when it applies, else cuBLAS.
 
     stacked_expand_t() gives E_all^T (K*r, N) with the scaling folded in (A_all is a view of
-    lora_A): when the rows of S and of E_all (made contiguous) are 16-byte aligned the fused GEMM
-    loads both through TMA descriptors and the expand becomes ceil(K*r / BK) extra K-steps (the
+    lora_A): when the rows of S and of E_all are 16-byte aligned the fused GEMM loads both through
+    TMA descriptors, E_all^T as it is where its own rows are (dx: A_all, E_KN), else E_all made
+    contiguous (the forward's B_all), and the expand becomes ceil(K*r / BK) extra K-steps (the
     shared-output mode always uses the per-k epilogue). On the cublas path it makes the expand a
     cuBLAS GEMM under the base (_expand_then_base); the Triton epilogue remains for the K outputs
     of shared input and for dropout (dx of the LoRA dropout, whose expand is masked on its own).
@@ -898,9 +908,11 @@ def _gemm_with_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out,
     if dropout is None and _choose_path(x, weight, shared_input=shared_out or shared_input) == "fused":
         weight = weight.contiguous()
         if stacked_expand_t is not None and not shared_out and _tma_ok(shrink):
-            e_all = stacked_expand_t().t().contiguous()
+            e_all_t = stacked_expand_t()  # (K*r, N): dx's A_all is lora_A's own rows, read as they are
+            e_kn = _tma_ok(e_all_t)
+            e_all = e_all_t if e_kn else e_all_t.t().contiguous()
             return _launch_gemm_expand(x, weight, w_kn, None, shrink, e_all, (0, e_all.stride(0), 1), None, bias,
-                                       out, False, num_hyp, r, expand_tma=True)
+                                       out, False, num_hyp, r, expand_tma=True, e_kn=e_kn)
         return _launch_gemm_expand(x, weight, w_kn, None, shrink, e, e_strides, scaling, bias, out,
                                    shared_out, num_hyp, r, rows_per_group)
     if dropout is None and stacked_expand_t is not None and not shared_out:

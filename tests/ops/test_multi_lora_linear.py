@@ -470,20 +470,24 @@ _BK = mll._gemm_configs()[0].kwargs["BK"]  # the fused GEMM's K-step: 32 in the 
 def test_fused_path_loads_expand_through_tma_when_aligned(monkeypatch, num_hyp, r, expect_tma, dtype):
     """S and E_all rows 16-byte aligned: they go through TMA descriptors as extra K-steps (for 16-bit
     operands one straight-line step up to BK columns, a loop beyond; fp32 keeps the loop); otherwise
-    the per-hypothesis epilogue. Each must give the reference's values."""
+    the per-hypothesis epilogue. dx's E_all^T is lora_A's own rows, read in place (E_KN: no copy);
+    the forward's B_all is a scaled copy. Each must give the reference's values."""
     monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "fused")
     calls = []
     launch = mll._launch_gemm_expand
 
     def spy(*args, **kwargs):
-        calls.append(kwargs.get("expand_tma", False))
+        expand = args[5]  # E: the operand the expand reads
+        calls.append((kwargs.get("expand_tma", False), kwargs.get("e_kn", False), tuple(expand.shape)))
         return launch(*args, **kwargs)
 
     monkeypatch.setattr(mll, "_launch_gemm_expand", spy)
     x, w, b, a, bb, s = make_inputs(2 * num_hyp, (5,), 32, 16, r, num_hyp, dtype, TRITON_DEVICE)
     got = forward_and_grads(lambda *t: multi_lora_linear(*t, s, backend="triton"), x, w, b, a, bb)
     want = forward_and_grads(lambda *t: multi_lora_linear(*t, s, backend="reference"), x, w, b, a, bb)
-    assert calls == [expect_tma, expect_tma]  # forward, and dx in backward
+    assert [call[:2] for call in calls] == [(expect_tma, False), (expect_tma, expect_tma)]  # forward, dx
+    if expect_tma:  # dx's expand reads A_all (K*r, d_in), lora_A's rows; the forward B_all (d_out, K*r)
+        assert calls[1][2] == (num_hyp * r, 32) and calls[0][2] == (16, num_hyp * r)
     tol = 1e-4 if dtype == torch.float32 else 1e-2  # fp16: both round the same fp32 sums, in other orders
     for g, e in zip(got, want):
         torch.testing.assert_close(g, e, rtol=tol, atol=tol)

@@ -82,15 +82,17 @@ def sweep_pass2(regimes, configs, device, dtype):
         print(f"\n{name}, pass 2: n_w = {n_w} winner rows, H = {H}, V = {V}")
         print("| BM | BN | BK | GM | warps | stages | TMA store | ms | TFLOP/s | max abs d hidden diff vs auto |")
         print("|---|---|---|---|---|---|---|---|---|---|")
-        auto_label = _config_label(auto_config(hidden.device, hidden.dtype, n_w, False), PASS2_COLUMNS)
+        auto_pass2 = auto_config(hidden.device, hidden.dtype, n_w, False)
+        auto_label = _config_label(auto_pass2, PASS2_COLUMNS)
         for config in ["chunked", None, "wide", *configs]:
             knobs = {}
             if config == "chunked":
                 label, path = "chunked pass 2 | | | | | |", "chunked"
             elif config is None:
                 label, path = "auto: " + auto_label, "fused"
-            elif config == "wide":  # vocab chunks of the buffer's width, not capped at one wave of tiles
+            elif config == "wide":  # auto's tiles in vocab chunks of the buffer's width, not one wave of tiles
                 knobs["PASS2_MIN_COLS"] = 1 << 40
+                knobs["_pass2_fused_config"] = lambda *args, c=auto_pass2: c  # noqa: E731
                 label, path = "auto, buffer-wide chunks: " + auto_label, "fused"
             else:
                 knobs["_pass2_fused_config"] = lambda *args, c=_as_config(config): c  # noqa: E731

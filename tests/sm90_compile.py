@@ -203,8 +203,8 @@ def main():
                 mcl._mcl_loss_backward_triton(loss, hidden, weight, bias, labels, weights, position_lse,
                                               row_count, pass1_rows, nll_grad, 5, "batch_major", "mean", -100,
                                               True, True, lm_head_grads, lm_head_grads)
-            if dtype == torch.bfloat16:  # no bias and 640 winner rows: pass 2's 128 x 256 tiles
-                mcl_on_meta_tensors(supervised_rows=3200)
+            if dtype == torch.bfloat16:  # no bias and 1280 winner rows: pass 2's 128 x 256 tiles
+                mcl_on_meta_tensors(supervised_rows=6400)
                 out = mcl._mcl_loss_forward_triton(hidden, weight, None, labels, 5, "batch_major", "wta", 0.0, 1.0,
                                                    "mean", -100, True)
                 mcl._mcl_loss_backward_triton(out[0], hidden, weight, None, labels, *out[3:8], 5, "batch_major",

@@ -1068,13 +1068,14 @@ def _pass2_fused_config(device: torch.device, dtype: torch.dtype, n_rows: int = 
     128 x 256 took 14.94 ms at dense LM (3584 rows) and 0.837 at small vocab (1792) against 15.23
     and 0.885 for 128 x 128. Two cases keep 128 x 128: a bias (compiled for sm_90, tests/sm90_compile.py:
     128 x 256 spills 608 bytes a thread, 128 x 128 none at 188 registers), and few rows, where the
-    vocab chunks are one wave of tiles (_pass2_chunk_sizes): a wave of 128 x 256 tiles holds twice the
-    columns, so captioning's chunk (128 rows) would be 8.3 MiB against 4.1, over its memory target."""
+    vocab chunks would be one wave of 128 x 256 tiles (_pass2_chunk_sizes): 128 x 128 halves that
+    chunk (captioning's 128 rows: 4.1 MiB against 8.3, within its memory target), or lifts the cap
+    (5-8 row tiles on 132 SMs), so the wide tiles never run in one-wave chunks."""
     narrow = dict(BM=128, BN=128, BK=64, GM=8, num_warps=8, num_stages=4, TMA_STORE=PASS2_TMA_STORE)
     if device.type == "cpu" or dtype == torch.float32:
         return dict(_fused_config(device, dtype), TMA_STORE=PASS2_TMA_STORE)
     rows = _pass2_chunk_sizes(n_rows, 1 << 20)[0]
-    if has_bias or _one_wave_columns(rows, narrow["BM"], narrow["BN"], device_facts(device)[0]) is not None:
+    if has_bias or _one_wave_columns(rows, narrow["BM"], 256, device_facts(device)[0]) is not None:
         return narrow
     return dict(narrow, BN=256, num_stages=3)
 

@@ -742,7 +742,8 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
     # Block diagonal with runs of at least a tile of rows per hypothesis (a sequence's tokens):
     # per-run tiles that read and multiply P_h only. Else every program takes all the blocks of
     # BC columns and masks them (decode-like runs of few rows, shared input).
-    runs = block_diag and row_div >= block_m and cdiv(row_div, block_m) < 65536  # grid dim 1 limit
+    # (grid dim 1 limit: counted with the fewest rows a tile may end up with below)
+    runs = block_diag and row_div >= block_m and cdiv(row_div, min(block_m, 32)) < 65536
     block_c = r_pad if runs else r_pad * min(_next_pow2(num_hyp), max(1, 256 // r_pad))
     # x is read once; many row tiles keep every SM streaming (P is re-read from L2)
     # shared memory: Triton keeps `stages` K-steps of the x and P tiles for the tiles without runs on

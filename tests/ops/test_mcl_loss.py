@@ -352,17 +352,23 @@ def test_fused_pass2_vocab_chunk_is_one_wave_of_tiles(n_rows, V, expected):
     (3584, False, 256),  # dense LM
     (1792, False, 256),  # small vocab
     (3584, True, 128),  # a bias: 128 x 256 would spill
-    (512, False, 128),  # 4 row tiles: a wave of 128 x 128 tiles is 33 x 128 = 4224 >= 4096 columns
-    (640, False, 256),  # 5 row tiles: 26 x 128 = 3328 columns, the buffer's chunks
+    (640, False, 128),  # 5 row tiles: a wave of 128 x 256 tiles is 26 x 256 = 6656 >= 4096 columns
+    (1024, False, 128),  # 8 row tiles: 16 x 256 = 4096
+    (1025, False, 256),  # 9 row tiles: 14 x 256 = 3584, the buffer's chunks
 ])
 def test_fused_pass2_tiles_follow_rows_and_bias(n_rows, has_bias, block_n, monkeypatch):
     """On a 132-SM Hopper GPU with 16-bit operands pass 2 takes 128 x 256 tiles (3 stages) unless
-    there is a bias or its vocab chunks are one wave of 128 x 128 tiles; fp32 keeps pass 1's tiles."""
+    there is a bias or its vocab chunks would be one wave of them; fp32 keeps pass 1's tiles. The
+    wide tiles never get one-wave chunks."""
     monkeypatch.setattr(mcl_module, "device_facts", lambda device: (132, 9))
     cuda = torch.device("cuda")
     config = mcl_module._pass2_fused_config(cuda, torch.bfloat16, n_rows, has_bias)
     assert (config["BM"], config["BN"], config["BK"]) == (128, block_n, 64)
     assert config["num_stages"] == (3 if block_n == 256 else 4) and config["TMA_STORE"] == mcl_module.PASS2_TMA_STORE
+    V = 151936
+    tiles = (config["BM"], config["BN"], 132)
+    if block_n == 256:
+        assert mcl_module._pass2_chunk_sizes(n_rows, V, tiles) == mcl_module._pass2_chunk_sizes(n_rows, V)
     fp32 = mcl_module._pass2_fused_config(cuda, torch.float32, n_rows, has_bias)
     assert {k: v for k, v in fp32.items() if k != "TMA_STORE"} == mcl_module._fused_config(cuda, torch.float32)
 

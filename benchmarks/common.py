@@ -116,6 +116,11 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
 _CAPTURE_STREAM = None
 
 
+def time_interpreter_us(fn) -> float:
+    """Microseconds of one call on the CPU (a sweep's smoke run under the Triton interpreter)."""
+    return 1e3 * time_ms(fn, cpu_reps=1)
+
+
 def time_graph_us(fn, *, replays: int = 200) -> float:
     """Mean microseconds per replay of fn() captured in a CUDA graph: GPU time without the host's
     launch overhead (NaN on CPU). fn must already be warmed up (compiled, autotuned)."""

@@ -72,7 +72,7 @@ if __name__ == "__main__":
     cli = parser.parse_args()
     if cli.smoke:
         print("decode forward, us per call, d=64, fp32, CPU smoke run (Triton interpreter): times mean nothing")
-        sweep([(3, 5)], 64, "cpu", torch.float32, lambda fn: 1e3 * common.time_ms(fn, cpu_reps=1))
+        sweep([(3, 5)], 64, "cpu", torch.float32, common.time_interpreter_us)
     elif not torch.cuda.is_available():
         print("no GPU: nothing to sweep")
     else:

@@ -81,9 +81,8 @@ if __name__ == "__main__":
     cli = parser.parse_args()
     if cli.smoke:
         print("shrink, us per call, d=64, fp32, CPU smoke run (Triton interpreter): times mean nothing")
-        sweep([(3, 20, 5)], 64, "cpu", torch.float32, SMOKE_CONFIGS,
-              lambda fn: 1e3 * common.time_ms(fn, cpu_reps=1))
-        backward_shrink([(3, 20, 5)], 64, "cpu", torch.float32, lambda fn: 1e3 * common.time_ms(fn, cpu_reps=1))
+        sweep([(3, 20, 5)], 64, "cpu", torch.float32, SMOKE_CONFIGS, common.time_interpreter_us)
+        backward_shrink([(3, 20, 5)], 64, "cpu", torch.float32, common.time_interpreter_us)
     elif not torch.cuda.is_available():
         print("no GPU: nothing to sweep")
     else:

@@ -943,12 +943,17 @@ def _pass2_chunk_sizes(n_rows: int, V: int,
     winner rows, V = 156032, bf16, 132 SMs) 128 x 65536 (16 MiB) -> 128 x 16896 (4.1 MiB; peak
     extra 19.4 -> 7.48 MiB, against 1.5x Cut Cross-Entropy's 5.0 MiB). The other regimes' row
     tiles fill a wave with fewer columns than that, and keep the buffer's chunks."""
-    rows, cols = _chunk_sizes(n_rows, V, max(1, MAX_ROW_CHUNK // 2), max(16, LOGITS_CHUNK_ELEMENTS // 2))
+    rows, cols = _chunk_sizes(n_rows, V, _pass2_row_chunk(n_rows), max(16, LOGITS_CHUNK_ELEMENTS // 2))
     if fused_tiles is not None:
         wave = _one_wave_columns(rows, *fused_tiles)
         if wave is not None:
             cols = min(cols, wave)
     return rows, cols
+
+
+def _pass2_row_chunk(n_rows: int) -> int:
+    """Rows per pass-2 chunk: at most half pass 1's (MAX_ROW_CHUNK)."""
+    return max(1, min(n_rows, MAX_ROW_CHUNK // 2))
 
 
 def _one_wave_columns(rows: int, block_m: int, block_n: int, num_sms: int) -> Optional[int]:
@@ -1059,7 +1064,7 @@ def _fused_config(device: torch.device, dtype: torch.dtype) -> dict:
     return dict(BM=128, BN=256, BK=64, GM=8, num_warps=8, num_stages=3)
 
 
-def _pass2_fused_config(device: torch.device, dtype: torch.dtype, n_rows: int = 0, has_bias: bool = True) -> dict:
+def _pass2_fused_config(device: torch.device, dtype: torch.dtype, n_rows: int, has_bias: bool) -> dict:
     """Pass 2's fused GEMM over n_rows winner rows: the K-step of pass 1 (BK = 64), g stored
     through a TMA descriptor (PASS2_TMA_STORE), 128 x 256 tiles in 3 stages where they fit the
     case, else 128 x 128 in 4.
@@ -1074,8 +1079,7 @@ def _pass2_fused_config(device: torch.device, dtype: torch.dtype, n_rows: int = 
     narrow = dict(BM=128, BN=128, BK=64, GM=8, num_warps=8, num_stages=4, TMA_STORE=PASS2_TMA_STORE)
     if device.type == "cpu" or dtype == torch.float32:
         return dict(_fused_config(device, dtype), TMA_STORE=PASS2_TMA_STORE)
-    rows = _pass2_chunk_sizes(n_rows, 1 << 20)[0]
-    if has_bias or _one_wave_columns(rows, narrow["BM"], 256, device_facts(device)[0]) is not None:
+    if has_bias or _one_wave_columns(_pass2_row_chunk(n_rows), narrow["BM"], 256, device_facts(device)[0]) is not None:
         return narrow
     return dict(narrow, BN=256, num_stages=3)
 

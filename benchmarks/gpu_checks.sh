@@ -42,7 +42,9 @@ for step in $STEPS; do
     profile)
       { timeout 150 python3 benchmarks/profile_multi_lora.py --K 4 --T 2048 --r 16 --paths fused,fused-pointer-store,cublas
         timeout 90 python3 benchmarks/profile_multi_lora.py --K 4 --T 2048 --r 64
-        timeout 60 python3 benchmarks/profile_multi_lora.py --K 5 --T 780 --r 8 --shared; } 2>&1 | tee "$OUT/profile.log" ;;
+        timeout 60 python3 benchmarks/profile_multi_lora.py --K 5 --T 780 --r 8 --shared
+        timeout 45 python3 benchmarks/profile_multi_lora.py --decode --K 8 --r 8
+        timeout 45 python3 benchmarks/profile_multi_lora.py --decode --K 4 --r 64; } 2>&1 | tee "$OUT/profile.log" ;;
     host)
       { timeout 45 python3 benchmarks/profile_multi_lora.py --K 5 --T 780 --r 8 --host
         echo "## the same, every launch through Triton's JIT (LORAMCL_TRITON_LAUNCH=triton)"

@@ -1,7 +1,9 @@
 """Where the time of one multi_lora_linear forward+backward goes, kernel by kernel (GPU).
 
-python benchmarks/profile_multi_lora.py [--paths fused,cublas] [--K 4 --T 2048 --r 16] [--shared] [--host]
-Prints the CUDA kernel time table of torch.profiler for each path next to cuBLAS base-only. The
+python benchmarks/profile_multi_lora.py [--paths fused,cublas] [--K 4 --T 2048 --r 16] [--shared] [--host] [--decode]
+Prints the CUDA kernel time table of torch.profiler for each path next to cuBLAS base-only.
+--decode: the decode forward instead (T = 8 rows per hypothesis, no grad): the partial and finish
+kernels' times next to cuBLAS's x W^T, over 4 copies of the layer so that W comes from HBM. The
 path "fused-unflattened" is the fused path with the persistent GEMM's loops left unflattened
 (FLATTEN_16_BIT_GEMM off): the fused GEMM's time per call with and without one software pipeline;
 "fused-pointer-store" stores the GEMM's output tiles through masked pointers instead of TMA
@@ -25,13 +27,23 @@ def main():
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--d", type=int, default=4096)
     parser.add_argument("--host", action="store_true", help="host microseconds per call instead of kernel times")
+    parser.add_argument("--decode", action="store_true", help="the decode forward (8 rows per hypothesis)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="with --decode: a CPU check of the script under TRITON_INTERPRET=1 (d = 64)")
     args = parser.parse_args()
+    if args.decode and args.smoke:
+        print("decode profile, CPU smoke run (Triton interpreter, CPU op times): times mean nothing")
+        decode_table(args.K, args.r, 64, device="cpu", calls=1)
+        return
     if not torch.cuda.is_available():
         print("no GPU: nothing to profile")
         return
     from loramcl_kernels import multi_lora_linear
 
     K, T, r, d = args.K, args.T, args.r, args.d
+    if args.decode:
+        decode_table(K, r, d)
+        return
     x = torch.randn(1 if args.shared else K, T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(d, d, device="cuda", dtype=torch.bfloat16) / d**0.5
     a = (torch.randn(K, r, d, device="cuda", dtype=torch.bfloat16) / d**0.5).requires_grad_()
@@ -67,6 +79,43 @@ def main():
         shared = " shared input" if args.shared else ""
         print(f"\n## {name}{shared}  K={K} T={T} r={r} d={d} bf16, fwd+bwd x 10, {torch.cuda.get_device_name()}")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
+def decode_table(K, r, d, layers=4, calls=20, device="cuda"):
+    """Kernel times of the decode forward (8 rows per hypothesis) against cuBLAS's x W^T. Eager:
+    each kernel's time is its own (on Hopper the finish kernel, a dependent launch, may start
+    before the partial kernel ends; its time then includes that wait)."""
+    from loramcl_kernels import multi_lora_linear
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x = torch.randn(8 * K, d, device=device, dtype=dtype)
+    copies = [(torch.randn(d, d, device=device, dtype=dtype) / d**0.5,
+               torch.randn(K, r, d, device=device, dtype=dtype) / d**0.5,
+               torch.randn(K, d, r, device=device, dtype=dtype) / r**0.5) for _ in range(layers)]
+    activity = torch.profiler.ProfilerActivity.CUDA if device == "cuda" else torch.profiler.ProfilerActivity.CPU
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    os.environ["LORAMCL_MULTI_LORA_PATH"] = "decode"
+
+    def ours():
+        for w, a, b in copies:
+            multi_lora_linear(x, w, None, a, b, 2.0, num_hypotheses=K, backend="triton")
+
+    def base():
+        for w, _, _ in copies:
+            torch.mm(x, w.t())
+
+    card = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    for name, fn in (("ours-decode", ours), ("base_only", base)):
+        for _ in range(3):
+            fn()
+        sync()
+        with torch.profiler.profile(activities=[activity]) as prof:
+            for _ in range(calls):
+                fn()
+            sync()
+        print(f"\n## {name} decode  K={K} rows={8 * K} r={r} d={d} {str(dtype)[6:]}, forward x {calls * layers}, {card}")
+        sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=6, max_name_column_width=60))
 
 
 def host_table(args, x, w, a, b, g, ours, base):

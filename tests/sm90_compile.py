@@ -185,6 +185,19 @@ def main():
             y, shrink = mll.multi_lora_linear_shared_triton(x, w, None, a, b, s, 1)
             mll.multi_lora_linear_shared_triton_backward(y, x, w, a, b, s, shrink, 1)
 
+    # the shrink where its tiles are widest (r_pad = 128, 256): per-run and all-block tiles, of
+    # lora_A (and the backward's copy of B^T at r = 96), and B^T read in place (r = 256)
+    for dtype in (torch.bfloat16, torch.float32):
+        for r in (96, 256):
+            x = torch.empty(8192, 4096, dtype=dtype, device=meta)
+            ids = torch.empty(8192, dtype=torch.int64, device=meta)
+            ps = [torch.empty(2, r, 4096, dtype=dtype, device=meta)]
+            if r == mll._r_pad(r):
+                ps.append(torch.empty(2, 4096, r, dtype=dtype, device=meta).transpose(1, 2))
+            for p in ps:
+                mll._launch_shrink(x, p, None, None, 4096, block_diag=True)
+                mll._launch_shrink(x, p, None, ids, 1, block_diag=True)
+
     # mcl_loss: both pass-1 paths, both pass-2 paths (with and without lm_head gradients), the per-sequence kernel
     mcl_on_meta_tensors(supervised_rows=640)
     pass1_cases = ((torch.bfloat16, "chunked"), (torch.bfloat16, "fused"), (torch.float32, "fused"))

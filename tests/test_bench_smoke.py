@@ -176,12 +176,26 @@ def test_the_decode_sweep_runs_its_configurations_on_the_cpu():
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [row for row in _table_rows(proc.stdout) if row[3] != "base"]
-    assert len(rows) == 20, proc.stdout
+    assert len(rows) == 22, proc.stdout
     # auto with and without the finish kernel's dependent launch, which the CPU never takes (Hopper only)
     assert [row[7] for row in rows[:2]] == ["False", "False"]
+    assert [row[8] for row in rows[:4]] == ["auto", "auto", "32", "128"]  # outputs per finish program
     for row in rows:
-        us, err = float(row[8]), float(row[9])
+        us, err = float(row[9]), float(row[10])
         assert math.isfinite(us) and us > 0 and err <= 1e-4, row
+
+
+def test_the_decode_profile_runs_the_decode_kernels_on_the_cpu():
+    """profile_multi_lora.py --decode --smoke (interpreter): one table for the decode path, whose
+    Triton launches show as their workspace allocations, and one for x W^T."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "benchmarks", "profile_multi_lora.py"),
+                           "--decode", "--smoke", "--K", "3", "--r", "5"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ours, base = proc.stdout.split("## ours-decode decode")[1].split("## base_only decode")
+    assert ours.startswith("  K=3 rows=24 r=5 d=64 float32, forward x 4, CPU")
+    assert "aten::mm" not in ours and "aten::mm" in base, proc.stdout
 
 
 def test_the_shrink_sweep_runs_on_the_cpu():

@@ -635,8 +635,10 @@ if triton is not None:
     ):
         """Decode, step 2 of 2: y = sum_s ws_s[:, outputs] + bias + s_h S_bd B_h^T.
 
-        Program (pid_m, pid_n): BM rows x BN outputs. The shrink S = sum_s ws_s[:, A_COL0 + c]
-        (BC >= K*r columns, c = k*r + j) is masked block-diagonally (row m keeps block h(m)),
+        Program (pid_m, pid_n): BM rows x BN outputs. The shrink S_bd = sum_s ws_s[:, A_COL0 + c]
+        (BC >= K*r columns, c = k*r + j) is read block-diagonally: row m loads only the r columns
+        of its block h(m) (the load's mask; the other K-1 blocks stay zero and cost no reads, so
+        each program reads K times fewer partials of S than the whole (BM, BC) tile). It is
         rounded to x's dtype like S_bd of the other paths, scaled and multiplied by its (BN, BC)
         slice of B; the programs of output tile 0 store S_bd for backward. Splits are summed in a
         fixed order: deterministic.
@@ -655,6 +657,12 @@ if triton is not None:
         mask_m = offs_m < M
         mask_n = offs_n < N
         mask_c = offs_c < NUM_HYP * R
+        if HAS_IDS:  # an input: read before the wait
+            hyp = tl.load(ids_ptr + offs_m // ROW_DIV, mask=mask_m, other=-1)
+        else:
+            hyp = (offs_m // ROW_DIV) % NUM_HYP
+        # row m's own block of S (a row of id -1 has none)
+        mask_own = mask_m[:, None] & mask_c[None, :] & (blk[None, :] == hyp[:, None])
         if GDC:
             tl.extra.cuda.gdc_wait()
         ws_rows = ws_ptr + offs_m.to(tl.int64)[:, None] * stride_ws_m
@@ -664,13 +672,8 @@ if triton is not None:
             if HAS_BASE:
                 acc += tl.load(ws_rows + split * stride_ws_split + offs_n[None, :],
                                mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-            acc_s += tl.load(ws_rows + split * stride_ws_split + A_COL0 + offs_c[None, :],
-                             mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-        if HAS_IDS:
-            hyp = tl.load(ids_ptr + offs_m // ROW_DIV, mask=mask_m, other=-1)
-        else:
-            hyp = (offs_m // ROW_DIV) % NUM_HYP
-        s_bd = tl.where(blk[None, :] == hyp[:, None], acc_s, 0.0).to(shrink_ptr.dtype.element_ty)
+            acc_s += tl.load(ws_rows + split * stride_ws_split + A_COL0 + offs_c[None, :], mask=mask_own, other=0.0)
+        s_bd = acc_s.to(shrink_ptr.dtype.element_ty)
         if pid_n == 0:
             tl.store(shrink_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + offs_c[None, :], s_bd,
                      mask=mask_m[:, None] & mask_c[None, :])
@@ -726,6 +729,14 @@ def _dropout_args(dropout, fallback: Tensor) -> tuple:
     return seed, _dropout_threshold(p), 1.0 / (1.0 - p)
 
 
+def _shrink_stage_buffers(stages: int, block_m: int, element_size: int, capability: int) -> int:
+    """Shared-memory buffers of x and P tiles that Triton keeps for a shrink of `stages` stages.
+    Compiled for sm_90 with triton 3.6 and 3.9 (tests/sm90_compile.py): where the dot is Hopper's
+    warpgroup MMA (16-bit tiles of 64 rows) all `stages`; as per-warp MMA (32-row tiles, fp32, the
+    cards before Hopper) stages - 1. Later cards are counted as Hopper (not compiled here)."""
+    return stages if capability >= 9 and element_size == 2 and block_m >= 64 else stages - 1
+
+
 def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_ids: Optional[Tensor],
                    row_div: int, block_diag: bool, dropout=None) -> Tensor:
     """x (M, D) times P (K, r, D) (any strides) -> (M, K*r) in x's dtype (S_bd when block_diag);
@@ -746,13 +757,12 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
     runs = block_diag and row_div >= block_m and cdiv(row_div, min(block_m, 32)) < 65536
     block_c = r_pad if runs else r_pad * min(_next_pow2(num_hyp), max(1, 256 // r_pad))
     # x is read once; many row tiles keep every SM streaming (P is re-read from L2)
-    # shared memory: Triton keeps `stages` K-steps of the x and P tiles for the tiles without runs on
-    # Hopper, stages - 1 otherwise (tests/sm90_compile.py, sm_90 and sm_86); rows, then the K-step,
-    # halve until two stages fit (99 KB cards; 256 columns of blocks on Hopper: 64 x 256 bf16 of x
-    # and 256 x 256 of P are 160 KB a K-step)
-    buffers_of_two_stages = 2 if not runs and not on_cpu and _device_facts(x.device)[1] >= 9 else 1
+    # shared memory: rows, then the K-step, halve until two stages fit (99 KB cards; K*r = 256 on
+    # Hopper: 64 x 256 bf16 of x and 256 x 256 of P are 160 KB a K-step), then as many stages as fit
+    capability = 0 if on_cpu else _device_facts(x.device)[1]
     budget = 0 if on_cpu else _shared_memory_budget(x.device)
-    while not on_cpu and buffers_of_two_stages * (block_m + block_c) * block_d * x.element_size() > budget:
+    while not on_cpu and _shrink_stage_buffers(2, block_m, x.element_size(), capability) * (
+            block_m + block_c) * block_d * x.element_size() > budget:
         if block_m > 32:
             block_m //= 2
         elif block_d > 32:
@@ -760,8 +770,8 @@ def _launch_shrink(x: Tensor, p: Tensor, scaling: Optional[Tensor], hypothesis_i
         else:
             break
     stage_bytes = (block_m + block_c) * block_d * x.element_size()
-    extra_stage = 2 - buffers_of_two_stages  # the stage Triton does not buffer, where it does not
-    stages = 1 if on_cpu else max(2, min(SHRINK_GPU_MAX_STAGES, budget // stage_bytes + extra_stage))
+    unbuffered = 2 - _shrink_stage_buffers(2, block_m, x.element_size(), capability)  # 1: the stage in registers
+    stages = 1 if on_cpu else max(2, min(SHRINK_GPU_MAX_STAGES, budget // stage_bytes + unbuffered))
     if runs:
         grid = (cdiv(m, row_div), cdiv(row_div, block_m))
     else:
@@ -949,9 +959,12 @@ def _a_as_expand(lora_A: Tensor):
     return lora_A, (lora_A.stride(0), lora_A.stride(2), lora_A.stride(1))
 
 
-# GPU tiles of the decode kernels: at most this many rows per block, this many output columns,
-# and at most this many tiles in flight (benchmarks/sweep_decode.py varies it)
+# GPU tiles of the decode kernels: at most this many rows per block, this many partial-product
+# columns, and at most this many tiles in flight (benchmarks/sweep_decode.py varies it)
 DECODE_GPU_MAX_BM, DECODE_GPU_BN, DECODE_GPU_MAX_STAGES = 64, 64, 3
+# Output columns per program of the finish kernel (its grid: d_out / this many programs per row
+# block; benchmarks/sweep_decode.py varies it)
+DECODE_GPU_FINISH_BN = 64
 # Hopper: the finish kernel as the partial kernel's programmatic dependent launch (see the kernels);
 # benchmarks/sweep_decode.py turns it off to time the difference
 DECODE_PDL = True
@@ -967,7 +980,7 @@ def _decode_applies(x: Tensor, weight: Optional[Tensor], lora_A: Tensor) -> bool
     finish kernel's expand operands, up to (BM rows + BN outputs) x BC columns: fp32 at K*r > 128
     needs 128 KB, more than the 99 KB cards allow (else the cublas path)."""
     num_hyp, r, _ = lora_A.shape
-    expand_operand_bytes = ((DECODE_GPU_MAX_BM + DECODE_GPU_BN) * _decode_expand_columns(num_hyp, r)
+    expand_operand_bytes = ((DECODE_GPU_MAX_BM + DECODE_GPU_FINISH_BN) * _decode_expand_columns(num_hyp, r)
                             * x.element_size())
     return (x.shape[0] <= DECODE_MAX_ROWS and num_hyp * r <= 256
             and (weight is None or weight.stride(1) == 1 or weight.shape[1] == 1)
@@ -1025,12 +1038,13 @@ def _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row
         x.stride(0), weight.stride(0) if has_base else 0, lora_A.stride(1), workspace.stride(0), workspace.stride(1),
         BM=block_m, BN=block_n, BK=block_k, DOT_PRECISION=_DOT_PRECISION, GDC=gdc, num_warps=4, num_stages=stages,
     )
-    launch(_decode_finish_kernel, (cdiv(m, block_m), cdiv(n, block_n)),
+    finish_bn = 2 * block_n if on_cpu else DECODE_GPU_FINISH_BN  # CPU: tiles unlike the partial kernel's (tests)
+    launch(_decode_finish_kernel, (cdiv(m, block_m), cdiv(n, finish_bn)),
         workspace, bias if bias is not None else x, lora_B, scaling,
         hypothesis_ids if hypothesis_ids is not None else x, out, shrink_bd,
         m, n, num_hyp, row_div, splits, w_tiles * block_n,
         workspace.stride(0), workspace.stride(1), out.stride(0), shrink_bd.stride(0),
-        R=r, BM=block_m, BN=block_n, BC=_decode_expand_columns(num_hyp, r), HAS_BASE=has_base,
+        R=r, BM=block_m, BN=finish_bn, BC=_decode_expand_columns(num_hyp, r), HAS_BASE=has_base,
         HAS_BIAS=bias is not None, HAS_IDS=hypothesis_ids is not None, DOT_PRECISION=_DOT_PRECISION, GDC=gdc,
         num_warps=4, num_stages=1, launch_pdl=gdc,
     )

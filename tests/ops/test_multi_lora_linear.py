@@ -1035,6 +1035,9 @@ GPU_CASES = [
     dict(n=15, tokens=(1,), d_in=4096, d_out=4096, r=8, num_hyp=5, inner=3),  # decode, beams
     dict(n=7, tokens=(33,), d_in=4096, d_out=1000, r=3, num_hyp=3, ids=[0, 2, -1, 1, 1, -1, 0]),
     dict(n=5, tokens=(96,), d_in=4096, d_out=4096, r=8, num_hyp=5, dropout=0.1),  # LoRA dropout (training)
+    # the widest shrink tiles (r_pad = 128, 256) in runs of 64+ rows: B^T copied (r = 96), read in place (256)
+    dict(n=2, tokens=(128,), d_in=4096, d_out=2048, r=96, num_hyp=2),
+    dict(n=2, tokens=(64,), d_in=2048, d_out=4096, r=256, num_hyp=2),
 ]
 
 

@@ -113,7 +113,8 @@ def decode_table(K, r, d, layers=4, calls=20, device="cuda"):
             for _ in range(calls):
                 fn()
             sync()
-        print(f"\n## {name} decode  K={K} rows={8 * K} r={r} d={d} {str(dtype)[6:]}, forward x {calls * layers}, {card}")
+        print(f"\n## {name} decode  K={K} rows={8 * K} r={r} d={d} {str(dtype)[6:]}, "
+              f"forward x {calls * layers}, {card}")
         sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=6, max_name_column_width=60))
 

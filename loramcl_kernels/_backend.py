@@ -68,6 +68,16 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     return f"Triton kernels do not run on device type '{device.type}'"
 
 
+def triton_dtype_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when the Triton kernels compute `dtype` correctly on `device`, else why not: Triton's
+    CPU interpreter multiplies bf16 tiles wrongly (numpy has no bfloat16; with triton 3.9 a 16 x 16
+    bf16 tl.dot is off by ~1e10), so bf16 runs on GPUs only."""
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        return ("Triton's CPU interpreter computes bf16 matrix products wrongly (numpy has no bfloat16): "
+                "run bf16 on a GPU, fp16 or fp32 under the interpreter, or backend='reference'")
+    return None
+
+
 def cuda_unavailable_reason(device: torch.device) -> str | None:
     if device.type != "cuda":
         return f"the CUDA C++ backend needs CUDA tensors, got device '{device}'"

@@ -233,9 +233,11 @@ class MultiLoRALinear(nn.Module):
         return lora_A, lora_B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[-1] != self.in_features:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape (N, ..., in_features={self.in_features}), got {shape}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor of shape (N, ..., in_features={self.in_features}), "
+                            f"got {type(x).__name__}")
+        if x.dim() < 2 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape (N, ..., in_features={self.in_features}), got {tuple(x.shape)}")
         weight, bias = self.weight, self.bias
         dropout = self.training and self.lora_dropout_p > 0
         k = self.active_hypothesis
@@ -250,8 +252,9 @@ class MultiLoRALinear(nn.Module):
         inner, hypothesis_ids = self._row_map(x)
         kw = dict(
             num_hypotheses=self.num_hypotheses,
-            layout=self.layout,
-            inner=inner,
+            # explicit ids give each row's hypothesis: the layout's map is not used
+            layout=self.layout if hypothesis_ids is None else "batch_major",
+            inner=inner if hypothesis_ids is None else 1,
             hypothesis_ids=hypothesis_ids,
             backend=self.backend,
         )

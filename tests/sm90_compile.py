@@ -159,6 +159,8 @@ def main():
         (torch.bfloat16, "decode", 4, 64, 40, True), (torch.float32, "fused", 4, 64, 256, False),
         (torch.float32, "fused", 4, 16, 256, False),  # K*r = BK: 16-bit operands' one-step expand, not fp32's
         (torch.float32, "decode", 4, 64, 40, False),
+        # the widest per-hypothesis expand the fused GEMM takes (PER_K_EXPAND_MAX_BYTES; wider: cublas)
+        (torch.bfloat16, "fused", 2, 256, 256, False), (torch.float32, "fused", 2, 96, 256, False),
     ]
     for dtype, path, num_hyp, r, m, ids in cases:
         os.environ["LORAMCL_MULTI_LORA_PATH"] = path

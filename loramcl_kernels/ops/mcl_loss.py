@@ -109,7 +109,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from loramcl_kernels._backend import BACKENDS, requested_backend, resolve_backend, triton_interpreting
+from loramcl_kernels._backend import (BACKENDS, requested_backend, resolve_backend, triton_dtype_unavailable_reason,
+                                      triton_interpreting)
 from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
 from loramcl_kernels.ops._triton_utils import (
     cdiv, contiguous_or_none, device_facts, grouped_tile, launch, next_pow2, on_input_device, set_tma_allocator,
@@ -1580,9 +1581,14 @@ def _run_forward(*inputs):
 # ----------------------------------------------------------------------------------------------
 
 
-def _real(value):
-    """A number as a float; a float traced by torch.compile (SymFloat) stays symbolic."""
-    return value if isinstance(value, torch.SymFloat) else float(value)
+def _real(value, name: str = "value"):
+    """A real number (a Python or numpy number, a one-element tensor) as a float; a float traced by
+    torch.compile (SymFloat) stays symbolic. Strings and booleans are refused, not converted."""
+    if isinstance(value, torch.SymFloat):
+        return value
+    if isinstance(value, (str, bytes, bool)) or not isinstance(value, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
 
 
 def _check_config(num_hypotheses, layout, mode, epsilon, temperature, sequence_reduction):
@@ -1593,9 +1599,9 @@ def _check_config(num_hypotheses, layout, mode, epsilon, temperature, sequence_r
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not 0.0 <= _real(epsilon) < 1.0:
+    if not 0.0 <= _real(epsilon, "epsilon") < 1.0:
         raise ValueError(f"epsilon must be in [0, 1), got {epsilon!r}")
-    if mode != "relaxed" and not isinstance(epsilon, torch.SymFloat) and _real(epsilon) != 0.0:
+    if mode != "relaxed" and not isinstance(epsilon, torch.SymFloat) and _real(epsilon, "epsilon") != 0.0:
         raise ValueError(f"epsilon={epsilon!r} applies to mode='relaxed' (winner 1 - epsilon), got mode={mode!r}")
     if mode != "annealed" and temperature is not None:  # mode defaults to "wta": no silent WTA
         raise ValueError(f"temperature={temperature!r} applies to mode='annealed' (w = softmax_k(-L / temperature)), "
@@ -1608,7 +1614,7 @@ def _check_config(num_hypotheses, layout, mode, epsilon, temperature, sequence_r
 
 
 def _check_temperature(temperature) -> None:
-    if temperature is not None and not _real(temperature) > 0.0:
+    if temperature is not None and not _real(temperature, "temperature") > 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
 
 
@@ -1618,6 +1624,13 @@ def _check_ignore_index(ignore_index) -> int:
     if not -2**63 <= ignore_index < 2**63:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index!r}")
     return int(ignore_index)
+
+
+def _check_flag(value, name: str) -> bool:
+    """A bool (True / False, 1 / 0, a numpy bool): a string such as "no" is refused, not taken as True."""
+    if isinstance(value, (str, bytes)) or value not in (True, False):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def _check_labels(labels, R, T, K):
@@ -1708,6 +1721,11 @@ def mcl_loss(
             raise TypeError(f"the triton backend supports fp16/bf16/fp32, got {hidden.dtype}; "
                             "use backend='reference'")
         chosen = "reference"
+    reason = triton_dtype_unavailable_reason(hidden.device, hidden.dtype) if chosen == "triton" else None
+    if reason is not None:
+        if requested_backend(backend) == "triton":
+            raise RuntimeError(f"backend 'triton' was requested but cannot run: {reason}")
+        chosen = "reference"
     # soft weights (every w > 0) with a frozen lm_head: pass 1 may form d hidden's rows up to the
     # per-row scale, so the backward needs no second pass over the logits
     soft_weights = K == 1 or not _hard_weights(mode, epsilon)
@@ -1717,7 +1735,7 @@ def mcl_loss(
     loss, nll, winners, weights = _run_forward(
         hidden, lm_head_weight, lm_head_bias, labels, K, layout, mode, float(epsilon),
         _real(temperature) if temperature is not None else 1.0, sequence_reduction,
-        _check_ignore_index(ignore_index), bool(shift_labels), keep_nll_grad, chosen,
+        _check_ignore_index(ignore_index), _check_flag(shift_labels, "shift_labels"), keep_nll_grad, chosen,
     )[:4]
     return MCLLossOutput(loss, nll.detach(), winners.detach(), weights.detach())
 
@@ -1748,6 +1766,7 @@ def mcl_loss_from_logits(
     R, T, V = logits.shape
     _check_labels(labels, R, T, K)
     ignore_index = _check_ignore_index(ignore_index)
+    shift_labels = _check_flag(shift_labels, "shift_labels")
     cdt = _stat_dtype(logits.dtype)
     targets = _targets_per_row(labels, R, K, layout, shift_labels, ignore_index).reshape(-1)
     supervised = targets != ignore_index

@@ -67,7 +67,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from loramcl_kernels._backend import requested_backend, resolve_backend
+from loramcl_kernels._backend import requested_backend, resolve_backend, triton_dtype_unavailable_reason
 from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
 from loramcl_kernels.ops._triton_utils import device_facts as _device_facts
 from loramcl_kernels.ops._triton_utils import mm_out_dtype_supported as _mm_out_dtype_supported
@@ -902,6 +902,13 @@ def _expand_then_base(x, weight, w_kn, bias, shrink, e_all_t, out):
     return out
 
 
+# The fused GEMM's per-hypothesis expand (K outputs per row of shared input; S rows not 16-byte
+# aligned) keeps (rows + columns) x r_pad tiles in flight: compiled for sm_90 (tests/sm90_compile.py)
+# no tile configuration fits Hopper's shared memory past r_pad = 128 in 16-bit (256 bytes a row)
+# or 64 in fp32; there the cublas path runs instead.
+PER_K_EXPAND_MAX_BYTES = 256
+
+
 def _gemm_with_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out, shared_out, num_hyp, r,
                       rows_per_group=1, stacked_expand_t=None, dropout=None, shared_input=False):
     """out = x W^T (+ bias) + expand: the fused path when it applies, else cuBLAS.
@@ -910,22 +917,23 @@ def _gemm_with_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out,
     lora_A): when the rows of S and of E_all are 16-byte aligned the fused GEMM loads both through
     TMA descriptors, E_all^T as it is where its own rows are (dx: A_all, E_KN), else E_all made
     contiguous (the forward's B_all), and the expand becomes ceil(K*r / BK) extra K-steps (the
-    shared-output mode always uses the per-k epilogue). On the cublas path it makes the expand a
+    shared-output mode always uses the per-k epilogue, which needs r_pad within
+    PER_K_EXPAND_MAX_BYTES, else the cublas path runs). On the cublas path it makes the expand a
     cuBLAS GEMM under the base (_expand_then_base); the Triton epilogue remains for the K outputs
     of shared input and for dropout (dx of the LoRA dropout, whose expand is masked on its own).
     The kernels read S (M, K*r) with unit column stride (at r = 1, dS_all of shared input is not).
     """
     shrink = _contig_rows(shrink)
     if dropout is None and _choose_path(x, weight, shared_input=shared_out or shared_input) == "fused":
-        weight = weight.contiguous()
         if stacked_expand_t is not None and not shared_out and _tma_ok(shrink):
             e_all_t = stacked_expand_t()  # (K*r, N): dx's A_all is lora_A's own rows, read as they are
             e_kn = _tma_ok(e_all_t)
             e_all = e_all_t if e_kn else e_all_t.t().contiguous()
-            return _launch_gemm_expand(x, weight, w_kn, None, shrink, e_all, (0, e_all.stride(0), 1), None, bias,
-                                       out, False, num_hyp, r, expand_tma=True, e_kn=e_kn)
-        return _launch_gemm_expand(x, weight, w_kn, None, shrink, e, e_strides, scaling, bias, out,
-                                   shared_out, num_hyp, r, rows_per_group)
+            return _launch_gemm_expand(x, weight.contiguous(), w_kn, None, shrink, e_all, (0, e_all.stride(0), 1),
+                                       None, bias, out, False, num_hyp, r, expand_tma=True, e_kn=e_kn)
+        if _r_pad(r) * x.element_size() <= PER_K_EXPAND_MAX_BYTES:
+            return _launch_gemm_expand(x, weight.contiguous(), w_kn, None, shrink, e, e_strides, scaling, bias, out,
+                                       shared_out, num_hyp, r, rows_per_group)
     if dropout is None and stacked_expand_t is not None and not shared_out:
         return _expand_then_base(x, weight, w_kn, bias, shrink, stacked_expand_t(), out)
     return _base_then_expand(x, weight, w_kn, bias, shrink, e, e_strides, scaling, out, shared_out, num_hyp, r,
@@ -1346,9 +1354,10 @@ def _check_tensor(name: str, t, dims: int, expected: str):
 
 
 def _check_inputs(x, weight, bias, lora_A, lora_B, num_hypotheses):
-    if not isinstance(x, Tensor) or x.dim() < 2:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x must have shape (N, ..., d_in) with at least 2 dims, got {shape}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape (N, ..., d_in), got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (N, ..., d_in) with at least 2 dims, got {tuple(x.shape)}")
     d_in = x.shape[-1]
     _check_tensor("lora_A", lora_A, 3, "(K, r, d_in)")
     _check_tensor("lora_B", lora_B, 3, "(K, d_out, r)")
@@ -1468,6 +1477,9 @@ def _check_layout(n, num_hyp, layout, inner, hypothesis_ids, shared_input, devic
     if hypothesis_ids is not None:
         if shared_input:
             raise ValueError("hypothesis_ids cannot be combined with shared_input=True")
+        if layout != "batch_major" or inner != 1:
+            raise ValueError(f"hypothesis_ids gives each row's hypothesis: leave layout and inner at their defaults "
+                             f"('batch_major', 1), got layout={layout!r}, inner={inner!r}")
         if not isinstance(hypothesis_ids, Tensor):
             raise TypeError(f"hypothesis_ids must be an integer tensor, got {type(hypothesis_ids).__name__}")
         if hypothesis_ids.shape != (n,):
@@ -1501,6 +1513,11 @@ def _choose_backend(backend, x: Tensor) -> str:
         if requested_backend(backend) == "auto":  # not asked for by name (argument or LORAMCL_BACKEND)
             return "reference"
         raise TypeError(f"backend 'triton' supports {TRITON_DTYPES}, got {x.dtype}; use backend='reference'")
+    reason = triton_dtype_unavailable_reason(x.device, x.dtype) if chosen == "triton" else None
+    if reason is not None:
+        if requested_backend(backend) == "auto":
+            return "reference"
+        raise RuntimeError(f"backend 'triton' was requested but cannot run: {reason}")
     return chosen
 
 
@@ -1537,7 +1554,8 @@ def multi_lora_linear(
             return multi_lora_linear(*cast, scaling, num_hypotheses=num_hypotheses, layout=layout, inner=inner,
                                      hypothesis_ids=hypothesis_ids, shared_input=shared_input,
                                      lora_dropout=lora_dropout, backend=backend)
-    if not isinstance(lora_dropout, (int, float)) or not 0.0 <= float(lora_dropout) < 1.0:
+    if (isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real)
+            or not 0.0 <= float(lora_dropout) < 1.0):
         raise ValueError(f"lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
     if lora_dropout and shared_input:
         raise ValueError("lora_dropout with shared_input=True: each hypothesis needs its own mask, so repeat "

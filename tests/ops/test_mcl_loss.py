@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from loramcl_kernels._backend import triton_interpreting
 from loramcl_kernels.ops import _triton_utils as triton_utils
 from loramcl_kernels.ops._triton_utils import cdiv
 from loramcl_kernels.ops import mcl_loss as mcl_module
@@ -1308,6 +1309,41 @@ def test_bad_inputs():
         call(ignore_index=-100.5)
     with pytest.raises(TypeError, match="ignore_index must be an int"):
         mcl_loss_from_logits(torch.zeros(4, 4, 16), labels, num_hypotheses=2, ignore_index=-100.5)
+    # strings are refused, not converted: "no" would have shifted the labels
+    with pytest.raises(TypeError, match="shift_labels must be True or False"):
+        call(shift_labels="no")
+    with pytest.raises(TypeError, match="shift_labels must be True or False"):
+        mcl_loss_from_logits(torch.zeros(4, 4, 16), labels, num_hypotheses=2, shift_labels="no")
+    with pytest.raises(TypeError, match="epsilon must be a real number"):
+        call(mode="relaxed", epsilon="0.1")
+    with pytest.raises(TypeError, match="temperature must be a real number"):
+        call(mode="annealed", temperature="2")
+
+
+def test_numpy_numbers_for_epsilon_temperature_and_shift():
+    """Numbers from a config (numpy floats and bools) are taken as the Python ones."""
+    np = pytest.importorskip("numpy")
+    hidden, weight, _, labels = make_data(K=2, B=2, T=4, H=8, V=16)
+    call = lambda **kw: mcl_loss(hidden, weight, labels, num_hypotheses=2, backend="reference", **kw)  # noqa: E731
+    for kw, np_kw in ((dict(mode="relaxed", epsilon=0.25), dict(mode="relaxed", epsilon=np.float32(0.25))),
+                      (dict(mode="annealed", temperature=2.0), dict(mode="annealed", temperature=np.float64(2.0))),
+                      (dict(shift_labels=False), dict(shift_labels=np.bool_(False)))):
+        assert torch.equal(call(**kw).loss, call(**np_kw).loss), kw
+
+
+def test_bf16_under_the_interpreter_is_refused_by_name(monkeypatch):
+    """Triton's CPU interpreter multiplies bf16 tiles wrongly: backend='triton' on bf16 CPU tensors
+    raises and says why; auto keeps the reference there."""
+    if not triton_interpreting():
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1)")
+    hidden, weight, _, labels = make_data(K=2, B=2, T=4, H=8, V=16)
+    hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    with pytest.raises(RuntimeError, match="interpreter computes bf16 matrix products wrongly"):
+        mcl_loss(hidden, weight, labels, num_hypotheses=2, backend="triton")
+    monkeypatch.setenv("LORAMCL_BACKEND", "auto")
+    auto = mcl_loss(hidden, weight, labels, num_hypotheses=2)
+    reference = mcl_loss(hidden, weight, labels, num_hypotheses=2, backend="reference")
+    assert torch.equal(auto.loss, reference.loss) and torch.equal(auto.nll, reference.nll)
 
 
 # ---------------------------------------------------------------------------------------------

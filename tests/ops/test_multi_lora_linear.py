@@ -493,6 +493,35 @@ def test_fused_path_loads_expand_through_tma_when_aligned(monkeypatch, num_hyp, 
         torch.testing.assert_close(g, e, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype, r, shared, fused", [
+    (torch.float32, 65, True, False),  # r_pad = 128: 512 bytes a row of the per-hypothesis expand
+    (torch.float32, 33, True, True),  # r_pad = 64: 256 bytes
+    (torch.float16, 129, False, False),  # K*r*2 bytes unaligned: the per-hypothesis expand, r_pad = 256
+    (torch.float16, 65, False, True),  # r_pad = 128: 256 bytes
+])
+def test_fused_path_takes_cublas_where_the_per_hypothesis_expand_is_too_wide(monkeypatch, dtype, r, shared, fused):
+    """The fused GEMM's per-hypothesis expand (shared input's K outputs, S rows not 16-byte aligned)
+    has no tile configuration within Hopper's shared memory past 256 bytes of r_pad a row
+    (tests/sm90_compile.py): there LORAMCL_MULTI_LORA_PATH=fused runs the cublas path's GEMMs,
+    with the reference's values."""
+    monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", "fused")
+    fused_launches = []
+    launch = mll._launch_gemm_expand
+    monkeypatch.setattr(mll, "_launch_gemm_expand", lambda x, *a, **k: (fused_launches.append(x is not None),
+                                                                         launch(x, *a, **k))[1])
+    num_hyp = 3
+    x, w, b, a, bb, s = make_inputs(num_hyp if shared else 2 * num_hyp, (5,), 32, 16, r, num_hyp, dtype,
+                                    TRITON_DEVICE)
+    got = forward_and_grads(lambda *t: multi_lora_linear(*t, s, shared_input=shared, backend="triton"),
+                            x, w, b, a, bb)
+    want = forward_and_grads(lambda *t: multi_lora_linear(*t, s, shared_input=shared, backend="reference"),
+                             x, w, b, a, bb)
+    assert (True in fused_launches) == fused, fused_launches  # a launch with x: the fused GEMM
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("dtype, d_out, aligned", [
     (torch.float16, 40, True),  # 80-byte rows; 40 = one full and one partial 32-column tile in the interpreter
     (torch.float16, 36, False),  # 72-byte rows: the forward's masked pointer store (dy's rows: dx on cuBLAS)
@@ -889,6 +918,13 @@ def _good(**over):
     (dict(lora_dropout=1.0), ValueError, "lora_dropout must be"),
     (dict(lora_dropout=-0.1), ValueError, "lora_dropout must be"),
     (dict(lora_dropout=0.1, shared_input=True), ValueError, "lora_dropout with shared_input"),
+    (dict(lora_dropout="0.1"), ValueError, "lora_dropout must be"),
+    (dict(x=[[0.0] * 8] * 6), TypeError, "x must be a torch.Tensor"),
+    # explicit ids give each row's hypothesis: a layout or inner next to them would be ignored
+    (dict(hypothesis_ids=torch.zeros(6, dtype=torch.long), layout="hypothesis_major"), ValueError,
+     "leave layout and inner at their defaults"),
+    (dict(hypothesis_ids=torch.zeros(6, dtype=torch.long), inner=2), ValueError,
+     "leave layout and inner at their defaults"),
 ])
 def test_bad_input_raises(over, err, match):
     args, kwargs = _good(**over)
@@ -902,6 +938,36 @@ def test_numpy_integers_for_num_hypotheses_and_inner():
     expected = multi_lora_linear(**args, num_hypotheses=3, inner=2)
     got = multi_lora_linear(**args, num_hypotheses=np.int64(3), inner=np.int32(2))
     assert torch.equal(got, expected)
+
+
+def test_numpy_float_lora_dropout_is_a_float():
+    """lora_dropout takes any real number (a numpy float from a config), as scaling does: the same
+    mask and values as the Python float."""
+    np = pytest.importorskip("numpy")
+    args, kwargs = _good()
+    torch.manual_seed(3)
+    expected = multi_lora_linear(**args, lora_dropout=0.25)
+    torch.manual_seed(3)
+    got = multi_lora_linear(**args, lora_dropout=np.float32(0.25))
+    assert torch.equal(got, expected)
+
+
+def test_bf16_under_the_interpreter_is_refused_by_name_and_auto_keeps_the_reference(monkeypatch):
+    """Triton's CPU interpreter multiplies bf16 tiles wrongly (a 16 x 16 tl.dot off by ~1e10 with
+    triton 3.9): backend='triton' on bf16 CPU tensors raises and says why, instead of returning
+    those numbers; auto (the reference on the CPU anyway) computes it."""
+    if not _backend.triton_interpreting():
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1)")
+    args, kwargs = _good()
+    bf16 = {k: v.bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() and k != "scaling" else v
+            for k, v in args.items()}
+    with pytest.raises(RuntimeError, match="interpreter computes bf16 matrix products wrongly"):
+        multi_lora_linear(**bf16, backend="triton")
+    monkeypatch.setenv("LORAMCL_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="interpreter computes bf16"):
+        multi_lora_linear(**bf16)
+    monkeypatch.setenv("LORAMCL_BACKEND", "auto")
+    assert torch.equal(multi_lora_linear(**bf16), multi_lora_linear(**bf16, backend="reference"))
 
 
 def test_scaling_as_a_numpy_scalar_or_a_parameter_without_grad():

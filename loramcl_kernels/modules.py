@@ -282,9 +282,11 @@ class MultiLoRALinear(nn.Module):
         if x.dim() != 2 or shape is None or shape.sequences is None or shape.tokens == 1:
             return self.inner, self.hypothesis_ids
         sequences = (shape.sequences, shape.sequences * self.num_hypotheses)
-        if x.shape[0] in sequences:
-            return self.inner, self.hypothesis_ids
+        # token rows first: where T = K the N*T token rows of a layer that sees every token are as
+        # many as the N*K rows of sequences repeated for shared input, and are the usual case
         if x.shape[0] not in tuple(n * shape.tokens for n in sequences):
+            if x.shape[0] in sequences:
+                return self.inner, self.hypothesis_ids
             raise ValueError(
                 f"MultiLoRALinear got {x.shape[0]} rows while the model's forward has {shape.sequences} sequences "
                 f"of {shape.tokens} tokens: neither the sequences nor their tokens (N or N*T rows), so the "

@@ -103,8 +103,11 @@ class MCLOutput(ModelOutput):
 
 # config attributes with which an HF model transforms its logits after the lm_head, and the value
 # that leaves them unchanged (Gemma 2/3: tanh soft-capping; Cohere: x logit_scale; Granite: / logits_scaling)
-LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0,
-                    "lm_head_multiplier": 1.0}
+# config attribute -> the value with which the model leaves its logits as the lm_head gives them:
+# soft-capping (Gemma 2/3, RecurrentGemma, xLSTM, Jev), scaling (Cohere, Granite, Falcon-H1, Muse)
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logits_soft_cap": None, "output_logit_soft_cap": None,
+                    "softcap": None, "logit_scale": 1.0, "logits_scaling": 1.0, "lm_head_multiplier": 1.0,
+                    "output_multiplier": 1.0}
 
 
 def _check_plain_logits(model: nn.Module) -> None:

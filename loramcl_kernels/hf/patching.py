@@ -68,6 +68,24 @@ def get_config(model: nn.Module) -> MultiLoRAConfig:
     return config
 
 
+def _warn_on_vision_tower_targets(model: nn.Module, matches: list) -> None:
+    """A vision-language model whose vision tower the targets match (the official suffix targets do):
+    an image may reach that tower as several crops (LLaVA-1.6's anyres), P rows of the tower's batch
+    per sequence, where row n takes hypothesis n % K (batch_major), as in the official layer's
+    training, not its sequence's: say so, and how to adapt the language model alone."""
+    if getattr(getattr(model, "config", None), "vision_config", None) is None:
+        return
+    outside = [n for n, _ in matches if "language_model" not in n and "text_model" not in n]
+    if outside:
+        warnings.warn(
+            f"target_modules match {len(outside)} layers outside the language model (e.g. {outside[0]}), as the "
+            "official code's suffix targets do. Where an image reaches the vision tower as several crops "
+            "(LLaVA-1.6), crop row n of the tower's batch takes hypothesis n % K, as in the official layer's "
+            "training, not its sequence's hypothesis (generate_hypotheses does the same). To adapt the language "
+            "model alone, pass target_modules naming its layers, e.g. r'.*language_model.*\\.(q|k|v|up|down)_proj'.",
+            stacklevel=3)
+
+
 def patch_model(
     model: nn.Module,
     num_hypotheses: int,
@@ -125,6 +143,7 @@ def patch_model(
                 f"the default target_modules {missing} match no module of {type(model).__name__} (fused projections, "
                 f"or other names), so only {sorted(set(target_modules) - set(missing))} get adapters; its linear "
                 f"layers are named {suffixes[:12]}: pass target_modules to choose", stacklevel=2)
+    _warn_on_vision_tower_targets(model, matches)
     unsupported = [f"{n} ({type(m).__name__})" for n, m in matches if not supported_base_layer(m)]
     if unsupported:
         raise TypeError(

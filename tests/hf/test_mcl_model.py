@@ -171,17 +171,20 @@ def test_mode_follows_what_is_given_and_ignored_arguments_are_refused():
         mcl(input_ids=ids, labels=labels, mode="annealed", temperature=1.0, epsilon=0.1)
 
 
-@pytest.mark.parametrize("name,value", [("final_logit_softcapping", 30.0), ("logit_scale", 0.0625),
-                                        ("logits_scaling", 8.0), ("lm_head_multiplier", 0.5)])
+@pytest.mark.parametrize("name,value", [("final_logit_softcapping", 30.0), ("logits_soft_cap", 30.0),
+                                        ("output_logit_soft_cap", 15.0), ("softcap", 30.0), ("logit_scale", 0.0625),
+                                        ("logits_scaling", 8.0), ("lm_head_multiplier", 0.5),
+                                        ("output_multiplier", 0.25)])
 def test_models_that_transform_their_logits_are_refused(name, value):
-    """Gemma 2 soft-caps its logits, Cohere, Granite and Falcon-H1 scale them: the fused loss, which
-    reads the lm_head weight, would compute another loss, so MCLModel says so instead."""
+    """Gemma 2, RecurrentGemma, xLSTM and Jev soft-cap their logits, Cohere, Granite, Falcon-H1 and
+    Muse scale them: the fused loss, which reads the lm_head weight, would compute another loss, so
+    MCLModel says so instead."""
     model = _patched()
     ids, labels = _data()
     setattr(model.config, name, value)
     with pytest.raises(ValueError, match=f"config.{name}={value!r}"):
         MCLModel(model)(input_ids=ids, labels=labels)
-    setattr(model.config, name, None if name == "final_logit_softcapping" else 1.0)  # no transform
+    setattr(model.config, name, None if "cap" in name else 1.0)  # no transform
     assert torch.isfinite(MCLModel(model)(input_ids=ids, labels=labels).loss)
 
 

@@ -212,10 +212,12 @@ def _tiny_qwen2_moe():
 
 @pytest.mark.parametrize("arch", ["opt", "qwen2_moe"])
 @pytest.mark.parametrize("layout", ["batch_major", "hypothesis_major", "ids"])
-def test_layers_fed_flattened_token_rows(arch, layout):
+@pytest.mark.parametrize("T", [7, K])
+def test_layers_fed_flattened_token_rows(arch, layout, T):
     """Models that flatten (N, T, d) activations to (N*T, d) token rows before a patched layer
     (OPT's fc1 / fc2; Qwen2-MoE's shared expert, a default target): every token row is served by
-    its sequence's hypothesis, as the model with that hypothesis merged computes it."""
+    its sequence's hypothesis, as the model with that hypothesis merged computes it; also where
+    T = K, when the N*T token rows are as many as N*K rows of sequences."""
     import copy
 
     model, targets = (_tiny_opt if arch == "opt" else _tiny_qwen2_moe)()
@@ -223,7 +225,7 @@ def test_layers_fed_flattened_token_rows(arch, layout):
                         layout="batch_major" if layout == "ids" else layout)
     assert any(".fc1" in n or "shared_expert.up_proj" in n for n, _ in multi_lora_modules(model))
     randomize_lora(model)
-    ids = _batch(B=2, T=7)
+    ids = _batch(B=2, T=T)
     if layout == "hypothesis_major":
         rows, hyp_of_row = ids.repeat(K, 1), torch.arange(K).repeat_interleave(2)
     else:
@@ -293,3 +295,27 @@ def test_default_targets_that_a_model_lacks_are_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         patch_model(tiny_llama(layers=1), K, R, ALPHA)
+
+
+def test_targets_in_a_vision_tower_are_named_in_a_warning():
+    """A vision-language model (config.vision_config) whose vision tower the targets match: patch_model
+    warns that crops of one image take hypotheses by row (as the official layer trains) and how to
+    adapt the language model alone; that regex, or a model without a vision tower, gives no warning."""
+    import types
+    import warnings
+
+    class VisionLanguage(torch.nn.Module):
+        def __init__(self, vision_config):
+            super().__init__()
+            self.config = types.SimpleNamespace(vision_config=vision_config)
+            self.vision_tower = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)})
+            self.language_model = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8), "v_proj": torch.nn.Linear(8, 8)})
+
+    with pytest.warns(UserWarning, match=r"1 layers outside the language model \(e.g. vision_tower.q_proj\)"):
+        patch_model(VisionLanguage(object()), K, R, target_modules=["q_proj", "v_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        language_only = patch_model(VisionLanguage(object()), K, R,
+                                    target_modules=r".*language_model.*\.(q|k|v|up|down)_proj")
+        assert [n for n, _ in multi_lora_modules(language_only)] == ["language_model.q_proj", "language_model.v_proj"]
+        patch_model(VisionLanguage(None), K, R, target_modules=["q_proj"])

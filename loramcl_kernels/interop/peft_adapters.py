@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import warnings
 from typing import Sequence
 
 import torch
@@ -270,6 +271,10 @@ def from_peft(
     missing = [n for n in module_names if n not in available]
     if missing:
         raise ValueError(f"the adapters target modules that {type(base_model).__name__} lacks: {missing[:8]}")
+    dropouts = sorted({a.lora_dropout for a in adapters})
+    if lora_dropout is None and len(dropouts) > 1:  # one p for every hypothesis of a layer
+        warnings.warn(f"the adapters' lora_dropout differ ({dropouts}): every hypothesis trains with the first "
+                      f"adapter's, {adapters[0].lora_dropout}; pass lora_dropout to choose", stacklevel=2)
     num_hypotheses = len(adapters)
     r = max(a.r for a in adapters)
     same = len({(a.r, a.lora_alpha, a.use_rslora) for a in adapters}) == 1

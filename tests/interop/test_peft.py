@@ -95,6 +95,21 @@ def test_from_peft_model_with_mixed_ranks_alphas_and_targets():
     assert not torch.allclose(expected[0], expected[1])
 
 
+def test_from_peft_warns_when_the_adapters_dropouts_differ():
+    """One LoRA dropout p serves every hypothesis of a layer: adapters trained with different ones
+    get the first's, with a warning naming them; an explicit lora_dropout decides silently."""
+    import warnings
+
+    configs = [LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_dropout=p) for p in (0.1, 0.05)]
+    with pytest.warns(UserWarning, match=r"lora_dropout differ \(\[0.05, 0.1\]\).*first adapter's, 0.1"):
+        model = from_peft(_peft_with_adapters(configs))
+    assert model.loramcl_config.lora_dropout == 0.1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert from_peft(_peft_with_adapters(configs), lora_dropout=0.0).loramcl_config.lora_dropout == 0.0
+    assert not [w for w in caught if "lora_dropout differ" in str(w.message)]
+
+
 def test_from_peft_defaults_and_failures(tmp_path):
     """A config without lora_alpha means PEFT's default 8; fp64 adapters whose scalings differ are
     folded in fp64; an adapter that does not fit leaves the caller's model unpatched."""

@@ -159,7 +159,9 @@ def main():
         (torch.bfloat16, "decode", 4, 64, 40, True), (torch.float32, "fused", 4, 64, 256, False),
         (torch.float32, "fused", 4, 16, 256, False),  # K*r = BK: 16-bit operands' one-step expand, not fp32's
         (torch.float32, "decode", 4, 64, 40, False),
-        # the widest per-hypothesis expand the fused GEMM takes (PER_K_EXPAND_MAX_BYTES; wider: cublas)
+        # shared input's per-hypothesis expand at the widest r_pad the fused GEMM takes (bf16 r = 128;
+        # fp32 r = 64 above), and past it (PER_K_EXPAND_MAX_BYTES), where the cublas path runs
+        (torch.bfloat16, "fused", 2, 128, 256, False),
         (torch.bfloat16, "fused", 2, 256, 256, False), (torch.float32, "fused", 2, 96, 256, False),
     ]
     for dtype, path, num_hyp, r, m, ids in cases:

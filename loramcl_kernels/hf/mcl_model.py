@@ -101,8 +101,6 @@ class MCLOutput(ModelOutput):
     weights: torch.Tensor | None = None
 
 
-# config attributes with which an HF model transforms its logits after the lm_head, and the value
-# that leaves them unchanged (Gemma 2/3: tanh soft-capping; Cohere: x logit_scale; Granite: / logits_scaling)
 # config attribute -> the value with which the model leaves its logits as the lm_head gives them:
 # soft-capping (Gemma 2/3, RecurrentGemma, xLSTM, Jev), scaling (Cohere, Granite, Falcon-H1, Muse)
 LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logits_soft_cap": None, "output_logit_soft_cap": None,

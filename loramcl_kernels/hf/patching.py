@@ -75,11 +75,11 @@ def _warn_on_vision_tower_targets(model: nn.Module, matches: list) -> None:
     training, not its sequence's: say so, and how to adapt the language model alone."""
     if getattr(getattr(model, "config", None), "vision_config", None) is None:
         return
-    outside = [n for n, _ in matches if "language_model" not in n and "text_model" not in n]
-    if outside:
+    vision = [n for n, _ in matches if any(part in n.lower() for part in ("vision", "visual", "image"))]
+    if vision:
         warnings.warn(
-            f"target_modules match {len(outside)} layers outside the language model (e.g. {outside[0]}), as the "
-            "official code's suffix targets do. Where an image reaches the vision tower as several crops "
+            f"target_modules match {len(vision)} layers of the vision tower (e.g. {vision[0]}), as the official "
+            "code's suffix targets do. Where an image reaches the vision tower as several crops "
             "(LLaVA-1.6), crop row n of the tower's batch takes hypothesis n % K, as in the official layer's "
             "training, not its sequence's hypothesis (generate_hypotheses does the same). To adapt the language "
             "model alone, pass target_modules naming its layers, e.g. r'.*language_model.*\\.(q|k|v|up|down)_proj'.",

@@ -310,12 +310,14 @@ def test_targets_in_a_vision_tower_are_named_in_a_warning():
             self.config = types.SimpleNamespace(vision_config=vision_config)
             self.vision_tower = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8)})
             self.language_model = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(8, 8), "v_proj": torch.nn.Linear(8, 8)})
+            self.lm_head = torch.nn.Linear(8, 8)  # text rows only: not the vision tower's
 
-    with pytest.warns(UserWarning, match=r"1 layers outside the language model \(e.g. vision_tower.q_proj\)"):
+    with pytest.warns(UserWarning, match=r"1 layers of the vision tower \(e.g. vision_tower.q_proj\)"):
         patch_model(VisionLanguage(object()), K, R, target_modules=["q_proj", "v_proj"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         language_only = patch_model(VisionLanguage(object()), K, R,
-                                    target_modules=r".*language_model.*\.(q|k|v|up|down)_proj")
-        assert [n for n, _ in multi_lora_modules(language_only)] == ["language_model.q_proj", "language_model.v_proj"]
+                                    target_modules=r".*language_model.*\.(q|k|v|up|down)_proj|lm_head")
+        assert [n for n, _ in multi_lora_modules(language_only)] == [
+            "language_model.q_proj", "language_model.v_proj", "lm_head"]
         patch_model(VisionLanguage(None), K, R, target_modules=["q_proj"])

@@ -50,8 +50,10 @@ def _cuda_capability(index: int | None) -> tuple[int, int] | None:
         return None
 
 
-def triton_unavailable_reason(device: torch.device) -> str | None:
-    """None when Triton kernels can run on `device`, else a sentence saying why not."""
+def triton_unavailable_reason(device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """None when Triton kernels can run on `device` (on `dtype` tensors, where given), else a
+    sentence saying why not. Triton's CPU interpreter multiplies bf16 tiles wrongly (numpy has no
+    bfloat16; with triton 3.9 a 16 x 16 bf16 tl.dot is off by ~1e10), so bf16 runs on GPUs only."""
     err = _TRITON_IMPORT_ERROR
     if err is not None:
         return err
@@ -62,20 +64,13 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
                     f"{MIN_TRITON_CAPABILITY[1]} and newer; {device} has {capability[0]}.{capability[1]}")
         return None
     if device.type == "cpu":
-        if triton_interpreting():
-            return None
-        return "Triton runs CPU tensors only under the interpreter: set TRITON_INTERPRET=1 before importing"
+        if not triton_interpreting():
+            return "Triton runs CPU tensors only under the interpreter: set TRITON_INTERPRET=1 before importing"
+        if dtype == torch.bfloat16:
+            return ("Triton's CPU interpreter computes bf16 matrix products wrongly (numpy has no bfloat16): "
+                    "run bf16 on a GPU, fp16 or fp32 under the interpreter, or backend='reference'")
+        return None
     return f"Triton kernels do not run on device type '{device.type}'"
-
-
-def triton_dtype_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
-    """None when the Triton kernels compute `dtype` correctly on `device`, else why not: Triton's
-    CPU interpreter multiplies bf16 tiles wrongly (numpy has no bfloat16; with triton 3.9 a 16 x 16
-    bf16 tl.dot is off by ~1e10), so bf16 runs on GPUs only."""
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        return ("Triton's CPU interpreter computes bf16 matrix products wrongly (numpy has no bfloat16): "
-                "run bf16 on a GPU, fp16 or fp32 under the interpreter, or backend='reference'")
-    return None
 
 
 def cuda_unavailable_reason(device: torch.device) -> str | None:
@@ -84,11 +79,11 @@ def cuda_unavailable_reason(device: torch.device) -> str | None:
     return "the CUDA C++ extension (csrc/) is not built in this release of loramcl_kernels"
 
 
-def unavailable_reason(backend: str, device: torch.device) -> str | None:
+def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
     if backend == "reference":
         return None
     if backend == "triton":
-        return triton_unavailable_reason(device)
+        return triton_unavailable_reason(device, dtype)
     if backend == "cuda":
         return cuda_unavailable_reason(device)
     raise ValueError(f"unknown backend '{backend}'; expected one of {BACKENDS}")
@@ -101,8 +96,9 @@ def requested_backend(backend: str | None) -> str:
     return backend.lower()
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The concrete backend ('triton', 'cuda' or 'reference') an op runs with on `device`."""
+def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The concrete backend ('triton', 'cuda' or 'reference') an op runs with on `device` (on
+    `dtype` tensors, where given)."""
     backend = requested_backend(backend)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got '{backend}'")
@@ -110,10 +106,10 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         # On CPU the interpreter is far slower than PyTorch: auto keeps CPU users on the reference.
         if device.type == "cuda":
             for candidate in ("cuda", "triton"):
-                if unavailable_reason(candidate, device) is None:
+                if unavailable_reason(candidate, device, dtype) is None:
                     return candidate
         return "reference"
-    reason = unavailable_reason(backend, device)
+    reason = unavailable_reason(backend, device, dtype)
     if reason is not None:
         raise RuntimeError(f"backend '{backend}' was requested but cannot run: {reason}")
     return backend

@@ -109,8 +109,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from loramcl_kernels._backend import (BACKENDS, requested_backend, resolve_backend, triton_dtype_unavailable_reason,
-                                      triton_interpreting)
+from loramcl_kernels._backend import BACKENDS, requested_backend, resolve_backend, triton_interpreting
 from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
 from loramcl_kernels.ops._triton_utils import (
     cdiv, contiguous_or_none, device_facts, grouped_tile, launch, next_pow2, on_input_device, set_tma_allocator,
@@ -1715,16 +1714,11 @@ def mcl_loss(
     for name, t in (("lm_head_weight", lm_head_weight), ("labels", labels), ("lm_head_bias", lm_head_bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device}, hidden on {hidden.device}")
-    chosen = resolve_backend(backend, hidden.device)
+    chosen = resolve_backend(backend, hidden.device, hidden.dtype)
     if chosen == "triton" and hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         if requested_backend(backend) == "triton":  # asked for by name (argument or LORAMCL_BACKEND)
             raise TypeError(f"the triton backend supports fp16/bf16/fp32, got {hidden.dtype}; "
                             "use backend='reference'")
-        chosen = "reference"
-    reason = triton_dtype_unavailable_reason(hidden.device, hidden.dtype) if chosen == "triton" else None
-    if reason is not None:
-        if requested_backend(backend) == "triton":
-            raise RuntimeError(f"backend 'triton' was requested but cannot run: {reason}")
         chosen = "reference"
     # soft weights (every w > 0) with a frozen lm_head: pass 1 may form d hidden's rows up to the
     # per-row scale, so the backward needs no second pass over the logits

@@ -67,7 +67,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from loramcl_kernels._backend import requested_backend, resolve_backend, triton_dtype_unavailable_reason
+from loramcl_kernels._backend import requested_backend, resolve_backend
 from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
 from loramcl_kernels.ops._triton_utils import device_facts as _device_facts
 from loramcl_kernels.ops._triton_utils import mm_out_dtype_supported as _mm_out_dtype_supported
@@ -1506,18 +1506,13 @@ def _check_layout(n, num_hyp, layout, inner, hypothesis_ids, shared_input, devic
 
 
 def _choose_backend(backend, x: Tensor) -> str:
-    chosen = resolve_backend(backend, x.device)
+    chosen = resolve_backend(backend, x.device, x.dtype)
     if chosen == "cuda":  # resolve_backend only returns it when the extension is importable
         chosen = "triton"
     if chosen == "triton" and x.dtype not in TRITON_DTYPES:
         if requested_backend(backend) == "auto":  # not asked for by name (argument or LORAMCL_BACKEND)
             return "reference"
         raise TypeError(f"backend 'triton' supports {TRITON_DTYPES}, got {x.dtype}; use backend='reference'")
-    reason = triton_dtype_unavailable_reason(x.device, x.dtype) if chosen == "triton" else None
-    if reason is not None:
-        if requested_backend(backend) == "auto":
-            return "reference"
-        raise RuntimeError(f"backend 'triton' was requested but cannot run: {reason}")
     return chosen
 
 

@@ -426,7 +426,7 @@ def _modelled_peak(regime, pass1, mode, kw, monkeypatch):
     monkeypatch.setattr(mcl_module, "device_facts", lambda device: (132, 9))
     monkeypatch.setattr(mcl_module, "_mm_out_dtype_supported", lambda device: True)
     monkeypatch.setattr(mcl_module, "_addmm_out_dtype_supported", lambda device: True)
-    monkeypatch.setattr(mcl_module, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(mcl_module, "resolve_backend", lambda backend, device, dtype=None: "triton")
     monkeypatch.setattr(mcl_module, "_pass1_path", lambda hidden, weight: pass1)
     real_tolist = torch.Tensor.tolist  # the forward's host read: n supervised positions, no bad label
     monkeypatch.setattr(torch.Tensor, "tolist", lambda self: [n, 0] if self.is_meta else real_tolist(self))
@@ -1341,8 +1341,6 @@ def test_bf16_under_the_interpreter_is_refused_by_name(monkeypatch):
     with pytest.raises(RuntimeError, match="interpreter computes bf16 matrix products wrongly"):
         mcl_loss(hidden, weight, labels, num_hypotheses=2, backend="triton")
     monkeypatch.setenv("LORAMCL_BACKEND", "auto")
-    real = mcl_module.resolve_backend  # auto picks Triton, as on a GPU
-    monkeypatch.setattr(mcl_module, "resolve_backend", lambda b, device: "triton" if b is None else real(b, device))
     auto = mcl_loss(hidden, weight, labels, num_hypotheses=2)
     reference = mcl_loss(hidden, weight, labels, num_hypotheses=2, backend="reference")
     assert torch.equal(auto.loss, reference.loss) and torch.equal(auto.nll, reference.nll)

@@ -955,7 +955,8 @@ def test_numpy_float_lora_dropout_is_a_float():
 def test_bf16_under_the_interpreter_is_refused_by_name_and_auto_keeps_the_reference(monkeypatch):
     """Triton's CPU interpreter multiplies bf16 tiles wrongly (a 16 x 16 tl.dot off by ~1e10 with
     triton 3.9): backend='triton' on bf16 CPU tensors raises and says why, instead of returning
-    those numbers; auto (the reference on the CPU anyway) computes it."""
+    those numbers; auto (the reference on the CPU anyway) computes it. The reason is the backend
+    resolution's, for the interpreter's bf16 only."""
     if not _backend.triton_interpreting():
         pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1)")
     args, kwargs = _good()
@@ -967,9 +968,11 @@ def test_bf16_under_the_interpreter_is_refused_by_name_and_auto_keeps_the_refere
     with pytest.raises(RuntimeError, match="interpreter computes bf16"):
         multi_lora_linear(**bf16)
     monkeypatch.setenv("LORAMCL_BACKEND", "auto")
-    real = mll.resolve_backend  # auto picks Triton, as on a GPU
-    monkeypatch.setattr(mll, "resolve_backend", lambda b, device: "triton" if b is None else real(b, device))
     assert torch.equal(multi_lora_linear(**bf16), multi_lora_linear(**bf16, backend="reference"))
+    cpu = torch.device("cpu")
+    assert "bf16" in _backend.unavailable_reason("triton", cpu, torch.bfloat16)
+    assert _backend.unavailable_reason("triton", cpu, torch.float16) is None
+    assert _backend.unavailable_reason("triton", torch.device("cuda"), torch.bfloat16) is None
 
 
 def test_scaling_as_a_numpy_scalar_or_a_parameter_without_grad():

@@ -69,16 +69,27 @@ def main():
             os.environ["LORAMCL_MULTI_LORA_PATH"] = path.split("-")[0]
             mll.FLATTEN_16_BIT_GEMM = not path.endswith("-unflattened")
             mll.GEMM_TMA_STORE = not path.endswith("-pointer-store")
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                fn()
-            torch.cuda.synchronize()
+        table = kernel_table(fn, warmup=5, calls=10, rows=12)
         shared = " shared input" if args.shared else ""
         print(f"\n## {name}{shared}  K={K} T={T} r={r} d={d} bf16, fwd+bwd x 10, {torch.cuda.get_device_name()}")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+        print(table)
+
+
+def kernel_table(fn, warmup, calls, rows, device="cuda"):
+    """torch.profiler's table of `calls` calls of fn after `warmup` ones: CUDA kernel times, or on
+    the CPU (smoke runs) CPU op times."""
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
+        for _ in range(calls):
+            fn()
+        sync()
+    return prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows,
+                                     max_name_column_width=60)
 
 
 def decode_table(K, r, d, layers=4, calls=20, device="cuda"):
@@ -92,8 +103,6 @@ def decode_table(K, r, d, layers=4, calls=20, device="cuda"):
     copies = [(torch.randn(d, d, device=device, dtype=dtype) / d**0.5,
                torch.randn(K, r, d, device=device, dtype=dtype) / d**0.5,
                torch.randn(K, d, r, device=device, dtype=dtype) / r**0.5) for _ in range(layers)]
-    activity = torch.profiler.ProfilerActivity.CUDA if device == "cuda" else torch.profiler.ProfilerActivity.CPU
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     os.environ["LORAMCL_MULTI_LORA_PATH"] = "decode"
 
     def ours():
@@ -106,17 +115,10 @@ def decode_table(K, r, d, layers=4, calls=20, device="cuda"):
 
     card = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     for name, fn in (("ours-decode", ours), ("base_only", base)):
-        for _ in range(3):
-            fn()
-        sync()
-        with torch.profiler.profile(activities=[activity]) as prof:
-            for _ in range(calls):
-                fn()
-            sync()
+        table = kernel_table(fn, warmup=3, calls=calls, rows=6, device=device)
         print(f"\n## {name} decode  K={K} rows={8 * K} r={r} d={d} {str(dtype)[6:]}, "
               f"forward x {calls * layers}, {card}")
-        sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-        print(prof.key_averages().table(sort_by=sort, row_limit=6, max_name_column_width=60))
+        print(table)
 
 
 def host_table(args, x, w, a, b, g, ours, base):

@@ -111,6 +111,7 @@ import triton.language as tl
 
 from loramcl_kernels._backend import BACKENDS, requested_backend, resolve_backend, triton_interpreting
 from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
+from loramcl_kernels.ops._tracing import refuse_double_backward, refuse_functorch_transforms, tracing
 from loramcl_kernels.ops._triton_utils import (
     cdiv, contiguous_or_none, device_facts, grouped_tile, launch, next_pow2, on_input_device, set_tma_allocator,
     tma_gemm_capable, tma_rows_ok,
@@ -1556,14 +1557,14 @@ class _MCLLossFunction(torch.autograd.Function):
         return output
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *unused_grads):
+        refuse_double_backward("mcl_loss")
         return _backward(ctx, grad_loss, backward_impl=_backward_direct)
 
 
 def _run_forward(*inputs):
     """inputs: the forward op's arguments, with the temperature as a number."""
-    if torch.compiler.is_compiling():
+    if tracing():
         # the temperature as a tensor made by a multiplication: a traced float (an annealing
         # schedule's) then stays symbolic instead of recompiling the graph for every value
         temperature = torch.ones((), dtype=torch.float64) * inputs[8]
@@ -1632,7 +1633,9 @@ def _check_flag(value, name: str) -> bool:
     return bool(value)
 
 
-def _check_labels(labels, R, T, K):
+def _check_labels(labels, R, T, K) -> torch.Tensor:
+    """The labels as int64: comparisons with V and ignore_index in a narrower dtype would wrap
+    them (uint8 labels: ignore_index=-100 is 156)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -1642,6 +1645,7 @@ def _check_labels(labels, R, T, K):
             f"labels must have shape (B, T) = ({R // K}, {T}) (shared by the hypotheses) or "
             f"(B*K, T) = ({R}, {T}), got {tuple(labels.shape)}"
         )
+    return labels if labels.dtype == torch.int64 else labels.to(torch.int64)
 
 
 def _check_rows(x, name, K):
@@ -1677,6 +1681,7 @@ def mcl_loss(
     labels (B, T) shared by the hypotheses or (B*K, T). Returns MCLLossOutput(loss, nll (K,B),
     winners (B,), weights (K,B)); only `loss` is differentiable.
     """
+    refuse_functorch_transforms("mcl_loss")
     cast = (autocast_operands(hidden.device, hidden, lm_head_weight, lm_head_bias)
             if isinstance(hidden, torch.Tensor) else None)
     if cast is not None:  # the lm_head GEMM in the autocast dtype
@@ -1710,7 +1715,7 @@ def mcl_loss(
         if lm_head_bias.dtype != lm_head_weight.dtype:
             raise TypeError(f"lm_head_bias dtype {lm_head_bias.dtype} differs from lm_head_weight's "
                             f"{lm_head_weight.dtype}")
-    _check_labels(labels, R, T, K)
+    labels = _check_labels(labels, R, T, K)
     for name, t in (("lm_head_weight", lm_head_weight), ("labels", labels), ("lm_head_bias", lm_head_bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device}, hidden on {hidden.device}")
@@ -1758,14 +1763,14 @@ def mcl_loss_from_logits(
         raise TypeError("logits must be a floating tensor")
     _check_rows(logits, "logits", K)
     R, T, V = logits.shape
-    _check_labels(labels, R, T, K)
+    labels = _check_labels(labels, R, T, K)
     ignore_index = _check_ignore_index(ignore_index)
     shift_labels = _check_flag(shift_labels, "shift_labels")
     cdt = _stat_dtype(logits.dtype)
     targets = _targets_per_row(labels, R, K, layout, shift_labels, ignore_index).reshape(-1)
     supervised = targets != ignore_index
     flat = logits.reshape(R * T, V)
-    if torch.compiler.is_compiling():  # no host read in a graph: a device-side assert on the labels
+    if tracing():  # no host read in a graph: a device-side assert on the labels
         torch._assert_async((~supervised | ((targets >= 0) & (targets < V))).all(),
                             f"labels: values outside [0, {V}) that are not ignore_index={ignore_index}")
         safe = torch.where(supervised, targets, 0)

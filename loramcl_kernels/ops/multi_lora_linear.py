@@ -69,6 +69,7 @@ from torch import Tensor
 
 from loramcl_kernels._backend import requested_backend, resolve_backend
 from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
+from loramcl_kernels.ops._tracing import refuse_double_backward, refuse_functorch_transforms, tracing
 from loramcl_kernels.ops._triton_utils import device_facts as _device_facts
 from loramcl_kernels.ops._triton_utils import mm_out_dtype_supported as _mm_out_dtype_supported
 from loramcl_kernels.ops._triton_utils import next_pow2 as _next_pow2
@@ -1026,7 +1027,9 @@ def _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row
     shrink_bd = torch.empty(m, num_hyp * r, device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return out, shrink_bd.zero_()
-    lora_A = lora_A.contiguous()  # addressed as A_all (K*r, d_in), rows along d_in
+    # A_all (K*r, d_in), rows along d_in; its row stride from the 2-D view (at r = 1 a contiguous
+    # lora_A's stride(1) may be anything: torch ignores the strides of size-1 dims)
+    a_all = lora_A.contiguous().view(num_hyp * r, d)
     lora_B = lora_B.contiguous()  # addressed as (K, d_out, r) contiguous
     has_base = weight is not None
     on_cpu = x.device.type == "cpu"  # the interpreter
@@ -1042,8 +1045,8 @@ def _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row
     # Hopper: the finish kernel launches while the partial kernel runs (programmatic dependent launch)
     gdc = DECODE_PDL and not on_cpu and _device_facts(x.device)[1] >= 9
     launch(_decode_partial_kernel, (cdiv(m, block_m), columns // block_n, splits),
-        x, weight if has_base else x, lora_A, workspace, m, n, d, num_hyp * r, d_split, w_tiles,
-        x.stride(0), weight.stride(0) if has_base else 0, lora_A.stride(1), workspace.stride(0), workspace.stride(1),
+        x, weight if has_base else x, a_all, workspace, m, n, d, num_hyp * r, d_split, w_tiles,
+        x.stride(0), weight.stride(0) if has_base else 0, a_all.stride(0), workspace.stride(0), workspace.stride(1),
         BM=block_m, BN=block_n, BK=block_k, DOT_PRECISION=_DOT_PRECISION, GDC=gdc, num_warps=4, num_stages=stages,
     )
     finish_bn = 2 * block_n if on_cpu else DECODE_GPU_FINISH_BN  # CPU: tiles unlike the partial kernel's (tests)
@@ -1301,8 +1304,8 @@ class _MultiLoRALinearFunction(torch.autograd.Function):
         return output
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_shrink):
+        refuse_double_backward("multi_lora_linear")
         return _backward_with(_backward_direct, ctx, grad_y)
 
 
@@ -1315,8 +1318,8 @@ class _MultiLoRALinearSharedFunction(torch.autograd.Function):
         return output
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_shrink):
+        refuse_double_backward("multi_lora_linear")
         return _shared_backward_with(_shared_backward_direct, ctx, grad_y)
 
 
@@ -1326,7 +1329,7 @@ def _needs_autograd(*tensors) -> bool:
 
 def _run_op(x, weight, bias, lora_A, lora_B, scale, hypothesis_ids, row_div, dropout_seed, lora_dropout, backend):
     args = (x, weight, bias, lora_A, lora_B, scale, hypothesis_ids, row_div, dropout_seed, lora_dropout)
-    if torch.compiler.is_compiling():
+    if tracing():
         return _multi_lora_linear_op(*args, backend)
     if _needs_autograd(x, weight, bias, lora_A, lora_B):
         return _MultiLoRALinearFunction.apply(*args, backend)
@@ -1334,7 +1337,7 @@ def _run_op(x, weight, bias, lora_A, lora_B, scale, hypothesis_ids, row_div, dro
 
 
 def _run_shared_op(x, weight, bias, lora_A, lora_B, scale, num_groups, backend):
-    if torch.compiler.is_compiling():
+    if tracing():
         return _multi_lora_linear_shared_op(x, weight, bias, lora_A, lora_B, scale, num_groups, backend)
     if _needs_autograd(x, weight, bias, lora_A, lora_B):
         return _MultiLoRALinearSharedFunction.apply(x, weight, bias, lora_A, lora_B, scale, num_groups, backend)
@@ -1401,6 +1404,7 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, num_hypotheses):
 
 
 _SCALING_VECTORS: dict = {}
+_MAX_SCALING_VECTORS = 256
 
 
 def _scaling_vector(scaling, num_hyp: int, x: Tensor) -> Tensor:
@@ -1418,11 +1422,12 @@ def _scaling_vector(scaling, num_hyp: int, x: Tensor) -> Tensor:
     if isinstance(scaling, bool) or not isinstance(scaling, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"scaling must be a float or a (K,) tensor, got {type(scaling).__name__}")
     dtype = _acc_dtype(x.dtype)
-    if torch.compiler.is_compiling():  # made by a multiplication: a traced float stays symbolic (no recompiles)
+    if tracing():  # made by a multiplication: a traced float stays symbolic (no recompiles)
         return torch.ones((num_hyp,), device=x.device, dtype=dtype) * scaling
     # Eagerly a float scaling becomes a cached (K,) tensor: no fill kernel per call. The cached
     # tensors are never written to; they are made outside inference mode so that autograd may save them,
-    # and outside CUDA-graph capture (a tensor made there belongs to the graph's memory pool).
+    # and outside CUDA-graph capture (a tensor made there belongs to the graph's memory pool) and
+    # tracing (a tracer's fake tensor would then serve later eager calls).
     key = (float(scaling), num_hyp, x.device, dtype)
     vector = _SCALING_VECTORS.get(key)
     if vector is None:
@@ -1430,6 +1435,8 @@ def _scaling_vector(scaling, num_hyp: int, x: Tensor) -> Tensor:
             return torch.full((num_hyp,), float(scaling), device=x.device, dtype=dtype)  # not cached
         with torch.inference_mode(False):
             vector = torch.full((num_hyp,), float(scaling), device=x.device, dtype=dtype)
+        if len(_SCALING_VECTORS) >= _MAX_SCALING_VECTORS:  # a scaling that changes every call
+            _SCALING_VECTORS.clear()
         _SCALING_VECTORS[key] = vector
     return vector
 
@@ -1462,7 +1469,8 @@ def _check_id_values(hypothesis_ids: Tensor, num_hyp: int) -> None:
 
 
 def _raise_bad_ids(hypothesis_ids: Tensor, num_hyp: int) -> None:
-    lo, hi = int(hypothesis_ids.min()), int(hypothesis_ids.max())
+    ids = hypothesis_ids if hypothesis_ids.dtype == torch.int64 else hypothesis_ids.to(torch.int64)  # uint32: no min
+    lo, hi = int(ids.min()), int(ids.max())
     if lo < -1 or hi >= num_hyp:
         raise ValueError(f"hypothesis_ids must lie in [-1, K) = [-1, {num_hyp}), got values in [{lo}, {hi}]")
 
@@ -1489,8 +1497,9 @@ def _check_layout(n, num_hyp, layout, inner, hypothesis_ids, shared_input, devic
             raise TypeError(f"hypothesis_ids must hold integers, got {hypothesis_ids.dtype}")
         if hypothesis_ids.device != device:
             raise ValueError(f"hypothesis_ids is on {hypothesis_ids.device} but x is on {device}")
-        if torch.compiler.is_compiling():  # no host read in a graph: a device-side assert
-            torch._assert_async(((hypothesis_ids >= -1) & (hypothesis_ids < num_hyp)).all(),
+        if tracing():  # no host read in a graph: a device-side assert (in int64: uint8 would wrap -1)
+            ids = hypothesis_ids.to(torch.int64)
+            torch._assert_async(((ids >= -1) & (ids < num_hyp)).all(),
                                 "hypothesis_ids must lie in [-1, K)")
         elif n > 0:
             _check_id_values(hypothesis_ids, num_hyp)
@@ -1543,6 +1552,7 @@ def multi_lora_linear(
     probability p and the rest scaled by 1 / (1 - p), a mask drawn from torch's generator
     (dropout_keep_mask), applied inside the kernels: nothing extra is stored for the backward.
     """
+    refuse_functorch_transforms("multi_lora_linear")
     cast = autocast_operands(x.device, x, weight, bias, lora_A, lora_B) if isinstance(x, Tensor) else None
     if cast is not None:  # fp32 master adapters included: their gradients flow back through the cast
         with autocast_off(x.device):
@@ -1552,6 +1562,9 @@ def multi_lora_linear(
     if (isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real)
             or not 0.0 <= float(lora_dropout) < 1.0):
         raise ValueError(f"lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
+    if isinstance(shared_input, (str, bytes)) or shared_input not in (True, False):  # "False" is truthy
+        raise TypeError(f"shared_input must be True or False, got {shared_input!r}")
+    shared_input = bool(shared_input)
     if lora_dropout and shared_input:
         raise ValueError("lora_dropout with shared_input=True: each hypothesis needs its own mask, so repeat "
                          "the rows (distinct rows per hypothesis) first, as MultiLoRALinear does")

@@ -1243,6 +1243,31 @@ def test_non_contiguous_inputs(backend, mode, frozen_head, small_one_pass_chunks
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.uint16, torch.uint32])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_narrow_integer_labels(backend, dtype):
+    """Labels of any integer dtype are compared with V and ignore_index as int64: in their own
+    dtype the comparison wrapped (uint8: ignore_index -100 became 156, V = 300 became 44)."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    V = 100 if dtype == torch.uint8 else 300  # int8: V > 127 was refused; labels below hold < 120
+    hidden, weight, _, labels = make_data(K=2, B=2, T=5, H=16, V=V, device=device)
+    labels = labels % min(V, 120)
+    labels[0, 2] = IGNORE if dtype not in (torch.uint8, torch.uint16, torch.uint32) else labels[0, 2]
+    expected = mcl_loss(hidden, weight, labels.to(torch.int64), num_hypotheses=2, backend=backend)
+    out = mcl_loss(hidden, weight, labels.to(dtype), num_hypotheses=2, backend=backend)
+    torch.testing.assert_close(out.loss, expected.loss, rtol=0, atol=0)
+    torch.testing.assert_close(out.nll, expected.nll, rtol=0, atol=0)
+    from_logits = mcl_loss_from_logits(hidden @ weight.t(), labels.to(dtype), num_hypotheses=2)
+    torch.testing.assert_close(from_logits.nll, expected.nll, rtol=1e-5, atol=1e-5)
+    if dtype == torch.uint8:  # 156 is a label out of [0, V = 100), not -100 wrapped: the clear error
+        bad = labels.to(dtype)
+        bad[1, 3] = 156
+        with pytest.raises(ValueError, match="outside"):
+            mcl_loss(hidden, weight, bad, num_hypotheses=2, backend=backend)
+        with pytest.raises(ValueError, match="outside"):
+            mcl_loss_from_logits(hidden @ weight.t(), bad, num_hypotheses=2)
+
+
 def test_bad_inputs():
     hidden, weight, _, labels = make_data(K=2, B=2, T=4, H=8, V=16)
     call = lambda **kw: mcl_loss(**{**dict(hidden=hidden, lm_head_weight=weight, labels=labels,
@@ -1406,6 +1431,55 @@ def test_gradcheck_reference_fp64(mode):
             fn_h = lambda h, fn=fn: fn(h, weight, bias)
             assert torch.autograd.gradcheck(fn_h, tuple(leaf(hidden)))
             assert KERNEL_STATS.pass2_rows == 0
+
+
+def test_fake_tensor_tracing_takes_the_registered_op():
+    """Under FakeTensorMode / make_fx the loss goes through its registered op and fake
+    implementation (the eager path reads a count on the host, which a fake tensor has not)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    hidden, weight, _, labels = make_data(K=2, B=2, T=5, H=16, V=40)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        out = mcl_loss(mode.from_tensor(hidden), mode.from_tensor(weight), mode.from_tensor(labels),
+                       num_hypotheses=2)
+    assert type(out.loss).__name__ == "FakeTensor" and out.nll.shape == (2, 2) and out.winners.shape == (2,)
+    graph = make_fx(lambda h, w, lab: mcl_loss(h, w, lab, num_hypotheses=2).loss,
+                    tracing_mode="fake")(hidden, weight, labels)
+    assert torch.ops.loramcl.mcl_loss_forward.default in [n.target for n in graph.graph.nodes]
+    expected = official_mcl_loss(hidden.double(), weight.double(), None, labels, 2, upcast=torch.float64)[0]
+    torch.testing.assert_close(mcl_loss(hidden, weight, labels, num_hypotheses=2).loss.double(), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["wta", "relaxed"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_double_backward_raises(backend, mode):
+    """create_graph=True would give d hidden without the loss's part of its graph: refused."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    hidden, weight, _, labels = make_data(K=2, B=2, T=5, H=16, V=40, device=device)
+    kw = dict(num_hypotheses=2, mode=mode, epsilon=0.1 if mode == "relaxed" else 0.0, backend=backend)
+    (h,) = leaf(hidden)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(mcl_loss(h, weight, labels, **kw).loss, h, create_graph=True)
+    (grad_h,) = torch.autograd.grad(mcl_loss(h, weight, labels, **kw).loss, h)
+    (h64,) = leaf(hidden.double().cpu())
+    mcl_loss(h64, weight.double().cpu(), labels.cpu(), **{**kw, "backend": "reference"}).loss.backward()
+    torch.testing.assert_close(grad_h.double().cpu(), h64.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+def test_torch_func_transforms_raise_a_clear_error(transform):
+    hidden, weight, _, labels = make_data(K=2, B=2, T=5, H=16, V=40)
+
+    def f(h):
+        return mcl_loss(h, weight, labels, num_hypotheses=2, backend="reference").loss
+
+    with pytest.raises(NotImplementedError, match="torch.func transforms"):
+        if transform == "vmap":
+            torch.func.vmap(f)(hidden.unsqueeze(0))
+        else:
+            torch.func.grad(f)(hidden)
 
 
 @pytest.mark.parametrize("frozen_head", [False, True], ids=["trainable_head", "frozen_head"])

@@ -367,6 +367,31 @@ def test_decode_path_over_splits_row_blocks_and_column_tiles(monkeypatch, dtype,
     assert mll._decode_config(70, 200, 40 + 15, 4, on_cpu=True)[3] == 64  # 4 splits over d_in = 200
 
 
+@pytest.mark.parametrize("path", ["decode", "cublas", "fused"])
+def test_rank_one_adapters_with_any_stride_of_their_rank_dim(monkeypatch, path):
+    """r = 1: torch calls a (K, 1, d_in) lora_A contiguous whatever its stride over r (here 1, a
+    transposed (K, d_in, 1) buffer); the decode kernel read A_all's rows with that stride (hypothesis
+    k's row at k instead of k*d_in). Output and gradients as the fp64 oracle on every path."""
+    monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", path)
+    K, n, d_in, d_out = 3, 6, 32, 16
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, d_in, generator=g)
+    w = torch.randn(d_out, d_in, generator=g) / d_in**0.5
+    a = torch.randn(K, d_in, 1, generator=g).transpose(1, 2).requires_grad_()  # stride (d_in, 1, 1)
+    b = torch.randn(K, d_out, 1, generator=g).transpose(1, 2).transpose(1, 2).requires_grad_()
+    assert a.is_contiguous() and a.stride(1) == 1
+    y = multi_lora_linear(x.to(TRITON_DEVICE), w.to(TRITON_DEVICE), None, a.to(TRITON_DEVICE), b.to(TRITON_DEVICE),
+                          0.5, backend="triton")
+    grad_a, grad_b = torch.autograd.grad(y.square().sum(), (a, b))
+    a64, b64 = (t.detach().double().requires_grad_() for t in (a, b))
+    y64 = naive(x.double(), w.double(), None, a64, b64, torch.full((K,), 0.5, dtype=torch.float64),
+                hypotheses_of_rows(n, K))
+    ga64, gb64 = torch.autograd.grad(y64.square().sum(), (a64, b64))
+    torch.testing.assert_close(y.double().cpu(), y64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_a.double().cpu(), ga64, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad_b.double().cpu(), gb64, rtol=1e-4, atol=1e-4)
+
+
 def test_auto_takes_cublas_for_shared_input_forward_and_backward(monkeypatch):
     """On Hopper, fp16, rows past FUSED_MIN_ROWS: distinct rows take the fused GEMM, shared input
     never does (neither its K-output forward nor its backward's dx), as measured faster."""
@@ -789,6 +814,71 @@ def test_float_scaling_is_cached_and_usable_after_inference_mode():
     torch.testing.assert_close(y.detach().double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_fake_tensor_tracing_takes_the_registered_op_and_leaves_no_fake_tensor_behind():
+    """Under a dispatch mode (FakeTensorMode, make_fx) the public function goes through the
+    registered op and its fake implementation; the float-scaling cache is not written there, so a
+    later eager call with the same scaling gets a real tensor (a cached fake one broke every call)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, w, b, a, bb, _ = make_inputs(4, (3,), 8, 6, 2, 2, torch.float32, "cpu")
+    scaling = 0.5 + 1e-4  # not used by any other test: not in the cache yet
+    with FakeTensorMode() as mode:
+        fake_args = [mode.from_tensor(t) for t in (x, w, b, a, bb)]
+        y_fake = multi_lora_linear(*fake_args, scaling)
+        y_shared = multi_lora_linear(*fake_args, scaling, shared_input=True)
+    assert type(y_fake).__name__ == "FakeTensor" and y_fake.shape == (4, 3, 6)
+    assert y_shared.shape == (8, 3, 6)
+    y = multi_lora_linear(x, w, b, a, bb, scaling, backend="reference")
+    assert type(y) is torch.Tensor
+    expected = naive(x.double(), w.double(), b.double(), a.double(), bb.double(),
+                     torch.full((2,), scaling, dtype=torch.float64), hypotheses_of_rows(4, 2))
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+    graph = make_fx(lambda *t: multi_lora_linear(*t, scaling), tracing_mode="fake")(x, w, b, a, bb)
+    targets = [node.target for node in graph.graph.nodes if node.op == "call_function"]
+    assert torch.ops.loramcl.multi_lora_linear.default in targets
+
+
+def test_scaling_cache_is_bounded():
+    x = torch.zeros(2, 4)
+    mll._SCALING_VECTORS.clear()
+    for i in range(mll._MAX_SCALING_VECTORS + 5):  # a schedule that changes the scaling every step
+        assert mll._scaling_vector(1.0 + i * 1e-3, 2, x)[1].item() == pytest.approx(1.0 + i * 1e-3)
+    assert len(mll._SCALING_VECTORS) <= mll._MAX_SCALING_VECTORS
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_double_backward_raises(backend, shared):
+    """create_graph=True would give a gradient without the op's part of its graph (a gradient
+    penalty silently missing it): refused; a plain gradient is unchanged."""
+    device = "cpu" if backend == "reference" else TRITON_DEVICE
+    x, w, b, a, bb, s = make_inputs(4, (3,), 8, 6, 2, 2, torch.float32, device)
+    for t in (x, a, bb):
+        t.requires_grad_()
+    y = multi_lora_linear(x, w, b, a, bb, s, shared_input=shared, backend=backend)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    y = multi_lora_linear(x, w, b, a, bb, s, shared_input=shared, backend=backend)
+    (grad_x,) = torch.autograd.grad(y.square().sum(), x)
+    args64 = [t.detach().double().cpu() for t in (x, w, b, a, bb, s)]
+    x64 = args64[0].requires_grad_()
+    multi_lora_linear(*args64, shared_input=shared, backend="reference").square().sum().backward()
+    torch.testing.assert_close(grad_x.double().cpu(), x64.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad", "functionalize"])
+def test_torch_func_transforms_raise_a_clear_error(transform):
+    x, w, b, a, bb, s = make_inputs(4, (3,), 8, 6, 2, 2, torch.float32, "cpu")
+
+    def f(x):
+        return multi_lora_linear(x, w, b, a, bb, s, backend="reference").sum()
+
+    wrapped = {"vmap": torch.func.vmap(f), "grad": torch.func.grad(f), "functionalize": torch.func.functionalize(f)}
+    with pytest.raises(NotImplementedError, match="torch.func transforms"):
+        wrapped[transform](x.unsqueeze(0) if transform == "vmap" else x)
+
+
 @pytest.mark.parametrize("backend, dtype", [("reference", torch.bfloat16), ("triton", torch.float16)])
 def test_autocast_runs_in_the_autocast_dtype(backend, dtype):
     """Under autocast fp32 operands (fp32 master adapters included) run in the autocast dtype, as
@@ -869,6 +959,21 @@ def test_out_of_range_ids_assert_under_torch_compile():
                                                               backend="reference"))
     with pytest.raises(RuntimeError, match=r"hypothesis_ids must lie in \[-1, K\)"):
         fn(x, torch.tensor([0, 5, -3, 1]))
+    for dtype in (torch.uint8, torch.uint32):  # compared in int64: -1 wrapped to 255 refused uint8 ids
+        torch.testing.assert_close(fn(x, good.clamp(min=0).to(dtype)),
+                                   multi_lora_linear(x, w, b, a, bb, s, hypothesis_ids=good.clamp(min=0)))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_unsigned_hypothesis_ids(backend):
+    device = "cpu" if backend == "reference" else TRITON_DEVICE
+    x, w, b, a, bb, s = make_inputs(6, (2,), 8, 6, 2, 3, torch.float32, device)
+    ids = torch.tensor([2, 0, 1, 1, 0, 2], device=device)
+    expected = naive(x.double().cpu(), w.double().cpu(), b.double().cpu(), a.double().cpu(), bb.double().cpu(),
+                     s.double().cpu(), ids.cpu())
+    for dtype in (torch.uint8, torch.uint16, torch.uint32, torch.int16):
+        y = multi_lora_linear(x, w, b, a, bb, s, hypothesis_ids=ids.to(dtype), backend=backend)
+        torch.testing.assert_close(y.double().cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -920,6 +1025,9 @@ def _good(**over):
     (dict(lora_dropout=0.1, shared_input=True), ValueError, "lora_dropout with shared_input"),
     (dict(lora_dropout="0.1"), ValueError, "lora_dropout must be"),
     (dict(x=[[0.0] * 8] * 6), TypeError, "x must be a torch.Tensor"),
+    (dict(shared_input="False"), TypeError, "shared_input must be True or False"),  # a truthy string
+    (dict(shared_input=2), TypeError, "shared_input must be True or False"),
+    (dict(hypothesis_ids=torch.tensor([0, 1, 2, 3, 0, 1], dtype=torch.uint32)), ValueError, "\\[-1, K\\)"),
     # explicit ids give each row's hypothesis: a layout or inner next to them would be ignored
     (dict(hypothesis_ids=torch.zeros(6, dtype=torch.long), layout="hypothesis_major"), ValueError,
      "leave layout and inner at their defaults"),

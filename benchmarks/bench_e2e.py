@@ -74,7 +74,7 @@ class OfficialGroupLinear(nn.Module):
 def official_loss(model, input_ids, labels, K):
     """Full fp32 logits for every position, CE (reduction none), per-sequence mean, min over K."""
     rep = input_ids.unsqueeze(1).expand(-1, K, -1).reshape(-1, input_ids.shape[1])
-    logits = model(input_ids=rep).logits.float()
+    logits = model(input_ids=rep, use_cache=False).logits.float()  # no KV cache: ours builds none either
     lab = labels.unsqueeze(1).expand(-1, K, -1).reshape(-1, labels.shape[1])
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # (K*B*(T-1), V), as the official code
     nll = F.cross_entropy(shift_logits, lab[:, 1:].reshape(-1), ignore_index=-100, reduction="none")

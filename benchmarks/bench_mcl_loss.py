@@ -4,14 +4,21 @@ DESIGN.md section 3, modes wta, relaxed (epsilon=0.05) and annealed (temperature
 Baselines: the official approach (full fp32 logits, CE reduction='none', per-sequence mean, WTA in
 torch), torch on the supervised rows only (same math on the compacted rows), and, when importable,
 Cut Cross-Entropy and Liger's fused linear CE with reduction='none' plus the WTA in torch.
-Reported: median ms, peak extra GiB, and the ratio to the floor (GEMM FLOPs at 781 TFLOP/s:
+Reported: median ms, peak extra GiB (the most memory allocated during the step beyond what was
+allocated before it, the step's new d hidden included: DESIGN.md section 3's accounting), the
+largest difference of the method's d hidden from torch's on the supervised rows (relative to the
+largest |d hidden|; the run exits 1 where ours differs by more than 2e-2), and the ratio to the floor (GEMM FLOPs at 781 TFLOP/s:
 forward 2*K*n*H*V, plus 4*n*H*V for hard WTA's backward over the winners; for soft weights, whose
 d hidden rows are formed in pass 1 as (softmax - onehot) W, one more 2*K*n*H*V and no backward
-GEMM). Soft modes also time "ours, recompute" (LORAMCL_MCL_SOFT_BACKWARD=recompute: pass 2
-recomputes the logits of every supervised row, 6*K*n*H*V in all); on a GPU hard WTA also times
+GEMM). Soft modes also time "ours, chunked pass 1 + recompute" (LORAMCL_MCL_PASS1=chunked and
+LORAMCL_MCL_SOFT_BACKWARD=recompute: pass 2 recomputes the logits of every supervised row, 6*K*n*H*V
+in all); on a GPU hard WTA also times
 "ours, chunked pass 1" (LORAMCL_MCL_PASS1=chunked: cuBLAS logits chunks instead of the fused GEMM
 that auto takes on Hopper, in both passes) and "ours, chunked pass 2" (LORAMCL_MCL_PASS2=chunked:
 pass 1 fused, pass 2 from fp32 logits chunks instead of the fused GEMM's gradient epilogue).
+Cut Cross-Entropy runs twice: with its default gradient filter (filter_eps="high": vocabulary
+blocks whose softmax stays under bf16 eps / 32 are skipped in its backward, which on these random,
+flat logits is nearly all of them, so its d hidden is approximate) and exact (filter_eps=None).
 
     python benchmarks/bench_mcl_loss.py [--out results/mcl_loss.json] [--regimes captioning] [--modes wta]
 
@@ -94,13 +101,21 @@ def supervised_rows_step(hidden, weight, labels, K, mode, kw, positions, targets
     return wta_weights(L, mode, kw)
 
 
-def library_step(kind, hidden, weight, labels, K, mode, kw, positions, targets, counts):
+# (row label, library, its keyword arguments)
+LIBRARY_ROWS = [
+    ("Cut Cross-Entropy (default grad filter)", "cce", {}),
+    ("Cut Cross-Entropy (exact grad)", "cce", {"filter_eps": None}),
+    ("Liger FLCE", "liger", {}),
+]
+
+
+def library_step(kind, hidden, weight, labels, K, mode, kw, positions, targets, counts, lib_kw=None):
     R, T, H = hidden.shape
     rows = hidden.reshape(R * T, H).index_select(0, positions)
     if kind == "cce":
         from cut_cross_entropy import linear_cross_entropy
 
-        nll = linear_cross_entropy(rows, weight, targets, reduction="none")
+        nll = linear_cross_entropy(rows, weight, targets, reduction="none", **(lib_kw or {}))
     else:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
@@ -134,6 +149,21 @@ def fwd_bwd(step, hidden, settings=None):
     return run
 
 
+def step_peak_gib(run, hidden) -> float:
+    """Peak extra GiB of one step, DESIGN.md's accounting: the previous step's d hidden freed
+    before the count starts, so the new one counts (with it still allocated, the count would start
+    above it and hide up to its size of the forward's memory)."""
+    hidden.grad = None
+    return peak_extra_gib(run)
+
+
+def grad_difference(grad, reference) -> float:
+    """max |grad - reference| / max |reference| (fp32)."""
+    if grad is None or reference is None:
+        return float("nan")
+    return ((grad.float() - reference).abs().max() / reference.abs().max().clamp(min=1e-30)).item()
+
+
 def _selected(entries, wanted, what, name_of):
     """The entries named in the comma-separated `wanted` (all when None), in their table order."""
     if wanted is None:
@@ -158,7 +188,8 @@ def main():
     regimes = _selected(GPU_REGIMES if HAS_CUDA else CPU_REGIMES, args.regimes, "regime",
                         lambda regime: regime[0].removesuffix(" (cpu smoke)"))
     modes = _selected(MODES, args.modes, "mode", lambda mode: mode[0])
-    timing = dict(warmup_ms=10, rep_ms=40) if HAS_CUDA else {}
+    # rep_ms: at least ~4 timed calls of the slowest rows (dense LM: 43-100 ms a step)
+    timing = dict(warmup_ms=25, rep_ms=400) if HAS_CUDA else {}
     if not HAS_CUDA:
         print("No CUDA device: CPU smoke run of the same tables (reference backend, small shapes, "
               "wall-clock; figures say nothing about GPU performance).")
@@ -169,7 +200,7 @@ def main():
     libs = available_libraries() if HAS_CUDA else []
     meta = run_meta()
     meta.update(backend=backend, dtype=str(dtype), smoke=not HAS_CUDA, libraries=libs)
-    rows_out, table = [], []
+    rows_out, table, ours_mismatch = [], [], []
     for name, K, B, T, n_sup, H, V in regimes:
         hidden, weight, labels = make_inputs(K, B, T, n_sup, H, V, device, dtype)
         R = B * K
@@ -186,9 +217,14 @@ def main():
             ours = lambda: mcl_loss(hidden, weight, labels, num_hypotheses=K, mode=mode,  # noqa: E731
                                     backend=backend, **kw).loss
             chunked, recompute = {"LORAMCL_MCL_PASS1": "chunked"}, {"LORAMCL_MCL_SOFT_BACKWARD": "recompute"}
+            torch_rows = lambda: supervised_rows_step(  # noqa: E731
+                hidden, weight, labels, K, mode, kw, positions, targets, counts)
+            fwd_bwd(torch_rows, hidden)()  # the d hidden every row is compared with
+            reference_grad = hidden.grad.float()
+            hidden.grad = None
             cases = [("ours", ours, {})]  # auto: on Hopper, hard WTA takes the fused pass 1
             if mode != "wta":  # soft weights: the pass-2 recompute next to the default one-pass gradient
-                cases.append(("ours, recompute", ours, {**chunked, **recompute}))
+                cases.append(("ours, chunked pass 1 + recompute", ours, {**chunked, **recompute}))
             if HAS_CUDA and mode == "wta":  # pass 1 (and so pass 2) as cuBLAS logits chunks + Triton row kernels
                 cases.append(("ours, chunked pass 1", ours, chunked))
                 # pass 2 alone: the gradient formed from fp32 logits chunks instead of the GEMM's epilogue
@@ -198,29 +234,34 @@ def main():
             if mode == "wta" or not HAS_CUDA:
                 cases += [
                     ("official (full fp32 logits)", lambda: official_step(hidden, weight, labels, K, mode, kw), {}),
-                    ("torch, supervised rows", lambda: supervised_rows_step(
-                        hidden, weight, labels, K, mode, kw, positions, targets, counts), {}),
+                    ("torch, supervised rows", torch_rows, {}),
                 ]
-                for lib in libs:
-                    cases.append((lib, lambda lib=lib: library_step(
-                        lib, hidden, weight, labels, K, mode, kw, positions, targets, counts), {}))
+                for label, lib, lib_kw in LIBRARY_ROWS:
+                    if lib in libs:
+                        cases.append((label, lambda lib=lib, lib_kw=lib_kw: library_step(
+                            lib, hidden, weight, labels, K, mode, kw, positions, targets, counts, lib_kw), {}))
             for method, step, settings in cases:
                 try:
                     run = fwd_bwd(step, hidden, settings)
                     ms = time_ms(run, **timing)
-                    gib = peak_extra_gib(run)
+                    gib = step_peak_gib(run, hidden)  # on a GPU its step leaves its d hidden
+                    if hidden.grad is None:
+                        run()
+                    grad_diff = grad_difference(hidden.grad, reference_grad)
                     err = None
                 except Exception as exc:  # a row that fails (out of memory, a library's error) is recorded
-                    ms, gib, err = float("nan"), float("nan"), error_chain(exc)[:240]
+                    ms, gib, grad_diff, err = float("nan"), float("nan"), float("nan"), error_chain(exc)[:240]
                     print(f"{name} {mode} {method}: {err}", flush=True)
                 hidden.grad = None
+                if method.startswith("ours") and not grad_diff <= 2e-2:
+                    ours_mismatch.append(f"{name} {mode} {method}: d hidden differs from torch's by {grad_diff:.1e}")
                 ratio = ms / floor_ms if HAS_CUDA else float("nan")
                 row = dict(regime=name, K=K, B=B, T=T, supervised_per_seq=n_sup, H=H, V=V, mode=mode,
-                           method=method, ms=ms, peak_extra_gib=gib, floor_ms=floor_ms,
+                           method=method, ms=ms, peak_extra_gib=gib, grad_vs_torch=grad_diff, floor_ms=floor_ms,
                            ratio_to_floor=ratio, error=err)
                 rows_out.append(row)
-                table.append([name, mode, method, ms, gib, floor_ms, ratio])
-                print(f"{name:24s} {mode:9s} {method:28s} {ms:9.3f} ms  {gib:7.3f} GiB  "
+                table.append([name, mode, method, ms, gib, f"{grad_diff:.1e}", floor_ms, ratio])
+                print(f"{name:24s} {mode:9s} {method:40s} {ms:9.3f} ms  {gib:7.3f} GiB  d hidden {grad_diff:.1e}  "
                       f"floor {floor_ms:.3f} ms  x{ratio:.2f}", flush=True)
                 gc.collect()
                 if HAS_CUDA:
@@ -234,15 +275,18 @@ def main():
         except Exception as exc:
             print(f"{name}: wta loss check failed: {error_chain(exc)[:240]}")
         write_json(rows_out, args.out, meta)  # after each regime: a run cut short keeps its rows
-        del hidden, weight, labels, positions, targets, counts
+        del hidden, weight, labels, positions, targets, counts, reference_grad
         gc.collect()
         if HAS_CUDA:
             torch.cuda.empty_cache()
     print_table(f"MCL loss fwd+bwd, lm_head frozen ({device_name()})",
-                ["regime", "mode", "method", "ms", "peak extra GiB", "floor ms", "x floor"], table)
+                ["regime", "mode", "method", "ms", "peak extra GiB (d hidden incl.)", "d hidden vs torch",
+                 "floor ms", "x floor"], table)
     write_json(rows_out, args.out, meta)
     print(f"wrote {args.out}")
-    return 0
+    for line in ours_mismatch:
+        print(f"MISMATCH {line}")
+    return 1 if ours_mismatch else 0
 
 
 if __name__ == "__main__":

@@ -322,7 +322,8 @@ def bench_training(case, d_in, d_out, dtype, device, impls, timing):
     add_ratios(rows, "base_only", "graph_ratio_to_base", key="graph_ms")
     for row in rows:
         if row["what"] == "multilora_fwdbwd" and row["impl"].startswith("ours"):
-            set_target(row, row.get("ratio_to_base"), TARGET_FWDBWD_VS_BASE, "fwd+bwd <= 1.10x base_only")
+            set_target(row, row.get("ratio_to_base"), row.get("graph_ratio_to_base"), TARGET_FWDBWD_VS_BASE,
+                       "fwd+bwd <= 1.10x base_only")
     return rows
 
 
@@ -378,7 +379,8 @@ def bench_shared(case, d_in, d_out, dtype, device, ours_mode, timing):
     add_ratios(rows, "shared_repeat", "graph_ratio_to_repeat", key="graph_ms")
     for row in rows:
         if row["impl"].startswith("ours"):
-            set_target(row, row.get("ratio_to_repeat"), TARGET_SHARED_VS_REPEAT, "<= 0.40x shared_repeat")
+            set_target(row, row.get("ratio_to_repeat"), row.get("graph_ratio_to_repeat"), TARGET_SHARED_VS_REPEAT,
+                       "<= 0.40x shared_repeat")
     return rows
 
 
@@ -439,7 +441,8 @@ def bench_decode(case, d_in, d_out, dtype, device, ours_mode, timing):
     add_ratios(rows, "base_only", "ratio_graph_to_base", key="us_graph")
     for row in rows:
         if row["impl"].startswith("ours"):
-            set_target(row, row.get("ratio_to_base"), TARGET_DECODE_VS_BASE, "<= 1.3x base_only")
+            set_target(row, row.get("ratio_to_base"), row.get("ratio_graph_to_base"), TARGET_DECODE_VS_BASE,
+                       "<= 1.3x base_only")
     return rows
 
 
@@ -458,14 +461,18 @@ def add_ratios(rows, baseline_impl, field, key="ms"):
             row[field] = v / b
 
 
-def set_target(row, ratio, target, text):
+def _status(ratio, target):
+    if ratio is None or not math.isfinite(ratio) or not ON_GPU:  # CPU smoke timings say nothing of the GPU
+        return None
+    return "PASS" if ratio <= target else "MISS"
+
+
+def set_target(row, eager_ratio, graph_ratio, target, text):
+    """status: the eager ratio against the target (host time included), graph_status: the ratio of
+    the calls replayed from a CUDA graph (GPU time alone, how the README judges the targets)."""
     row["target"] = text
-    if ratio is None or not math.isfinite(ratio):
-        row["status"] = "ERROR" if "error" in row else None
-    elif not ON_GPU:
-        row["status"] = None  # CPU smoke timings say nothing about the GPU targets
-    else:
-        row["status"] = "PASS" if ratio <= target else "MISS"
+    row["status"] = "ERROR" if "error" in row else _status(eager_ratio, target)
+    row["graph_status"] = None if "error" in row else _status(graph_ratio, target)
 
 
 def fmt(value, spec=".3f"):
@@ -483,7 +490,9 @@ def status_cell(row):
         return "ERROR"
     if "target" not in row:
         return "-"
-    return row.get("status") or "n/a (CPU)"
+    if not ON_GPU:
+        return "n/a (CPU)"
+    return f"{row.get('status') or '-'} / {row.get('graph_status') or '-'}"
 
 
 def check_cell(row):
@@ -513,7 +522,7 @@ def print_tables(train_rows, shared_rows, decode_rows, card, dtype_name):
         f"Multi-LoRA linear, forward / backward / fwd+bwd in ms, {dtype_name}, on {card}",
         ["K", "B x T", "r", "impl", "fwd", "bwd", "fwd+bwd", "fwd+bwd / base_only", "peak GiB",
          "host us / fwd+bwd", "fwd+bwd (CUDA graph)", "graph / base_only",
-         f"target <= {TARGET_FWDBWD_VS_BASE:.2f}x", "check vs reference"], table)
+         f"target <= {TARGET_FWDBWD_VS_BASE:.2f}x (eager / graph)", "check vs reference"], table)
     print("bwd: timed on a retained graph (autograd.grad, retain_graph=True); * = (fwd+bwd) - fwd "
           "where the graph cannot be retained. host us: time to enqueue one fwd+bwd; when it exceeds "
           "the fwd+bwd time the host is the bottleneck. CUDA graph: the same fwd+bwd replayed without the host.")
@@ -523,7 +532,7 @@ def print_tables(train_rows, shared_rows, decode_rows, card, dtype_name):
     common.print_table(
         f"Shared input, fwd+bwd in ms, {dtype_name}, on {card}",
         ["K", "B x T (distinct rows)", "r", "impl", "fwd+bwd", "/ shared_repeat", "host us / fwd+bwd",
-         "fwd+bwd (CUDA graph)", "graph / shared_repeat", f"target <= {TARGET_SHARED_VS_REPEAT:.2f}x",
+         "fwd+bwd (CUDA graph)", "graph / shared_repeat", f"target <= {TARGET_SHARED_VS_REPEAT:.2f}x (eager / graph)",
          "check vs reference"], table)
     table = [[r_["K"], f"{r_['B']}x{r_['T']}", r_["r"], r_["impl"], fmt(r_.get("us"), ".1f"),
               fmt(r_.get("ratio_to_base"), ".2f"), fmt(r_.get("us_graph"), ".1f"),
@@ -532,7 +541,7 @@ def print_tables(train_rows, shared_rows, decode_rows, card, dtype_name):
         f"Decode, forward in us ({DECODE_SEQS} sequences x 1 token per hypothesis), {dtype_name}, on {card}",
         ["K", "B x T", "r", "impl", "fwd us (eager)", "/ base_only",
          f"fwd us (CUDA graph, {DECODE_GRAPH_LAYERS} layers' W in turn)", "/ base_only",
-         f"target <= {TARGET_DECODE_VS_BASE:.1f}x (eager)", "check vs reference"], table)
+         f"target <= {TARGET_DECODE_VS_BASE:.1f}x (eager / graph)", "check vs reference"], table)
 
 
 def _stop_on_sigterm(signum, frame):

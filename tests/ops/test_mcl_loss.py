@@ -390,9 +390,11 @@ def test_fused_pass2_one_wave_chunks_match_fp64_oracle(fused_pass2, monkeypatch)
     torch.testing.assert_close(grad.double(), grad_ref, rtol=1e-4, atol=1e-6 * max(grad_ref.abs().max().item(), 1))
 
 
-# (K, B, T, supervised per sequence, H, V) of DESIGN.md section 3, and Cut Cross-Entropy's peak
-# extra GiB there, measured by the loss benchmark on an H200 in the same run as ours (25.1.1, hard
-# WTA; benchmarks/measured/h200-2026-11-27/mcl_loss.json): the memory target is 1.5x that (section 4)
+# (K, B, T, supervised per sequence, H, V) of DESIGN.md section 3, and Cut Cross-Entropy's (25.1.1,
+# hard WTA) peak extra GiB there beyond its d hidden, as the loss benchmark measured it on an H200 in
+# the same run as ours (benchmarks/measured/h200-2026-11-27/mcl_loss.json): the benchmark then
+# counted from the previous step's d hidden, so its peaks excluded the new one. The memory target
+# (section 4) is 1.5x CCE's peak counted as DESIGN.md counts it, d hidden included.
 MEMORY_REGIMES = {
     "captioning": ((5, 4, 780, 32, 4096, 156032), 0.0048838),
     "dense LM": ((4, 8, 512, 448, 4096, 151936), 0.1093760),
@@ -416,10 +418,11 @@ def _launch_with_descriptor_scratch(kernel, grid, *args, **kwargs):
 
 
 def _modelled_peak(regime, pass1, mode, kw, monkeypatch):
-    """Extra bytes of one mcl_loss fwd+bwd (bf16, frozen lm_head) on meta tensors, kernel launches
-    stubbed out but for their descriptor scratch: the storages the host code makes and holds at
-    once, less the new d hidden (it takes the place of the previous step's, which the benchmark
-    frees as a step starts)."""
+    """(peak, d hidden) bytes of one mcl_loss fwd+bwd (bf16, frozen lm_head) on meta tensors, kernel
+    launches stubbed out but for their descriptor scratch: the most bytes of storage the host code
+    makes and holds at once, the new d hidden included (DESIGN.md's accounting, the loss benchmark's
+    since the tenth session), and the size of that d hidden (peak - d hidden is what runs b and c
+    measured: the benchmark counted from the previous step's d hidden)."""
     (K, B, T, n_sup, H, V), _ = MEMORY_REGIMES[regime]
     n = K * B * n_sup
     monkeypatch.setattr(mcl_module, "launch", _launch_with_descriptor_scratch)
@@ -435,7 +438,7 @@ def _modelled_peak(regime, pass1, mode, kw, monkeypatch):
     labels = torch.empty(B, T, dtype=torch.int64, device="meta")
     with PeakBytes() as peak:
         mcl_loss(hidden, weight, labels, num_hypotheses=K, mode=mode, **kw).loss.backward()
-    return peak.peak - hidden.numel() * 2
+    return peak.peak, hidden.numel() * 2
 
 
 # Where the chunked passes (GPUs without TMA) stay over the target: hard WTA's pass 2 there holds
@@ -446,17 +449,19 @@ CHUNKED_OVER_TARGET = {("captioning", "wta")}
 @pytest.mark.parametrize("pass1", ["fused", "chunked"])
 @pytest.mark.parametrize("regime", list(MEMORY_REGIMES))
 def test_peak_memory_model_at_the_benchmark_regimes(regime, pass1, monkeypatch):
-    """The modelled extra memory stays within 1.5x Cut Cross-Entropy's measured peak in every mode
-    with the fused passes (`auto` on Hopper, the benchmark's card), and with the chunked passes but
-    for CHUNKED_OVER_TARGET. This accounting gave the peaks measured on the H200 to within 3 KB
-    (benchmarks/NOTES.md)."""
+    """The modelled peak stays within 1.5x Cut Cross-Entropy's, d hidden counted for both (the
+    target's accounting), in every mode; and, a stricter guard on the loss's own working memory,
+    so does the peak beyond d hidden against CCE's measured that way (runs b and c, within 3 KB of
+    this model: benchmarks/NOTES.md), with the fused passes (`auto` on Hopper, the benchmark's card),
+    and with the chunked passes but for CHUNKED_OVER_TARGET."""
     (K, B, T, n_sup, H, V), cce_gib = MEMORY_REGIMES[regime]
     for mode, kw in MODE_KW.items():
-        extra = _modelled_peak(regime, pass1, mode, kw, monkeypatch)
+        peak, d_hidden = _modelled_peak(regime, pass1, mode, kw, monkeypatch)
+        assert peak <= 1.5 * (cce_gib * 2**30 + d_hidden), (mode, peak / 2**30)
         if not (pass1 == "chunked" and (regime, mode) in CHUNKED_OVER_TARGET):
-            assert extra <= 1.5 * cce_gib * 2**30, (mode, extra / 2**30)
+            assert peak - d_hidden <= 1.5 * cce_gib * 2**30, (mode, (peak - d_hidden) / 2**30)
         if mode != "wta":  # the one-pass gradient's rows (n x H) are alive next to the new d hidden
-            assert extra >= K * B * n_sup * H * 2, (mode, extra / 2**30)
+            assert peak - d_hidden >= K * B * n_sup * H * 2, (mode, peak / 2**30)
 
 
 @pytest.mark.parametrize("regime", list(MEMORY_REGIMES))
@@ -466,9 +471,9 @@ def test_fused_pass2_holds_no_fp32_logits(regime, monkeypatch):
     tiles (captioning: 48 MiB -> 4.1 MiB of the modelled peak; measured 0.050 GiB chunked)."""
     (K, B, T, n_sup, H, V), _ = MEMORY_REGIMES[regime]
     monkeypatch.setenv("LORAMCL_MCL_PASS2", "chunked")
-    chunked = _modelled_peak(regime, "fused", "wta", {}, monkeypatch)
+    chunked = _modelled_peak(regime, "fused", "wta", {}, monkeypatch)[0]
     monkeypatch.setenv("LORAMCL_MCL_PASS2", "auto")
-    fused = _modelled_peak(regime, "fused", "wta", {}, monkeypatch)
+    fused = _modelled_peak(regime, "fused", "wta", {}, monkeypatch)[0]
     config = mcl_module._pass2_fused_config(torch.device("cuda"), torch.bfloat16, B * n_sup, has_bias=False)
     rows, cols = mcl_module._pass2_chunk_sizes(B * n_sup, V)  # the winners' positions
     fused_cols = mcl_module._pass2_chunk_sizes(B * n_sup, V, (config["BM"], config["BN"], 132))[1]

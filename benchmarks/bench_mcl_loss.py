@@ -7,8 +7,9 @@ Cut Cross-Entropy and Liger's fused linear CE with reduction='none' plus the WTA
 Reported: median ms, peak extra GiB (the most memory allocated during the step beyond what was
 allocated before it, the step's new d hidden included: DESIGN.md section 3's accounting), the
 largest difference of the method's d hidden from torch's on the supervised rows (relative to the
-largest |d hidden|; the run exits 1 where ours differs by more than 2e-2), and the ratio to the floor (GEMM FLOPs at 781 TFLOP/s:
-forward 2*K*n*H*V, plus 4*n*H*V for hard WTA's backward over the winners; for soft weights, whose
+largest |d hidden|; the run exits 1 where ours differs by more than 2e-2), and the ratio to the
+floor (GEMM FLOPs at 781 TFLOP/s: forward 2*K*n*H*V, plus 4*n*H*V for hard WTA's backward over the
+winners; for soft weights, whose
 d hidden rows are formed in pass 1 as (softmax - onehot) W, one more 2*K*n*H*V and no backward
 GEMM). Soft modes also time "ours, chunked pass 1 + recompute" (LORAMCL_MCL_PASS1=chunked and
 LORAMCL_MCL_SOFT_BACKWARD=recompute: pass 2 recomputes the logits of every supervised row, 6*K*n*H*V

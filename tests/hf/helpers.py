@@ -126,15 +126,19 @@ def official_math_grads(ref):
     return out
 
 
-def reference_mcl_loss(logits, labels, K, layout="batch_major", mode="wta", epsilon=0.0, temperature=None):
-    """Official loss from full logits (B*K, T, V): shifted CE, per-sequence token mean, weights."""
+def reference_mcl_loss(logits, labels, K, layout="batch_major", mode="wta", epsilon=0.0, temperature=None,
+                       sequence_reduction="mean", ignore_index=-100):
+    """Official loss from full logits (B*K, T, V): shifted CE, per-sequence token mean (or sum), weights."""
     BK, T, V = logits.shape
     B = BK // K
     lab = labels.repeat_interleave(K, 0) if layout == "batch_major" else labels.repeat(K, 1)
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, V).to(torch.promote_types(logits.dtype, torch.float32)), lab[:, 1:].reshape(-1), reduction="none")
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, V).to(torch.promote_types(logits.dtype, torch.float32)),
+                         lab[:, 1:].reshape(-1), reduction="none", ignore_index=ignore_index)
     ce = ce.view(BK, T - 1)
-    mask = (lab[:, 1:] != -100).to(ce.dtype)
-    per_row = (ce * mask).sum(1) / mask.sum(1).clamp(min=1)
+    mask = (lab[:, 1:] != ignore_index).to(ce.dtype)
+    per_row = (ce * mask).sum(1)
+    if sequence_reduction == "mean":
+        per_row = per_row / mask.sum(1).clamp(min=1)
     L = per_row.view(B, K).t() if layout == "batch_major" else per_row.view(K, B)
     winners = L.detach().argmin(0)
     if mode == "wta":

@@ -71,6 +71,41 @@ def test_forward_matches_reference(arch, layout, mode):
         torch.testing.assert_close(m.lora_B.grad, refs[name].conv_B.grad.view_as(m.lora_B))
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_settings_reach_the_loss(backend, monkeypatch):
+    """MCLModel's sequence_reduction, ignore_index and backend reach mcl_loss: the summed loss with
+    -1 as the ignored label, against the reference, computed by the backend asked for."""
+    import loramcl_kernels.ops.mcl_loss as mcl_module
+
+    asked = []
+    resolve = mcl_module.resolve_backend
+    monkeypatch.setattr(mcl_module, "resolve_backend",
+                        lambda backend, *args: (asked.append(backend), resolve(backend, *args))[1])
+    model = patch_model(TINY_MODELS["llama"]().float(), K, R, ALPHA, target_modules=TARGETS["llama"])
+    randomize_lora(model, scale=0.2)
+    ref = official_math_copy(model)
+    ids, labels = _data()
+    labels = torch.where(labels == -100, torch.full_like(labels, -1), labels)
+    mcl = MCLModel(model, sequence_reduction="sum", ignore_index=-1, backend=backend)
+    out = mcl(input_ids=ids, labels=labels, mode="relaxed", epsilon=0.1)
+    loss, L, winners, _ = reference_mcl_loss(ref(input_ids=ids.repeat_interleave(K, 0)).logits, labels, K,
+                                             mode="relaxed", epsilon=0.1, sequence_reduction="sum", ignore_index=-1)
+    torch.testing.assert_close(out.nll, L.to(out.nll.dtype), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.loss, loss.to(out.loss.dtype), rtol=1e-4, atol=1e-4)
+    assert torch.equal(out.winners, winners) and asked == [backend]
+
+
+def test_generate_hypotheses_method_is_the_function():
+    from loramcl_kernels.hf.generation import generate_hypotheses
+
+    model = _patched()
+    ids, _ = _data()
+    kw = dict(max_new_tokens=4, do_sample=False)
+    by_method = MCLModel(model).generate_hypotheses({"input_ids": ids}, **kw)
+    by_function = generate_hypotheses(model, {"input_ids": ids}, K, **kw)
+    assert by_method.shape[:2] == (3, K) and torch.equal(by_method, by_function)
+
+
 def test_one_adamw_step_matches_reference():
     model = _patched()
     ref = official_math_copy(model)

@@ -306,18 +306,31 @@ def test_official_loss_hook_arguments_checked(patched_class):
         official_loss_hook(K)(model, {"input_ids": ids})
 
 
-def test_official_loss_hook(patched_class):
+@pytest.mark.parametrize("case", ["wta", "relaxed", "annealed", "schedule", "ignore_index"])
+def test_official_loss_hook(patched_class, case):
+    from loramcl_kernels.hf.mcl_model import AnnealingSchedule
+
     model = official_model().train()
     ids = _ids(B=3, T=7)
+    ignore = -1 if case == "ignore_index" else -100
     labels = ids.clone()
-    labels[:, :3] = -100
-    hook = official_loss_hook(K)
+    labels[:, :3] = ignore
+    hook_kw, ref_kw = {
+        "wta": ({}, {}),
+        "relaxed": ({"mode": "relaxed", "epsilon": 0.1}, {"mode": "relaxed", "epsilon": 0.1}),
+        "annealed": ({"mode": "annealed", "temperature": 0.5}, {"mode": "annealed", "temperature": 0.5}),
+        "schedule": ({"mode": "annealed", "schedule": AnnealingSchedule(0.8, 0.5)},
+                     {"mode": "annealed", "temperature": 0.8}),
+        "ignore_index": ({"ignore_index": -1}, {"ignore_index": -1}),
+    }[case]
+    hook = official_loss_hook(K, **hook_kw)
     loss, out = hook(model, {"input_ids": ids, "labels": labels}, return_outputs=True)
     loss.backward()
     got = {n: m.lora_B["lora0"].weight.grad.clone() for n, m in group_layers(model).items()}
     model.zero_grad()
     unpatch_group_linear(GroupLinear)
-    ref_loss, L, winners, _ = reference_mcl_loss(model(input_ids=ids.repeat_interleave(K, 0)).logits, labels, K)
+    ref_loss, L, winners, _ = reference_mcl_loss(model(input_ids=ids.repeat_interleave(K, 0)).logits, labels, K,
+                                                 **ref_kw)
     ref_loss.backward()
     torch.testing.assert_close(loss, ref_loss)
     torch.testing.assert_close(out.nll, L)

@@ -270,11 +270,38 @@ def test_fp16_triton_within_budget(small_chunks):
             assert_within_budget(g, g64, gp, atol=1e-4, name=name)
 
 
+def emulate_fp32_output_gemms(monkeypatch):
+    """torch.mm / torch.addmm with out_dtype=float32 on the CPU (CUDA has them; the CPU does not),
+    emulated by fp32 products: the paths that need them (the fused pass 1 of 16-bit operands) run."""
+    real_mm, real_addmm = torch.mm, torch.addmm
+
+    def mm(a, b, *, out_dtype=None, out=None):
+        if out_dtype is None:
+            return real_mm(a, b) if out is None else real_mm(a, b, out=out)
+        return real_mm(a.to(out_dtype), b.to(out_dtype), out=out)
+
+    def addmm(c, a, b, *, out_dtype=None, out=None, **kw):
+        if out_dtype is None:
+            return real_addmm(c, a, b, out=out, **kw) if out is not None else real_addmm(c, a, b, **kw)
+        return real_addmm(c.to(out_dtype), a.to(out_dtype), b.to(out_dtype), out=out, **kw)
+
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(torch, "addmm", addmm)
+    monkeypatch.setattr(mcl_module, "_mm_out_dtype_supported", lambda device: True)
+    monkeypatch.setattr(mcl_module, "_addmm_out_dtype_supported", lambda device: True)
+
+
 @pytest.mark.parametrize("path", ["chunked", "fused", "one_pass"])
 def test_fp16_logits_beyond_fp16_range(path, monkeypatch):
     """fp16 operands whose logits exceed 65504: accumulated and kept in fp32 (the CPU has no
-    fp32-output GEMM of 16-bit operands; the fallback must not round the logits to fp16)."""
+    fp32-output GEMM of 16-bit operands; the fallback must not round the logits to fp16). The fused
+    pass 1 runs with the fp32-output GEMMs emulated (without them 16-bit operands stay chunked)."""
     monkeypatch.setenv("LORAMCL_MCL_PASS1", "fused" if path == "fused" else "chunked")
+    fused_calls = []
+    if path == "fused":
+        emulate_fp32_output_gemms(monkeypatch)
+        fused = mcl_module._pass1_fused
+        monkeypatch.setattr(mcl_module, "_pass1_fused", lambda *args: (fused_calls.append(1), fused(*args))[1])
     g = torch.Generator().manual_seed(3)
     hidden = (torch.randn(2, 4, 8, generator=g) * 100).half()
     weight = (torch.randn(5, 8, generator=g) * 100).half()
@@ -290,6 +317,7 @@ def test_fp16_logits_beyond_fp16_range(path, monkeypatch):
     torch.testing.assert_close(out.loss.cpu(), ref.loss, rtol=1e-4, atol=0)
     out.loss.backward(), ref.loss.backward()
     torch.testing.assert_close(h_tri.grad.cpu(), h_ref.grad, rtol=1e-2, atol=1e-3)
+    assert bool(fused_calls) == (path == "fused")
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -500,10 +528,11 @@ def test_ties_go_to_lowest_k(backend):
     labels[-1, :2] = 5
     h = hidden.view(2, 3, *hidden.shape[1:]).clone()  # batch_major (b, k)
     h[:, 2] = h[:, 1]  # hypotheses 1 and 2 identical
-    h[:, 0] = h[:, 1] * 0.2  # hypothesis 0: flatter softmax, worse on peaked targets
+    h[:, 0] = h[:, 1] * 3  # hypothesis 0: 1's logits three times as far from its max, worse than both
     hidden = h.reshape(6, *hidden.shape[1:])
     out = mcl_loss(hidden, weight, labels, num_hypotheses=3, backend=backend)
-    assert torch.equal(out.nll[1], out.nll[2])
+    assert torch.equal(out.nll[1], out.nll[2]) and (out.nll[0] > out.nll[1]).all()
+    assert out.winners.tolist() == [1, 1]  # the tie between 1 and 2 goes to 1
     for b in range(2):
         best = out.nll[:, b].min()
         lowest = int((out.nll[:, b] == best).nonzero()[0])
@@ -757,15 +786,17 @@ def fused_pass2(monkeypatch):
     return launches
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"], ids=["mean_shift", "sum_noshift"])
 @pytest.mark.parametrize("per_row_labels", [False, True], ids=["shared_labels", "per_row_labels"])
 @pytest.mark.parametrize("layout", ["batch_major", "hypothesis_major"])
 @pytest.mark.parametrize("case", WEIGHT_CASES, ids=_case_id)
-def test_fused_pass2_matches_fp64_oracle(case, layout, per_row_labels, small_chunks, fused_pass2):
+def test_fused_pass2_matches_fp64_oracle(case, layout, per_row_labels, reduction, small_chunks, fused_pass2):
     """Pass 2 forming the gradient in the logits GEMM's epilogue (lm_head frozen): d hidden as the
-    fp64 reference for every weighting, over several row and vocab chunks (V = 203: partial vocab
-    tiles), with a bias and an all-ignored sequence; the same rows as the chunked pass 2."""
+    fp64 reference for every weighting, both sequence reductions (with and without the label
+    shift), over several row and vocab chunks (V = 203: partial vocab tiles), with a bias and an
+    all-ignored sequence; the same rows as the chunked pass 2."""
     mode, mode_kw = case
-    kw = dict(layout=layout, mode=mode, **mode_kw)
+    kw = dict(layout=layout, mode=mode, sequence_reduction=reduction, shift_labels=reduction == "mean", **mode_kw)
     hidden, weight, bias, labels = make_data(K=3, device=TRITON_DEVICE, bias=True, seed=53,
                                              per_row_labels=per_row_labels)
     ref, grad_ref, ref_rows = run_frozen_head(hidden.double(), weight.double(), bias.double(), labels, 3,
@@ -1248,6 +1279,40 @@ def test_non_contiguous_inputs(backend, mode, frozen_head, small_one_pass_chunks
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_another_ignore_index(backend):
+    """ignore_index=-1: positions labelled -1 are ignored; -100 is then a label out of range."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    hidden, weight, bias, labels = make_data(bias=True, device=device, seed=41)
+    labels = torch.where(labels == IGNORE, torch.full_like(labels, -1), labels)
+    labels[0, 3] = -1
+    kw = dict(mode="relaxed", epsilon=0.1, sequence_reduction="mean")
+    out, grads = run_ours(hidden, weight, bias, labels, 3, backend, ignore_index=-1, **kw)
+    loss64, L64, win64, w64, grads64 = run_official(hidden, weight, bias, labels, 3, torch.float64, torch.float64,
+                                                    ignore_index=-1, **kw)
+    torch.testing.assert_close(out.loss.double(), loss64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.nll.double(), L64, rtol=1e-5, atol=1e-5)
+    for g, g64 in zip(grads, grads64):
+        torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-5 * max(g64.abs().max().item(), 1e-3))
+    labels[1, 2] = IGNORE
+    with pytest.raises(ValueError, match="outside"):
+        run_ours(hidden, weight, bias, labels, 3, backend, ignore_index=-1, **kw)
+
+
+@pytest.mark.parametrize("pass1", ["chunked", "fused"])
+@pytest.mark.parametrize("mode", list(MODE_KW))
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_no_supervised_position_at_all(backend, mode, pass1, monkeypatch):
+    """Every label ignored: loss 0, every NLL 0, winners 0, zero gradients (no kernel fed zero rows fails)."""
+    monkeypatch.setenv("LORAMCL_MCL_PASS1", pass1)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    hidden, weight, bias, labels = make_data(bias=True, device=device, seed=43)
+    labels = torch.full_like(labels, IGNORE)
+    out, grads = run_ours(hidden, weight, bias, labels, 3, backend, mode=mode, **MODE_KW[mode])
+    assert out.loss.item() == 0 and torch.all(out.nll == 0) and torch.all(out.winners == 0)
+    assert all(torch.all(g == 0) for g in grads)
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.uint16, torch.uint32])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_narrow_integer_labels(backend, dtype):
@@ -1572,10 +1637,14 @@ def test_from_logits_bad_labels_under_torch_compile():
         fn(logits, bad)
 
 
+@pytest.mark.parametrize("per_row_labels", [False, True], ids=["shared_labels", "per_row_labels"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"shift{int(v[0])}-{v[1]}")
 @pytest.mark.parametrize("mode", list(MODE_KW))
-def test_from_logits_matches(mode):
-    hidden, weight, bias, labels = make_data(bias=True, seed=31)
-    kw = dict(mode=mode, layout="hypothesis_major", **MODE_KW[mode])
+def test_from_logits_matches(mode, variant, per_row_labels):
+    shift, reduction, _ = variant
+    hidden, weight, bias, labels = make_data(bias=True, seed=31, per_row_labels=per_row_labels)
+    kw = dict(mode=mode, layout="hypothesis_major", sequence_reduction=reduction, shift_labels=shift,
+              **MODE_KW[mode])
     logits = (hidden @ weight.t() + bias).requires_grad_(True)
     out = mcl_loss_from_logits(logits, labels, num_hypotheses=3, **kw)
     (g,) = torch.autograd.grad(out.loss, [logits])

@@ -237,11 +237,31 @@ def triton_path(request, monkeypatch):
     return request.param
 
 
+def expected_forward_path(case, dtype, path):
+    """The path the forward takes when LORAMCL_MULTI_LORA_PATH asks for `path`: the designed
+    fallbacks to cublas (_choose_path, _decode_applies, _gemm_with_expand)."""
+    column_major_w = case.get("non_contiguous") == "weight"
+    if path == "decode" and (case.get("shared") or case.get("dropout") or column_major_w):
+        return "cublas"  # decode: distinct rows, no LoRA dropout, W read along d_in
+    unaligned = case["d_in"] * torch.finfo(dtype).bits // 8 % 16
+    if path == "fused" and (case.get("delta_only") or column_major_w or unaligned):
+        return "cublas"  # fused: a base GEMM whose x and W rows are 16-byte aligned (TMA descriptors)
+    return path
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", CASES + DROPOUT_CASES, ids=_case_id)
-def test_triton_matches_fp64_oracle(case, dtype, triton_path):
+def test_triton_matches_fp64_oracle(case, dtype, triton_path, monkeypatch):
+    """Every case on each path, and the path asked for is the one that ran (or its designed fallback)."""
+    ran = []
+    for name, path in (("_launch_decode", "decode"), ("_expand_then_base", "cublas"), ("_base_then_expand", "cublas")):
+        monkeypatch.setattr(mll, name, lambda *a, _f=getattr(mll, name), _p=path, **k: (ran.append(_p), _f(*a, **k))[1])
+    gemm = mll._launch_gemm_expand
+    monkeypatch.setattr(mll, "_launch_gemm_expand",
+                        lambda x, *a, **k: (ran.append("fused") if x is not None else None, gemm(x, *a, **k))[1])
     atol = 1e-5 if dtype == torch.float32 else 2e-3
     check_case(dtype=dtype, backend="triton", atol=atol, device=TRITON_DEVICE, **case)
+    assert ran[0] == expected_forward_path(case, dtype, triton_path), ran
 
 
 @pytest.mark.parametrize("adapter", ["lora_A", "lora_B"])
@@ -674,6 +694,16 @@ def _op_samples(backend, device):
     seed = torch.tensor([11], device=device)  # LoRA dropout
     yield mll._multi_lora_linear_op, (x, w, b, a, bb, s, ids, 1, seed, 0.3, backend)
     yield mll._multi_lora_linear_shared_op, (x, w, b, a, bb, s, 2, backend)
+    # the backward ops, which the registered autograd formulas call (and torch.compile traces)
+    frozen = [t.detach() for t in (x, a, bb)]
+    grad_y = torch.randn(6, 16, device=device)
+    for ids_, dropout in ((ids, (None, 0.0)), (None, (seed, 0.3))):
+        _, shrink_bd = mll._multi_lora_linear_op(frozen[0], w, b, frozen[1], frozen[2], s, ids_, 1, *dropout, backend)
+        yield mll._multi_lora_linear_backward_op, (grad_y, frozen[0], w, frozen[1], frozen[2], s, ids_, 1, shrink_bd,
+                                                   *dropout, backend)
+    _, shrink_all = mll._multi_lora_linear_shared_op(frozen[0], w, b, frozen[1], frozen[2], s, 2, backend)
+    yield mll._multi_lora_linear_shared_backward_op, (torch.randn(18, 16, device=device), frozen[0], w, frozen[1],
+                                                      frozen[2], s, shrink_all, 2, backend)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -812,6 +842,38 @@ def test_float_scaling_is_cached_and_usable_after_inference_mode():
     expected = naive(x.double(), w.double(), b.double(), a.double(), bb.double(),
                      torch.full((2,), 0.75 + 1e-3, dtype=torch.float64), hypotheses_of_rows(4, 2))
     torch.testing.assert_close(y.detach().double(), expected, rtol=1e-5, atol=1e-5)
+
+
+HOST_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy")
+
+
+@pytest.mark.parametrize("path", ["fused", "cublas", "decode"])
+@pytest.mark.parametrize("routing", ["layout", "ids", "shared", "dropout"])
+def test_no_host_reads_in_forward_or_backward(path, routing, monkeypatch):
+    """No tensor value reaches the host in a fwd+bwd (the CUDA sync-debug check of the GPU tests, on
+    the CPU: every host read of a tensor counted, the kernel launches stubbed out), once explicit ids
+    have been checked (once per ids tensor)."""
+    monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", path)
+    monkeypatch.setattr(mll, "launch", lambda *args, **kwargs: None)
+    x, w, b, a, bb, _ = make_inputs(6, (4,), 16, 16, 4, 3, torch.float16, TRITON_DEVICE)
+    ids = torch.tensor([2, 0, -1, 1, 0, 2], device=TRITON_DEVICE) if routing == "ids" else None
+    kw = dict(hypothesis_ids=ids, shared_input=routing == "shared", lora_dropout=0.2 if routing == "dropout" else 0.0,
+              backend="triton")
+    leaves = [t.detach().requires_grad_() for t in (x, a, bb)]
+
+    def step():
+        multi_lora_linear(leaves[0], w, b, leaves[1], leaves[2], 0.5, **kw).float().sum().backward()
+
+    step()  # the ids' range check reads them once
+    reads = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *args, _name=name, _original=original, **kwargs: (
+                                reads.append(_name), _original(self, *args, **kwargs))[1])
+    step()
+    monkeypatch.undo()
+    assert reads == []
 
 
 def test_fake_tensor_tracing_takes_the_registered_op_and_leaves_no_fake_tensor_behind():

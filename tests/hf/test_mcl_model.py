@@ -220,7 +220,9 @@ def test_models_that_transform_their_logits_are_refused(name, value):
     with pytest.raises(ValueError, match=f"config.{name}={value!r}"):
         MCLModel(model)(input_ids=ids, labels=labels)
     setattr(model.config, name, None if "cap" in name else 1.0)  # no transform
-    assert torch.isfinite(MCLModel(model)(input_ids=ids, labels=labels).loss)
+    loss, _, _, _ = reference_mcl_loss(official_math_copy(model)(input_ids=_repeat(ids, "batch_major")).logits,
+                                       labels, K)
+    torch.testing.assert_close(MCLModel(model)(input_ids=ids, labels=labels).loss, loss)
 
 
 def test_an_lm_head_with_a_forward_of_its_own_is_refused():
@@ -244,8 +246,10 @@ def test_an_lm_head_with_a_forward_of_its_own_is_refused():
         if refused:
             with pytest.raises(ValueError, match="ScaledHead with a forward of its own"):
                 MCLModel(model)(input_ids=ids, labels=labels)
-        else:
-            assert torch.isfinite(MCLModel(model)(input_ids=ids, labels=labels).loss)
+        else:  # Linear's own forward: the loss of the model with a plain nn.Linear head
+            plain = _patched()
+            torch.testing.assert_close(MCLModel(model)(input_ids=ids, labels=labels).loss,
+                                       MCLModel(plain)(input_ids=ids, labels=labels).loss)
 
 
 def test_lora_on_the_lm_head_is_refused():

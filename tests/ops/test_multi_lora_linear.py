@@ -1110,6 +1110,18 @@ def test_numpy_integers_for_num_hypotheses_and_inner():
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_scaling_as_a_float_a_0_dim_tensor_or_a_k_vector(backend):
+    """A float, a 0-dim tensor (of another dtype) and the (K,) vector of that value give the same bits."""
+    x, w, b, a, bb, _ = make_inputs(6, (2,), 8, 4, 2, 3, torch.float32, "cpu")
+    y = [multi_lora_linear(x, w, b, a, bb, scaling, backend=backend)
+         for scaling in (0.75, torch.tensor(0.75, dtype=torch.float64), torch.full((3,), 0.75))]
+    assert torch.equal(y[0], y[1]) and torch.equal(y[0], y[2])
+    expected = naive(x.double(), w.double(), b.double(), a.double(), bb.double(),
+                     torch.full((3,), 0.75, dtype=torch.float64), hypotheses_of_rows(6, 3))
+    torch.testing.assert_close(y[0].double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_numpy_float_lora_dropout_is_a_float():
     """lora_dropout takes any real number (a numpy float from a config), as scaling does: the same
     mask and values as the Python float."""

@@ -189,7 +189,7 @@ def main():
     regimes = _selected(GPU_REGIMES if HAS_CUDA else CPU_REGIMES, args.regimes, "regime",
                         lambda regime: regime[0].removesuffix(" (cpu smoke)"))
     modes = _selected(MODES, args.modes, "mode", lambda mode: mode[0])
-    # rep_ms: at least ~4 timed calls of the slowest rows (dense LM: 43-100 ms a step)
+    # rep_ms: at least 4 timed calls of the slowest rows (dense LM: 43-100 ms a step; ours ~9)
     timing = dict(warmup_ms=25, rep_ms=400) if HAS_CUDA else {}
     if not HAS_CUDA:
         print("No CUDA device: CPU smoke run of the same tables (reference backend, small shapes, "
@@ -220,8 +220,12 @@ def main():
             chunked, recompute = {"LORAMCL_MCL_PASS1": "chunked"}, {"LORAMCL_MCL_SOFT_BACKWARD": "recompute"}
             torch_rows = lambda: supervised_rows_step(  # noqa: E731
                 hidden, weight, labels, K, mode, kw, positions, targets, counts)
-            fwd_bwd(torch_rows, hidden)()  # the d hidden every row is compared with
-            reference_grad = hidden.grad.float()
+            try:  # the d hidden every row is compared with
+                fwd_bwd(torch_rows, hidden)()
+                reference_grad = hidden.grad.float()
+            except Exception as exc:  # out of memory on a smaller card: the rows go on, unchecked
+                reference_grad = None
+                print(f"{name} {mode}: no reference d hidden ({error_chain(exc)[:200]})", flush=True)
             hidden.grad = None
             cases = [("ours", ours, {})]  # auto: on Hopper, hard WTA takes the fused pass 1
             if mode != "wta":  # soft weights: the pass-2 recompute next to the default one-pass gradient
@@ -254,7 +258,9 @@ def main():
                     ms, gib, grad_diff, err = float("nan"), float("nan"), float("nan"), error_chain(exc)[:240]
                     print(f"{name} {mode} {method}: {err}", flush=True)
                 hidden.grad = None
-                if method.startswith("ours") and not grad_diff <= 2e-2:
+                if method.startswith("ours") and err is not None:
+                    ours_mismatch.append(f"{name} {mode} {method}: failed: {err}")
+                elif method.startswith("ours") and reference_grad is not None and not grad_diff <= 2e-2:
                     ours_mismatch.append(f"{name} {mode} {method}: d hidden differs from torch's by {grad_diff:.1e}")
                 ratio = ms / floor_ms if HAS_CUDA else float("nan")
                 row = dict(regime=name, K=K, B=B, T=T, supervised_per_seq=n_sup, H=H, V=V, mode=mode,

@@ -1640,6 +1640,8 @@ def _check_labels(labels, R, T, K) -> torch.Tensor:
         raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.dtype == torch.uint64:  # values past 2^63 would wrap to negative labels in int64
+        raise TypeError("labels of dtype uint64: use int64")
     if labels.dim() != 2 or labels.shape[1] != T or labels.shape[0] not in (R // K, R):
         raise ValueError(
             f"labels must have shape (B, T) = ({R // K}, {T}) (shared by the hypotheses) or "

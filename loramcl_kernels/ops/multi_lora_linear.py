@@ -1435,9 +1435,10 @@ def _scaling_vector(scaling, num_hyp: int, x: Tensor) -> Tensor:
             return torch.full((num_hyp,), float(scaling), device=x.device, dtype=dtype)  # not cached
         with torch.inference_mode(False):
             vector = torch.full((num_hyp,), float(scaling), device=x.device, dtype=dtype)
-        if len(_SCALING_VECTORS) >= _MAX_SCALING_VECTORS:  # a scaling that changes every call
-            _SCALING_VECTORS.clear()
-        _SCALING_VECTORS[key] = vector
+        # a scaling that changes every call fills the cache: past it, vectors are not cached (the
+        # cached ones stay alive, for a CUDA graph captured with one may still read it)
+        if len(_SCALING_VECTORS) < _MAX_SCALING_VECTORS:
+            _SCALING_VECTORS[key] = vector
     return vector
 
 
@@ -1495,6 +1496,8 @@ def _check_layout(n, num_hyp, layout, inner, hypothesis_ids, shared_input, devic
                              f"got {tuple(hypothesis_ids.shape)}")
         if hypothesis_ids.is_floating_point() or hypothesis_ids.is_complex() or hypothesis_ids.dtype == torch.bool:
             raise TypeError(f"hypothesis_ids must hold integers, got {hypothesis_ids.dtype}")
+        if hypothesis_ids.dtype == torch.uint64:  # values past 2^63 would wrap to negative ids in int64
+            raise TypeError("hypothesis_ids of dtype uint64: use int64")
         if hypothesis_ids.device != device:
             raise ValueError(f"hypothesis_ids is on {hypothesis_ids.device} but x is on {device}")
         if tracing():  # no host read in a graph: a device-side assert (in int64: uint8 would wrap -1)
@@ -1562,6 +1565,8 @@ def multi_lora_linear(
     if (isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real)
             or not 0.0 <= float(lora_dropout) < 1.0):
         raise ValueError(f"lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
+    if shared_input is None:
+        shared_input = False
     if isinstance(shared_input, (str, bytes)) or shared_input not in (True, False):  # "False" is truthy
         raise TypeError(f"shared_input must be True or False, got {shared_input!r}")
     shared_input = bool(shared_input)

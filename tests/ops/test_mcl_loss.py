@@ -1388,6 +1388,8 @@ def test_bad_inputs():
         call(sequence_reduction="max")
     with pytest.raises(TypeError, match="integer"):
         call(labels=labels.float())
+    with pytest.raises(TypeError, match="uint64"):
+        call(labels=labels.clamp(min=0).to(torch.uint64))
     with pytest.raises(TypeError, match="dtype"):
         call(lm_head_weight=weight.double())
     with pytest.raises(ValueError, match="backend"):

@@ -850,9 +850,9 @@ HOST_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__",
 @pytest.mark.parametrize("path", ["fused", "cublas", "decode"])
 @pytest.mark.parametrize("routing", ["layout", "ids", "shared", "dropout"])
 def test_no_host_reads_in_forward_or_backward(path, routing, monkeypatch):
-    """No tensor value reaches the host in a fwd+bwd (the CUDA sync-debug check of the GPU tests, on
-    the CPU: every host read of a tensor counted, the kernel launches stubbed out), once explicit ids
-    have been checked (once per ids tensor)."""
+    """No tensor value reaches the host from Python in a fwd+bwd (item, tolist, int(), bool(), ...
+    counted, the kernel launches stubbed out), once explicit ids have been checked (once per ids
+    tensor). Syncs inside torch ops (nonzero) are the GPU tests' CUDA sync-debug check's."""
     monkeypatch.setenv("LORAMCL_MULTI_LORA_PATH", path)
     monkeypatch.setattr(mll, "launch", lambda *args, **kwargs: None)
     x, w, b, a, bb, _ = make_inputs(6, (4,), 16, 16, 4, 3, torch.float16, TRITON_DEVICE)
@@ -901,12 +901,18 @@ def test_fake_tensor_tracing_takes_the_registered_op_and_leaves_no_fake_tensor_b
     assert torch.ops.loramcl.multi_lora_linear.default in targets
 
 
-def test_scaling_cache_is_bounded():
+def test_scaling_cache_is_bounded_and_keeps_what_it_cached():
+    """A schedule that changes the scaling every step fills the cache; past it new vectors are not
+    cached, and the cached ones stay alive (a CUDA graph captured with one may still read it)."""
+    import weakref
+
     x = torch.zeros(2, 4)
     mll._SCALING_VECTORS.clear()
-    for i in range(mll._MAX_SCALING_VECTORS + 5):  # a schedule that changes the scaling every step
+    first = weakref.ref(mll._scaling_vector(0.5, 2, x))
+    for i in range(mll._MAX_SCALING_VECTORS + 5):
         assert mll._scaling_vector(1.0 + i * 1e-3, 2, x)[1].item() == pytest.approx(1.0 + i * 1e-3)
-    assert len(mll._SCALING_VECTORS) <= mll._MAX_SCALING_VECTORS
+    assert len(mll._SCALING_VECTORS) == mll._MAX_SCALING_VECTORS
+    assert first() is not None and first() is mll._scaling_vector(0.5, 2, x)
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -1089,6 +1095,7 @@ def _good(**over):
     (dict(x=[[0.0] * 8] * 6), TypeError, "x must be a torch.Tensor"),
     (dict(shared_input="False"), TypeError, "shared_input must be True or False"),  # a truthy string
     (dict(shared_input=2), TypeError, "shared_input must be True or False"),
+    (dict(hypothesis_ids=torch.zeros(6, dtype=torch.uint64)), TypeError, "uint64"),
     (dict(hypothesis_ids=torch.tensor([0, 1, 2, 3, 0, 1], dtype=torch.uint32)), ValueError, "\\[-1, K\\)"),
     # explicit ids give each row's hypothesis: a layout or inner next to them would be ignored
     (dict(hypothesis_ids=torch.zeros(6, dtype=torch.long), layout="hypothesis_major"), ValueError,
@@ -1100,6 +1107,11 @@ def test_bad_input_raises(over, err, match):
     args, kwargs = _good(**over)
     with pytest.raises(err, match=match):
         multi_lora_linear(**args, **kwargs)
+
+
+def test_shared_input_none_is_false():
+    args, kwargs = _good()
+    assert torch.equal(multi_lora_linear(**args, shared_input=None), multi_lora_linear(**args))
 
 
 def test_numpy_integers_for_num_hypotheses_and_inner():

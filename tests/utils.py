@@ -108,3 +108,31 @@ class PeakBytes(torch.utils._python_dispatch.TorchDispatchMode):
             if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in inputs:
                 self._track(t.untyped_storage())
         return out
+
+
+# Tensor methods that read a tensor's values on the host (a device sync on a GPU)
+HOST_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
+
+
+def emulate_fp32_output_gemms(monkeypatch, *modules):
+    """torch.mm / torch.addmm with out_dtype=float32 on the CPU (CUDA has them; the CPU does not),
+    emulated by fp32 products, and each module told it has them (its _mm_out_dtype_supported and,
+    where it has one, _addmm_out_dtype_supported): the paths that need them run on the CPU."""
+    real_mm, real_addmm = torch.mm, torch.addmm
+
+    def mm(a, b, *, out_dtype=None, out=None):
+        if out_dtype is None:
+            return real_mm(a, b) if out is None else real_mm(a, b, out=out)
+        return real_mm(a.to(out_dtype), b.to(out_dtype), out=out)
+
+    def addmm(c, a, b, *, out_dtype=None, out=None, **kw):
+        if out_dtype is None:
+            return real_addmm(c, a, b, out=out, **kw) if out is not None else real_addmm(c, a, b, **kw)
+        return real_addmm(c.to(out_dtype), a.to(out_dtype), b.to(out_dtype), out=out, **kw)
+
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(torch, "addmm", addmm)
+    for module in modules:
+        for name in ("_mm_out_dtype_supported", "_addmm_out_dtype_supported"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, lambda device: True)

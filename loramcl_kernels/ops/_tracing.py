@@ -1,4 +1,4 @@
-"""How a public op reaches its implementation, shared by every op.
+"""How a public op reaches its implementation, and argument checks shared by every op.
 
 Eagerly each op runs through a plain torch.autograd.Function (less host time than the custom-op
 dispatcher). While a graph is traced, by torch.compile or on fake tensors (FakeTensorMode, make_fx's
@@ -34,3 +34,11 @@ def refuse_double_backward(op: str) -> None:
     if torch.is_grad_enabled():
         raise RuntimeError(f"{op}: double backward (create_graph=True) is not supported: the backward "
                            f"is not differentiable")
+
+
+def check_flag(value, name: str) -> bool:
+    """A bool (True / False, 1 / 0, a numpy bool): a string such as "no" or "False" is refused, not
+    taken as True."""
+    if isinstance(value, (str, bytes)) or value not in (True, False):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)

@@ -111,7 +111,9 @@ import triton.language as tl
 
 from loramcl_kernels._backend import BACKENDS, requested_backend, resolve_backend, triton_interpreting
 from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
-from loramcl_kernels.ops._tracing import refuse_double_backward, refuse_functorch_transforms, tracing
+from loramcl_kernels.ops._tracing import (
+    check_flag, refuse_double_backward, refuse_functorch_transforms, tracing,
+)
 from loramcl_kernels.ops._triton_utils import (
     cdiv, contiguous_or_none, device_facts, grouped_tile, launch, next_pow2, on_input_device, set_tma_allocator,
     tma_gemm_capable, tma_rows_ok,
@@ -1626,13 +1628,6 @@ def _check_ignore_index(ignore_index) -> int:
     return int(ignore_index)
 
 
-def _check_flag(value, name: str) -> bool:
-    """A bool (True / False, 1 / 0, a numpy bool): a string such as "no" is refused, not taken as True."""
-    if isinstance(value, (str, bytes)) or value not in (True, False):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
 def _check_labels(labels, R, T, K) -> torch.Tensor:
     """The labels as int64: comparisons with V and ignore_index in a narrower dtype would wrap
     them (uint8 labels: ignore_index=-100 is 156)."""
@@ -1736,7 +1731,7 @@ def mcl_loss(
     loss, nll, winners, weights = _run_forward(
         hidden, lm_head_weight, lm_head_bias, labels, K, layout, mode, float(epsilon),
         _real(temperature) if temperature is not None else 1.0, sequence_reduction,
-        _check_ignore_index(ignore_index), _check_flag(shift_labels, "shift_labels"), keep_nll_grad, chosen,
+        _check_ignore_index(ignore_index), check_flag(shift_labels, "shift_labels"), keep_nll_grad, chosen,
     )[:4]
     return MCLLossOutput(loss, nll.detach(), winners.detach(), weights.detach())
 
@@ -1767,7 +1762,7 @@ def mcl_loss_from_logits(
     R, T, V = logits.shape
     labels = _check_labels(labels, R, T, K)
     ignore_index = _check_ignore_index(ignore_index)
-    shift_labels = _check_flag(shift_labels, "shift_labels")
+    shift_labels = check_flag(shift_labels, "shift_labels")
     cdt = _stat_dtype(logits.dtype)
     targets = _targets_per_row(labels, R, K, layout, shift_labels, ignore_index).reshape(-1)
     supervised = targets != ignore_index

@@ -69,7 +69,9 @@ from torch import Tensor
 
 from loramcl_kernels._backend import requested_backend, resolve_backend
 from loramcl_kernels.ops._autocast import autocast_off, autocast_operands
-from loramcl_kernels.ops._tracing import refuse_double_backward, refuse_functorch_transforms, tracing
+from loramcl_kernels.ops._tracing import (
+    check_flag, refuse_double_backward, refuse_functorch_transforms, tracing,
+)
 from loramcl_kernels.ops._triton_utils import device_facts as _device_facts
 from loramcl_kernels.ops._triton_utils import mm_out_dtype_supported as _mm_out_dtype_supported
 from loramcl_kernels.ops._triton_utils import next_pow2 as _next_pow2
@@ -1565,11 +1567,7 @@ def multi_lora_linear(
     if (isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real)
             or not 0.0 <= float(lora_dropout) < 1.0):
         raise ValueError(f"lora_dropout must be a float in [0, 1), got {lora_dropout!r}")
-    if shared_input is None:
-        shared_input = False
-    if isinstance(shared_input, (str, bytes)) or shared_input not in (True, False):  # "False" is truthy
-        raise TypeError(f"shared_input must be True or False, got {shared_input!r}")
-    shared_input = bool(shared_input)
+    shared_input = check_flag(False if shared_input is None else shared_input, "shared_input")
     if lora_dropout and shared_input:
         raise ValueError("lora_dropout with shared_input=True: each hypothesis needs its own mask, so repeat "
                          "the rows (distinct rows per hypothesis) first, as MultiLoRALinear does")

@@ -20,7 +20,8 @@ from loramcl_kernels.ops.mcl_loss import (
     mcl_loss_from_logits,
 )
 from tests.utils import (
-    TRITON_DEVICE, AllocationRecorder, CountingKernel, PeakBytes, ZerosRecorder, assert_within_budget, requires_cuda,
+    HOST_READS, TRITON_DEVICE, AllocationRecorder, CountingKernel, PeakBytes, ZerosRecorder, assert_within_budget,
+    emulate_fp32_output_gemms, requires_cuda,
 )
 
 IGNORE = -100
@@ -270,27 +271,6 @@ def test_fp16_triton_within_budget(small_chunks):
             assert_within_budget(g, g64, gp, atol=1e-4, name=name)
 
 
-def emulate_fp32_output_gemms(monkeypatch):
-    """torch.mm / torch.addmm with out_dtype=float32 on the CPU (CUDA has them; the CPU does not),
-    emulated by fp32 products: the paths that need them (the fused pass 1 of 16-bit operands) run."""
-    real_mm, real_addmm = torch.mm, torch.addmm
-
-    def mm(a, b, *, out_dtype=None, out=None):
-        if out_dtype is None:
-            return real_mm(a, b) if out is None else real_mm(a, b, out=out)
-        return real_mm(a.to(out_dtype), b.to(out_dtype), out=out)
-
-    def addmm(c, a, b, *, out_dtype=None, out=None, **kw):
-        if out_dtype is None:
-            return real_addmm(c, a, b, out=out, **kw) if out is not None else real_addmm(c, a, b, **kw)
-        return real_addmm(c.to(out_dtype), a.to(out_dtype), b.to(out_dtype), out=out, **kw)
-
-    monkeypatch.setattr(torch, "mm", mm)
-    monkeypatch.setattr(torch, "addmm", addmm)
-    monkeypatch.setattr(mcl_module, "_mm_out_dtype_supported", lambda device: True)
-    monkeypatch.setattr(mcl_module, "_addmm_out_dtype_supported", lambda device: True)
-
-
 @pytest.mark.parametrize("path", ["chunked", "fused", "one_pass"])
 def test_fp16_logits_beyond_fp16_range(path, monkeypatch):
     """fp16 operands whose logits exceed 65504: accumulated and kept in fp32 (the CPU has no
@@ -299,7 +279,7 @@ def test_fp16_logits_beyond_fp16_range(path, monkeypatch):
     monkeypatch.setenv("LORAMCL_MCL_PASS1", "fused" if path == "fused" else "chunked")
     fused_calls = []
     if path == "fused":
-        emulate_fp32_output_gemms(monkeypatch)
+        emulate_fp32_output_gemms(monkeypatch, mcl_module)
         fused = mcl_module._pass1_fused
         monkeypatch.setattr(mcl_module, "_pass1_fused", lambda *args: (fused_calls.append(1), fused(*args))[1])
     g = torch.Generator().manual_seed(3)
@@ -997,9 +977,6 @@ def test_supervised_positions_many_rows_and_long_rows():
         assert int(counts[0]) == n
         assert torch.equal(positions[:n].cpu(), want_positions) and torch.equal(targets[:n].cpu(), want_targets)
         assert torch.equal(row_count.cpu(), want_count)
-
-
-HOST_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
 
 
 def _count_backward_host_reads(monkeypatch):

@@ -11,7 +11,10 @@ from loramcl_kernels import _backend
 from loramcl_kernels.ops import _triton_utils as triton_utils
 from loramcl_kernels.ops import multi_lora_linear as mll
 from loramcl_kernels.ops.multi_lora_linear import multi_lora_linear
-from tests.utils import TRITON_DEVICE, CountingKernel, ZerosRecorder, assert_within_budget, requires_cuda
+from tests.utils import (
+    HOST_READS, TRITON_DEVICE, CountingKernel, ZerosRecorder, assert_within_budget, emulate_fp32_output_gemms,
+    requires_cuda,
+)
 
 
 def hypotheses_of_rows(n, num_hyp, layout="batch_major", inner=1, ids=None):
@@ -479,15 +482,7 @@ def test_grad_B_rounds_once_with_the_fp32_output_gemm(monkeypatch):
     rounded once to fp16: within half an ulp (+ the fp32 sums' error) of the value formed from the
     same fp16 dy and S_bd in fp64. The CPU has no such GEMM, so it is emulated here by an fp32
     product; without it dB is rounded twice (product, then scaled)."""
-    real_mm = torch.mm
-
-    def mm(a, b, *, out_dtype=None, out=None):
-        if out_dtype is None:
-            return real_mm(a, b) if out is None else real_mm(a, b, out=out)
-        return real_mm(a.to(out_dtype), b.to(out_dtype))
-
-    monkeypatch.setattr(torch, "mm", mm)
-    monkeypatch.setattr(mll, "_mm_out_dtype_supported", lambda device: True)
+    emulate_fp32_output_gemms(monkeypatch, mll)
     torch.manual_seed(0)
     num_hyp, r, m, d_out = 3, 4, 64, 48
     shrink_bd = (torch.randn(m, num_hyp * r) * 3).half()
@@ -844,9 +839,6 @@ def test_float_scaling_is_cached_and_usable_after_inference_mode():
     torch.testing.assert_close(y.detach().double(), expected, rtol=1e-5, atol=1e-5)
 
 
-HOST_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy")
-
-
 @pytest.mark.parametrize("path", ["fused", "cublas", "decode"])
 @pytest.mark.parametrize("routing", ["layout", "ids", "shared", "dropout"])
 def test_no_host_reads_in_forward_or_backward(path, routing, monkeypatch):
@@ -866,7 +858,7 @@ def test_no_host_reads_in_forward_or_backward(path, routing, monkeypatch):
 
     step()  # the ids' range check reads them once
     reads = []
-    for name in HOST_READS:
+    for name in HOST_READS + ("numpy",):
         original = getattr(torch.Tensor, name)
         monkeypatch.setattr(torch.Tensor, name,
                             lambda self, *args, _name=name, _original=original, **kwargs: (

@@ -164,3 +164,79 @@ def test_audio_model_greedy_equals_separate_calls():
     separate = _separate(model, inputs, **kw)
     _assert_equal_to_separate(joint, separate)
     assert not torch.equal(separate[0], separate[2])
+
+
+def test_settings_left_unset_in_a_generation_config_come_from_the_models():
+    """transformers 5 fills a passed GenerationConfig's unset (None) fields from the model's: the
+    routing must expand rows by the num_beams / num_return_sequences HF will use."""
+    from transformers import GenerationConfig
+
+    model = _patched("llama")
+    inputs = _prompts()
+    model.generation_config.num_beams = 3
+    config = GenerationConfig(max_new_tokens=5, do_sample=False, pad_token_id=PAD)
+    joint = generate_hypotheses(model, inputs, generation_config=config)
+    _assert_equal_to_separate(joint, _separate(model, inputs, generation_config=config))
+
+    model.generation_config.num_beams = 1
+    model.generation_config.num_return_sequences = 2
+    model.generation_config.do_sample, model.generation_config.top_k = True, 1  # sampling, greedy by value
+    config = GenerationConfig(max_new_tokens=5, pad_token_id=PAD)
+    joint = generate_hypotheses(model, inputs, generation_config=config)
+    assert joint.shape == (2, K, 2, 5)
+    greedy = generate_hypotheses(model, inputs, max_new_tokens=5, do_sample=False, num_return_sequences=1,
+                                 pad_token_id=PAD)
+    assert torch.equal(joint[:, :, 0], greedy) and torch.equal(joint[:, :, 1], greedy)
+
+
+def test_batch_shaped_keywords_are_repeated_with_the_inputs():
+    """generate(input_ids, attention_mask=mask): the mask is repeated K times like input_ids."""
+    model = _patched("llama")
+    inputs = _prompts()
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=PAD)
+    joint = generate_hypotheses(model, inputs["input_ids"], attention_mask=inputs["attention_mask"], **kw)
+    _assert_equal_to_separate(joint, _separate(model, inputs, **kw))
+    # a token-id setting given as a tensor of B elements stays a setting
+    kw["eos_token_id"] = torch.tensor([VOCAB - 1, VOCAB - 2])
+    joint = generate_hypotheses(model, inputs["input_ids"], attention_mask=inputs["attention_mask"], **kw)
+    _assert_equal_to_separate(joint, _separate(model, inputs, **kw))
+
+
+def test_return_dict_in_generate_keeps_hfs_output_with_sequences_reshaped():
+    model = _patched("llama")
+    inputs = _prompts()
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    plain = generate_hypotheses(model, inputs, **kw)
+    out = generate_hypotheses(model, inputs, return_dict_in_generate=True, output_scores=True, **kw)
+    assert torch.equal(out.sequences, plain)
+    assert len(out.scores) == 4 and out.scores[0].shape == (2 * K, VOCAB)
+    for k in range(K):  # row b*K + k is prompt b under hypothesis k
+        with active_hypothesis(model, k):
+            separate = model.generate(**inputs, return_dict_in_generate=True, output_scores=True, **kw)
+        for step in range(4):
+            torch.testing.assert_close(out.scores[step][k::K], separate.scores[step], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_beams", [2, 3])
+def test_encoder_decoder_beam_search_equals_separate_calls(num_beams):
+    """HF runs the encoder once on the B*K rows, then expands them by num_beams: the encoder's
+    rows are routed with inner = 1, the decoder's with inner = num_beams."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=40, decoder_ffn_dim=40, max_position_embeddings=64,
+                        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, dropout=0.0,
+                        attention_dropout=0.0, activation_dropout=0.0, forced_eos_token_id=None)
+    model = patch_model(BartForConditionalGeneration(config).eval(), K, R, 8,
+                        target_modules=("q_proj", "k_proj", "v_proj", "fc1", "fc2"))
+    randomize_lora(model, scale=0.5)
+    g = torch.Generator().manual_seed(3)
+    inputs = {"input_ids": torch.randint(3, VOCAB, (3, 7), generator=g)}
+    kw = dict(max_new_tokens=5, num_beams=num_beams, do_sample=False, pad_token_id=1)
+    joint = generate_hypotheses(model, inputs, **kw)
+    for k in range(K):
+        with active_hypothesis(model, k):
+            separate = model.generate(**inputs, **kw)
+        assert torch.equal(joint[:, k, : separate.shape[1]], separate), f"hypothesis {k} differs"
+    assert all(m.inner == 1 for _, m in multi_lora_modules(model))

@@ -29,7 +29,7 @@ try:  # HF's ModelOutput: a dict and a pytree node (DDP / FSDP find the loss in 
 except ImportError:  # pragma: no cover - transformers is optional for the package itself
     ModelOutput = object
 
-from loramcl_kernels.hf.patching import get_config
+from loramcl_kernels.hf.patching import get_config, multi_lora_modules
 from loramcl_kernels.modules import LAYOUTS, MultiLoRALinear, repeat_rows
 from loramcl_kernels.ops.mcl_loss import _check_config
 
@@ -121,6 +121,22 @@ def _check_plain_logits(model: nn.Module) -> None:
                 "MCL loss does not: compute the logits (K-repeated batch) and use mcl_loss_from_logits")
 
 
+def _check_training_routing(model: nn.Module, layout: str) -> None:
+    """The K-repeated rows reach every MultiLoRALinear routed by the layout alone: a routing left
+    set (an active_hypothesis from evaluating one adapter, generation's inner) would give rows the
+    wrong hypotheses without an error. Refused rather than overridden, because a gradient-checkpointed
+    layer recomputes its forward with the routing it finds at backward time."""
+    expected = dict(active_hypothesis=None, layout=layout, inner=1, hypothesis_ids=None, shared_input=False)
+    for name, module in multi_lora_modules(model):
+        changed = {a: getattr(module, a) for a, value in expected.items()
+                   if (getattr(module, a) is not None if value is None else getattr(module, a) != value)}
+        if changed:
+            raise ValueError(
+                f"LoRA-MCL training routes every row by the layout, but {name} has routing {changed}: leave the "
+                "`with active_hypothesis(...)` / lora_attributes block first, or reset it with set_lora_attributes("
+                f"model, active_hypothesis=None, layout={layout!r}, inner=1, hypothesis_ids=None, shared_input=False)")
+
+
 def mcl_forward(
     model: nn.Module,
     labels: torch.Tensor,
@@ -155,6 +171,7 @@ def mcl_forward(
             f"the lm_head is a {type(lm_head).__name__} with a forward of its own, not a plain linear layer: the "
             "fused MCL loss reads its weight and bias alone, so compute the logits (K-repeated batch) and use "
             "mcl_loss_from_logits")
+    _check_training_routing(model, layout)
     inputs = repeat_batch_inputs(inputs, batch_size, num_hypotheses, layout)
     inputs.setdefault("use_cache", False)
     hidden = final_hidden_states(model, **inputs)
@@ -232,6 +249,10 @@ class MCLModel(nn.Module):
     when given a temperature or a schedule, relaxed when given epsilon > 0, else wta; an epsilon or
     a temperature that the mode would ignore is refused.
     """
+
+    # The loss is a mean over the batch's sequences, not a sum normalised by HF Trainer's
+    # num_items_in_batch: Trainer then divides it by the gradient accumulation steps itself.
+    accepts_loss_kwargs = False
 
     def __init__(
         self,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import torch
 import torch.nn as nn
@@ -282,7 +283,7 @@ def _check_all_hypotheses_active(model: nn.Module) -> None:
 def official_loss_hook(
     num_hypotheses: int,
     *,
-    mode: str = "wta",
+    mode: str | None = None,
     epsilon: float = 0.0,
     temperature: float | None = None,
     schedule=None,
@@ -292,10 +293,19 @@ def official_loss_hook(
     """A Trainer-style compute_loss(model, inputs, return_outputs=False, **_) for an official
     LoRA-MCL model: `inputs` holds B un-repeated rows and labels (B, T); the rows are repeated
     batch-major, the model runs to its final hidden states and the fused MCL loss replaces the
-    official full-logits loss. With a schedule (AnnealingSchedule) the temperature follows it."""
+    official full-logits loss. With a schedule (AnnealingSchedule) the temperature follows it.
+    mode=None picks as MCLModel does: annealed with a temperature or a schedule, relaxed with
+    epsilon > 0, else wta.
+
+    The loss is a mean over the batch's sequences. HF Trainer passes num_items_in_batch to a
+    compute_loss when the model's forward takes **kwargs (HF models do), and then does not divide
+    the loss by gradient_accumulation_steps: with accumulation, set
+    `trainer.model_accepts_loss_kwargs = False` (a warning says so once)."""
     from loramcl_kernels.ops.mcl_loss import _check_config, _check_ignore_index
 
     num_hypotheses = _check_positive_int("num_hypotheses", num_hypotheses)
+    if mode is None:
+        mode = "annealed" if (temperature is not None or schedule is not None) else ("relaxed" if epsilon else "wta")
     if mode == "annealed" and temperature is None:  # the schedule gives the temperature
         if schedule is None:
             raise ValueError("mode='annealed' needs temperature= or an AnnealingSchedule (schedule=)")
@@ -304,9 +314,18 @@ def official_loss_hook(
         _check_config(num_hypotheses, "batch_major", mode, epsilon, temperature, "mean")
     _check_ignore_index(ignore_index)
 
-    def compute_loss(model, inputs, return_outputs: bool = False, **_unused):
+    warned = []
+
+    def compute_loss(model, inputs, return_outputs: bool = False, num_items_in_batch=None, **_unused):
         from loramcl_kernels.hf.mcl_model import mcl_forward
 
+        if num_items_in_batch is not None and not warned:
+            warned.append(True)
+            warnings.warn(
+                "official_loss_hook: Trainer passed num_items_in_batch, so it will not divide this loss (a mean over "
+                "sequences) by gradient_accumulation_steps; with gradient accumulation set "
+                "trainer.model_accepts_loss_kwargs = False, or each update is that many times too large",
+                stacklevel=2)
         inputs = dict(inputs)
         if "labels" not in inputs:
             raise ValueError("official_loss_hook: the inputs have no 'labels' (B, T)")

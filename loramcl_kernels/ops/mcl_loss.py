@@ -1793,8 +1793,9 @@ class MCLLoss(torch.nn.Module):
     """nn.Module around mcl_loss: forward(hidden, lm_head_weight, labels, lm_head_bias=None).
 
     `temperature` may be changed between steps (annealing schedule); set mode='wta' once it falls
-    below the schedule's minimum, as the official recipe does (the temperature is used in mode
-    'annealed' only, so it may stay set).
+    below the schedule's minimum, as the official recipe does. The temperature is used in mode
+    'annealed' only and epsilon in mode 'relaxed' only, so either may stay set when `mode` changes
+    (the constructor refuses one its mode would ignore).
     """
 
     def __init__(
@@ -1830,7 +1831,8 @@ class MCLLoss(torch.nn.Module):
     def forward(self, hidden, lm_head_weight, labels, lm_head_bias=None) -> MCLLossOutput:
         return mcl_loss(
             hidden, lm_head_weight, labels, num_hypotheses=self.num_hypotheses,
-            lm_head_bias=lm_head_bias, layout=self.layout, mode=self.mode, epsilon=self.epsilon,
+            lm_head_bias=lm_head_bias, layout=self.layout, mode=self.mode,
+            epsilon=self.epsilon if self.mode == "relaxed" else 0.0,
             temperature=self.temperature if self.mode == "annealed" else None,
             sequence_reduction=self.sequence_reduction,
             ignore_index=self.ignore_index, shift_labels=self.shift_labels, backend=self.backend,

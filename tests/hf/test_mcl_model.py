@@ -427,3 +427,60 @@ def test_gpu_training_step_reads_the_device_once_in_the_package():
     ours = [os.path.basename(w.filename) for w in caught
             if "synchroniz" in str(w.message) and f"{os.sep}loramcl_kernels{os.sep}" in w.filename]
     assert ours == ["mcl_loss.py"], [(w.filename, w.lineno, str(w.message)[:80]) for w in caught]
+
+
+def test_a_routing_left_set_is_refused_not_trained_on():
+    """A leftover active_hypothesis (evaluation of one adapter) or inner (generation) would route
+    every row wrongly: MCLModel refuses it, and trains as usual once it is reset."""
+    from loramcl_kernels.hf.patching import active_hypothesis, set_lora_attributes
+
+    model = _patched()
+    ids, labels = _data()
+    reference = MCLModel(model)(input_ids=ids, labels=labels).loss
+    for attributes in ({"active_hypothesis": 1}, {"inner": 3}, {"layout": "hypothesis_major"},
+                       {"hypothesis_ids": torch.zeros(9, dtype=torch.long)}, {"shared_input": True}):
+        saved = set_lora_attributes(model, **attributes)
+        name = next(iter(attributes))
+        with pytest.raises(ValueError, match=f"has routing {{'{name}'"):
+            MCLModel(model)(input_ids=ids, labels=labels)
+        set_lora_attributes(model, **{a: v for a, v in next(iter(saved.values())).items()})
+    with active_hypothesis(model, 2), pytest.raises(ValueError, match="active_hypothesis"):
+        MCLModel(model)(input_ids=ids, labels=labels)
+    torch.testing.assert_close(MCLModel(model)(input_ids=ids, labels=labels).loss, reference, rtol=0, atol=0)
+
+
+def test_hf_trainer_gradient_accumulation_matches_the_full_batch():
+    """HF Trainer with gradient accumulation: MCLModel's loss is a per-batch mean, so Trainer must
+    divide it by the accumulation steps (accepts_loss_kwargs = False): 2 x 2 rows give the update of
+    one batch of 4 (SGD, no clipping)."""
+    import tempfile
+
+    from transformers import Trainer, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    assert MCLModel.accepts_loss_kwargs is False
+    ids, labels = _data(B=4)
+    data = [{"input_ids": ids[i], "labels": labels[i]} for i in range(4)]
+
+    def update(batch_size, accumulation):
+        model = patch_model(TINY_MODELS["llama"](), K, R, ALPHA, target_modules=TARGETS["llama"])
+        randomize_lora(model, scale=0.2)
+        before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        with tempfile.TemporaryDirectory() as out:
+            args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch_size,
+                                     gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1.0,
+                                     optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant", weight_decay=0.0,
+                                     report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
+                                     remove_unused_columns=False, seed=0, data_seed=0)
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                Trainer(model=MCLModel(model), args=args, train_dataset=data).train()
+            finally:
+                hf_logging.set_verbosity(verbosity)
+        return torch.cat([(b - p.detach()).flatten() for b, p in
+                          zip(before, [p for p in model.parameters() if p.requires_grad])])
+
+    full, accumulated = update(4, 1), update(2, 2)
+    assert full.abs().max() > 0
+    torch.testing.assert_close(accumulated, full, rtol=1e-4, atol=1e-6)

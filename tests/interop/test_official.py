@@ -6,6 +6,8 @@ alpha/r; with one, "lora{k}", hypothesis k alone, scaled by alpha/r; with none, 
 import math
 import re
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -296,7 +298,9 @@ def test_official_loss_hook_arguments_checked(patched_class):
     with pytest.raises(ValueError, match="mode must be one of"):
         official_loss_hook(K, mode="best")
     with pytest.raises(ValueError, match="temperature=0.5 applies to mode='annealed'"):
-        official_loss_hook(K, temperature=0.5)  # the default mode, wta, would ignore it
+        official_loss_hook(K, mode="wta", temperature=0.5)  # wta would ignore it
+    with pytest.raises(ValueError, match="epsilon=0.1 applies to mode='relaxed'"):
+        official_loss_hook(K, mode="annealed", temperature=0.5, epsilon=0.1)
     with pytest.raises(ValueError, match="num_hypotheses must be an integer >= 1"):
         official_loss_hook(0)
     model, ids = official_model(), _ids()
@@ -304,9 +308,19 @@ def test_official_loss_hook_arguments_checked(patched_class):
         official_loss_hook(2)(model, {"input_ids": ids, "labels": ids})
     with pytest.raises(ValueError, match="no 'labels'"):
         official_loss_hook(K)(model, {"input_ids": ids})
+    # HF Trainer's num_items_in_batch: it will not divide this mean by the accumulation steps; said once
+    hook = official_loss_hook(K)
+    with pytest.warns(UserWarning, match="model_accepts_loss_kwargs = False"):
+        first = hook(model, {"input_ids": ids, "labels": ids}, num_items_in_batch=torch.tensor(30))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = hook(model, {"input_ids": ids, "labels": ids}, num_items_in_batch=torch.tensor(30))
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first, hook(model, {"input_ids": ids, "labels": ids}), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", ["wta", "relaxed", "annealed", "schedule", "ignore_index"])
+@pytest.mark.parametrize("case", ["wta", "relaxed", "annealed", "schedule", "ignore_index", "mode_from_schedule",
+                                  "mode_from_epsilon"])
 def test_official_loss_hook(patched_class, case):
     from loramcl_kernels.hf.mcl_model import AnnealingSchedule
 
@@ -322,6 +336,9 @@ def test_official_loss_hook(patched_class, case):
         "schedule": ({"mode": "annealed", "schedule": AnnealingSchedule(0.8, 0.5)},
                      {"mode": "annealed", "temperature": 0.8}),
         "ignore_index": ({"ignore_index": -1}, {"ignore_index": -1}),
+        # mode=None (the default) picks as MCLModel does: a schedule or temperature anneals, epsilon relaxes
+        "mode_from_schedule": ({"schedule": AnnealingSchedule(0.8, 0.5)}, {"mode": "annealed", "temperature": 0.8}),
+        "mode_from_epsilon": ({"epsilon": 0.1}, {"mode": "relaxed", "epsilon": 0.1}),
     }[case]
     hook = official_loss_hook(K, **hook_kw)
     loss, out = hook(model, {"input_ids": ids, "labels": labels}, return_outputs=True)

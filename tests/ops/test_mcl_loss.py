@@ -1663,6 +1663,11 @@ def test_module():
     for name in ("loss", "nll", "winners", "weights"):
         assert torch.equal(getattr(out, name), getattr(ref, name)), name
     assert not torch.equal(out.nll, default.nll) and not torch.equal(out.weights, default.weights)
+    # epsilon, like the temperature, may stay set when the mode changes: used in 'relaxed' only
+    relaxed = MCLLoss(3, mode="relaxed", epsilon=0.1, backend="reference")
+    relaxed.mode = "wta"
+    wta = mcl_loss(hidden, weight, labels, num_hypotheses=3, lm_head_bias=bias, backend="reference")
+    assert torch.equal(relaxed(hidden, weight, labels, bias).weights, wta.weights)
     # every argument is checked when the module is built, the temperature in any mode
     with pytest.raises(ValueError, match="temperature must be > 0"):
         MCLLoss(3, mode="wta", temperature=-1.0)

@@ -91,7 +91,7 @@ def _check_positive_int(name: str, value) -> int:
 
 class BatchShape:
     """The (sequences, tokens) of a patched model's current forward, shared by its MultiLoRALinear
-    modules and kept up to date by a forward pre-hook on the model (patch_model installs it)."""
+    modules and kept up to date by forward pre-hooks on the model and its decoder (patch_model installs them)."""
 
     def __init__(self):
         self.sequences: int | None = None
@@ -265,8 +265,8 @@ class MultiLoRALinear(nn.Module):
             raise ValueError("hypothesis_ids cannot be combined with shared_input=True")
         base = F.linear(x, weight, bias)
         # shared input with dropout: each hypothesis draws its own mask, so repeat first, then drop
-        x = repeat_rows(x, self.num_hypotheses, self.layout, self.inner)
-        base = repeat_rows(base, self.num_hypotheses, self.layout, self.inner)
+        x = repeat_rows(x, self.num_hypotheses, self.layout, inner)  # inner of the row map: token rows
+        base = repeat_rows(base, self.num_hypotheses, self.layout, inner)
         delta = _multi_lora_linear(x, None, None, all_A, all_B, self.scaling, lora_dropout=self.lora_dropout_p, **kw)
         return base + delta
 

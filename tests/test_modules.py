@@ -145,12 +145,20 @@ def test_repeat_rows_is_the_shared_input_order(layout, inner):
 
 
 @pytest.mark.parametrize("layout, inner", [("batch_major", 2), ("hypothesis_major", 1)])
-def test_shared_input_with_dropout_keeps_the_layout_order(layout, inner):
+@pytest.mark.parametrize("token_rows", [False, True])
+def test_shared_input_with_dropout_keeps_the_layout_order(layout, inner, token_rows):
     """Training on a shared input with dropout (repeat, then the fused op): with p so small that
-    nothing is dropped it is the eval-mode result row for row."""
+    nothing is dropped it is the eval-mode result row for row. Also for a layer fed flattened token
+    rows (N*T, d), whose hypotheses come in runs of T * inner rows."""
+    from loramcl_kernels.modules import BatchShape
+
     m = _module(layout=layout, inner=inner, lora_dropout=1e-9)
     m.shared_input = True
     x = torch.randn(2 * inner, 3, D_IN, dtype=torch.float64)
+    if token_rows:
+        m.batch_shape = BatchShape()
+        m.batch_shape.sequences, m.batch_shape.tokens = x.shape[:2]
+        x = x.reshape(-1, D_IN)
     m.eval()
     expected = m(x)
     m.train()

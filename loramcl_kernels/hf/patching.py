@@ -193,17 +193,50 @@ def patch_model(
         _set_submodule(model, name, module)
         config.module_names.append(name)
     model.register_forward_pre_hook(batch_shape, with_kwargs=True)
+    for inner in _batch_shape_owners(model)[1:]:
+        inner.register_forward_pre_hook(_InnerBatchShape(batch_shape), with_kwargs=True)
     model.loramcl_config = config
     return model
 
 
+def _batch_shape_owners(model: nn.Module) -> list[nn.Module]:
+    """The modules whose forward records (N, T): the model, and its decoder (an encoder-decoder's
+    encoder too) where distinct, so that calling one directly (model.model(...)) records its own."""
+    owners = [model]
+    getters = ["get_decoder"]
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        getters.append("get_encoder")
+    for getter in getters:
+        try:
+            inner = getattr(model, getter)()
+        except (AttributeError, NotImplementedError, ValueError):  # no such part, or HF cannot tell it
+            continue
+        if isinstance(inner, nn.Module) and all(inner is not owner for owner in owners):
+            owners.append(inner)
+    return owners
+
+
+class _InnerBatchShape:
+    """The pre-hook on a model's decoder (or encoder): records (N, T) as the model's does, so that a
+    direct call (model.model(...)) routes by its own batch, except inside a compiled graph (the
+    decoder called by a compiled model), where the compiled model's hook, run eagerly, has recorded it."""
+
+    def __init__(self, batch_shape: BatchShape):
+        self.batch_shape = batch_shape
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not torch.compiler.is_compiling():
+            self.batch_shape(module, args, kwargs)
+
+
 def _remove_batch_shape_hooks(model: nn.Module) -> None:
-    """Remove the pre-hook patch_model installed (found by its type: a deep copy of the model holds
-    a copy of it)."""
-    for key, hook in list(model._forward_pre_hooks.items()):
-        if isinstance(hook, BatchShape):
-            del model._forward_pre_hooks[key]
-            model._forward_pre_hooks_with_kwargs.pop(key, None)
+    """Remove the pre-hooks patch_model installed (found by their type: a deep copy of the model
+    holds copies of them)."""
+    for module in model.modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(hook, (BatchShape, _InnerBatchShape)):
+                del module._forward_pre_hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def unpatch_model(model: nn.Module, merge_hypothesis: int | None = None) -> nn.Module:

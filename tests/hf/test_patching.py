@@ -242,10 +242,28 @@ def test_layers_fed_flattened_token_rows(arch, layout, T):
             continue
         copy_k = copy.deepcopy(model)
         merged = unpatch_model(copy_k) if k < 0 else unpatch_model(copy_k, merge_hypothesis=k)
-        assert not any(isinstance(h, type(model.model._forward_pre_hooks)) for h in merged._forward_pre_hooks.values())
+        assert not any(type(h).__name__ in ("BatchShape", "_InnerBatchShape")
+                       for m in merged.modules() for h in m._forward_pre_hooks.values())
         with torch.no_grad():
             want = merged(input_ids=rows[hyp_of_row == k]).logits
         torch.testing.assert_close(out[hyp_of_row == k], want, **tol)
+
+
+def test_a_decoder_called_directly_routes_by_its_own_batch():
+    """model.model(...) called directly (a custom head on the decoder's hidden states) after a forward
+    of another shape with as many token rows: OPT's fc1 / fc2 token rows follow the decoder's own
+    (N, T), not the last top-level forward's."""
+    model, targets = _tiny_opt()
+    model = patch_model(model, K, R, ALPHA, target_modules=targets)
+    randomize_lora(model)
+    ids = _batch(B=8, T=3, seed=1)
+    with torch.no_grad():
+        model(input_ids=_batch(B=4, T=6).repeat_interleave(K, 0))  # 4K x 6 token rows, as many as 8K x 3
+        got = model.model(input_ids=ids.repeat_interleave(K, 0)).last_hidden_state
+        for k in range(K):
+            with active_hypothesis(model, k):
+                want = model.model(input_ids=ids).last_hidden_state
+            torch.testing.assert_close(got[k::K], want, rtol=1e-9, atol=1e-9)
 
 
 def test_rows_that_are_neither_sequences_nor_tokens_are_refused():

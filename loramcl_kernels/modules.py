@@ -89,6 +89,11 @@ def _check_positive_int(name: str, value) -> int:
     return int(value)
 
 
+def check_init_lora_weights(init_lora_weights) -> None:
+    if not (isinstance(init_lora_weights, bool) or init_lora_weights == "gaussian"):
+        raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+
+
 class BatchShape:
     """The (sequences, tokens) of a patched model's current forward, shared by its MultiLoRALinear
     modules and kept up to date by forward pre-hooks on the model and its decoder (patch_model installs them)."""
@@ -126,7 +131,7 @@ class MultiLoRALinear(nn.Module):
         layout: str = "batch_major",
         inner: int = 1,
         backend: str | None = None,
-        init_lora_weights: bool = True,
+        init_lora_weights: bool | str = True,
         adapter_dtype: torch.dtype | None = None,
     ):
         super().__init__()
@@ -176,10 +181,17 @@ class MultiLoRALinear(nn.Module):
 
     # -- parameters -------------------------------------------------------------------------
     @torch.no_grad()
-    def reset_lora_parameters(self, init_lora_weights: bool = True) -> None:
-        """A_k Kaiming-uniform (a = sqrt(5), fan_in = d_in: bound 1/sqrt(d_in)), B_k zeros."""
+    def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
+        """True (PEFT's and the official default): A_k Kaiming-uniform (a = sqrt(5), fan_in = d_in:
+        bound 1/sqrt(d_in)), B_k zeros; "gaussian" (PEFT's): A_k ~ N(0, 1/r^2), B_k zeros; False: A_k and
+        B_k Kaiming-uniform, a non-zero delta (for tests). PEFT's data-driven inits (pissa, olora, loftq,
+        eva, ...) are not offered: they also change the base weight, which the K hypotheses share."""
+        check_init_lora_weights(init_lora_weights)
         K, r, d_in = self.lora_A.shape
-        nn.init.kaiming_uniform_(self.lora_A.view(K * r, d_in), a=math.sqrt(5))
+        if init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.view(K * r, d_in), a=math.sqrt(5))
         if init_lora_weights:
             nn.init.zeros_(self.lora_B)
         else:  # a random B, for tests that need a non-zero delta

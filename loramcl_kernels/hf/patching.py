@@ -22,9 +22,11 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from loramcl_kernels.modules import LAYOUTS, BatchShape, MultiLoRALinear, _check_positive_int, supported_base_layer
+from loramcl_kernels.modules import (LAYOUTS, BatchShape, MultiLoRALinear, _check_positive_int, check_init_lora_weights,
+                                     supported_base_layer)
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output layer
 ROUTING_ATTRIBUTES = ("active_hypothesis", "layout", "inner", "hypothesis_ids", "shared_input")
 
 
@@ -97,13 +99,16 @@ def patch_model(
     *,
     use_rslora: bool = False,
     backend: str | None = None,
-    init_lora_weights: bool = True,
+    init_lora_weights: bool | str = True,
     adapter_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Put K LoRA adapters on every module of `model` matching `target_modules`; returns `model`.
 
-    Matching modules must be nn.Linear or transformers' Conv1D. lora_alpha defaults to r
-    (scaling 1). Every parameter of the model except the new lora_A / lora_B is frozen.
+    target_modules: a list of names or suffixes, a regex matched against full names, or PEFT's
+    "all-linear" (every linear layer but the output layer). Matching modules must be nn.Linear or
+    transformers' Conv1D. lora_alpha defaults to r (scaling 1). init_lora_weights: True (Kaiming A,
+    zero B), "gaussian" or False (see MultiLoRALinear.reset_lora_parameters). Every parameter of the
+    model except the new lora_A / lora_B is frozen.
     adapter_dtype: dtype of lora_A / lora_B (default: each base layer's); torch.float32 keeps fp32
     master adapters on a bf16/fp16 base, as PEFT does: they are cast to the base dtype in the forward.
     """
@@ -113,7 +118,14 @@ def patch_model(
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if not 0.0 <= float(lora_dropout) < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-    if isinstance(target_modules, str):
+    check_init_lora_weights(init_lora_weights)
+    if target_modules == ALL_LINEAR:
+        output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        target_modules = tuple(n for n, m in model.named_modules()
+                               if n and supported_base_layer(m) and m is not output_layer)
+        if not target_modules:
+            raise ValueError(f"target_modules='all-linear': {type(model).__name__} has no linear layer but its output")
+    elif isinstance(target_modules, str):
         try:
             re.compile(target_modules)
         except re.error as exc:

@@ -339,3 +339,34 @@ def test_targets_in_a_vision_tower_are_named_in_a_warning():
         assert [n for n, _ in multi_lora_modules(language_only)] == [
             "language_model.q_proj", "language_model.v_proj", "lm_head"]
         patch_model(VisionLanguage(None), K, R, target_modules=["q_proj"])
+
+
+def test_all_linear_targets_every_linear_layer_but_the_output_layer():
+    """PEFT's target_modules="all-linear": GPT-2's Conv1D layers and Llama's linear layers, not the lm_head."""
+    for arch in ("llama", "gpt2"):
+        base = TINY_MODELS[arch]()
+        linear = sorted(n for n, m in base.named_modules()
+                        if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")
+        model = patch_model(base, K, R, ALPHA, target_modules="all-linear")
+        assert sorted(n for n, _ in multi_lora_modules(model)) == [n for n in linear if n != "lm_head"]
+        assert not model.lm_head.weight.requires_grad
+
+
+def test_init_lora_weights():
+    """True: Kaiming-uniform A, zero B; "gaussian" (PEFT's): A ~ N(0, 1/r^2), zero B; False: a non-zero
+    B; anything else (PEFT's data-driven inits, typos) is refused before the model is touched."""
+    big = 64
+    model = patch_model(TINY_MODELS["llama"](), K, big, target_modules=["q_proj"], init_lora_weights="gaussian")
+    for _, m in multi_lora_modules(model):
+        assert (m.lora_B == 0).all() and abs(m.lora_A.std().item() * big - 1) < 0.1
+    model = patch_model(TINY_MODELS["llama"](), K, big, target_modules=["q_proj"])
+    for _, m in multi_lora_modules(model):
+        bound = 1 / m.in_features**0.5
+        assert (m.lora_B == 0).all() and m.lora_A.abs().max() <= bound and m.lora_A.abs().max() > 0.9 * bound
+    model = patch_model(TINY_MODELS["llama"](), K, R, target_modules=["q_proj"], init_lora_weights=False)
+    assert all((m.lora_B != 0).all() for _, m in multi_lora_modules(model))
+    for bad in ("pissa", "olora", "nonsense", None, 1):
+        base = TINY_MODELS["llama"]()
+        with pytest.raises(ValueError, match="init_lora_weights must be True, False or 'gaussian'"):
+            patch_model(base, K, R, init_lora_weights=bad)
+        assert all(p.requires_grad for p in base.parameters())  # untouched

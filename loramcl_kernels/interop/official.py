@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from loramcl_kernels.hf.patching import multi_lora_modules
 from loramcl_kernels.modules import _check_positive_int, _multi_lora_linear, is_conv1d
+from loramcl_kernels.ops._autocast import autocast_enabled
 
 GROUP_ADAPTER = "lora0"
 _PREFIX = "base_model.model."
@@ -213,11 +214,25 @@ def _group_linear_forward(self, x: torch.Tensor, *args, _adapter_name: str = GRO
         dtype = weight.dtype
         y = _multi_lora_linear(x.to(dtype), weight, base.bias, lora_A.to(dtype), lora_B.to(dtype), scaling,
                                lora_dropout=fused_p or 0.0, **kw)
-        return y.to(x.dtype)
+        # the official layer returns its base layer's dtype: autocast's, where autocast runs
+        return y if autocast_enabled(x.device.type) else y.to(x.dtype)
     x_lora = x.to(lora_A.dtype)
     result = self.base_layer(x, *args, **kwargs)
-    delta = _multi_lora_linear(dropout(x_lora), None, None, lora_A, lora_B, scaling, **kw)
+    if dropping and k is None and x_lora.dim() == 3:
+        x_lora = _official_order_dropout(dropout, x_lora, K)
+    elif dropping:
+        x_lora = dropout(x_lora)
+    delta = _multi_lora_linear(x_lora, None, None, lora_A, lora_B, scaling, **kw)
     return result + delta.to(result.dtype)
+
+
+def _official_order_dropout(dropout: nn.Module, x: torch.Tensor, K: int) -> torch.Tensor:
+    """dropout(x) as the official multi-hypothesis path draws it: on the grouped convolution's input
+    x.permute(0, 2, 1).reshape(N / K, K * d_in, T), so the same module and RNG state give the same
+    masks; returned as (N, T, d_in) again (a permuted view)."""
+    N, T, d_in = x.shape
+    dropped = dropout(x.permute(0, 2, 1).reshape(N // K, K * d_in, T))
+    return dropped.reshape(N, d_in, T).permute(0, 2, 1)
 
 
 def patch_group_linear(cls: type, adapter_name: str = GROUP_ADAPTER, *, fused_dropout: bool = False) -> type:

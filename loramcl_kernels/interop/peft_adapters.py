@@ -37,7 +37,9 @@ ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 PEFT_DEFAULT_LORA_ALPHA = 8  # peft.LoraConfig's, for a config that omits lora_alpha
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")  # init_lora_weights that rewrite W
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+_BASE_WEIGHT_KEY = re.compile(r"^(?P<module>.+)\.base_layer\.weight$")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -120,14 +122,22 @@ class _Adapter:
     def __init__(self, config: dict, state_dict: dict[str, torch.Tensor], origin: str):
         self.origin = origin
         _check_supported(config, origin)
+        self.changes_the_base = _changes_the_base(config)
         self.r = int(config["r"])
         self.lora_alpha = float(config.get("lora_alpha", PEFT_DEFAULT_LORA_ALPHA))
         self.use_rslora = bool(config.get("use_rslora", False))
         self.scaling = self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
         self.lora_dropout = float(config.get("lora_dropout", 0.0) or 0.0)
         pairs: dict[str, dict[str, torch.Tensor]] = {}
+        # PEFT saves an adapted lm_head's (or embedding's) base weight beside its LoRA
+        # (save_embedding_layers="auto"): checked against the base model's, never loaded
+        self.base_weights: dict[str, torch.Tensor] = {}
         for key, value in state_dict.items():
             name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+            base = _BASE_WEIGHT_KEY.match(name)
+            if base is not None:
+                self.base_weights[base["module"]] = value
+                continue
             match = _LORA_KEY.match(name)
             if match is None:
                 raise ValueError(
@@ -177,6 +187,13 @@ def _check_supported(config: dict, origin: str) -> None:
         raise ValueError(f"{origin}: adapters with bias={config['bias']!r} (trained biases) are not supported")
 
 
+def _changes_the_base(config: dict) -> bool:
+    """PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA initialise from the base weight and replace it by a
+    residual W - s B0 A0 (or a quantisation's): such an adapter is only right on that residual."""
+    init = config.get("init_lora_weights", True)
+    return (isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS)) or bool(config.get("loftq_config"))
+
+
 def _read_adapter_dir(path: str | os.PathLike) -> _Adapter:
     path = os.fspath(path)
     config_file = os.path.join(path, ADAPTER_CONFIG)
@@ -206,6 +223,12 @@ def _is_peft_model(obj) -> bool:
 
 def _read_peft_model(peft_model, adapter_names) -> list[_Adapter]:
     from peft import get_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = [n for n, m in peft_model.named_modules() if isinstance(m, BaseTunerLayer) and m.merged]
+    if merged:  # its base weights hold W + s B A: unloading it and adding s B A would apply the delta twice
+        raise ValueError(f"the PeftModel has adapters merged into its base weights ({merged[0]}, ...): call "
+                         "peft_model.unmerge_adapter() first")
 
     names = list(adapter_names) if adapter_names is not None else list(peft_model.peft_config)
     adapters = []
@@ -258,6 +281,15 @@ def from_peft(
                 raise TypeError(f"sources must hold adapter directories or PeftModels, got {type(source).__name__}")
     if not adapters:
         raise ValueError("from_peft needs at least one adapter")
+    changing = [a.origin for a in adapters if a.changes_the_base]
+    # such an adapter is right only on the residual base its PeftModel holds (kept by unload()), and
+    # K of them would each need their own base
+    if changing and (base_model is not None or len(peft_models) != 1 or len(adapters) > 1):
+        raise ValueError(
+            f"{changing[0]}: its init_lora_weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) replaced the base weight "
+            "by a residual, which the hypotheses would have to share: convert it to a plain LoRA adapter first "
+            "(PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...)), or load a single one "
+            "from its PeftModel (from_peft(peft_model), which keeps the residual)")
     if base_model is None:
         if not peft_models:
             raise ValueError("base_model is required when every source is an adapter directory")
@@ -271,6 +303,15 @@ def from_peft(
     missing = [n for n in module_names if n not in available]
     if missing:
         raise ValueError(f"the adapters target modules that {type(base_model).__name__} lacks: {missing[:8]}")
+    for adapter in adapters:
+        for name, saved in adapter.base_weights.items():
+            weight = getattr(available.get(name), "weight", None)
+            if not (isinstance(weight, torch.Tensor) and weight.shape == saved.shape
+                    and torch.equal(weight.detach().cpu(), saved.to(weight.dtype).cpu())):
+                raise ValueError(
+                    f"{adapter.origin}: it carries a copy of {name}'s base weight (PEFT saves one for an adapted "
+                    f"lm_head or a resized vocabulary) that differs from the base model's: load it onto the model "
+                    "it was trained on (resize its embeddings first)")
     dropouts = sorted({a.lora_dropout for a in adapters})
     if lora_dropout is None and len(dropouts) > 1:  # one p for every hypothesis of a layer
         warnings.warn(f"the adapters' lora_dropout differ ({dropouts}): every hypothesis trains with the first "
@@ -305,10 +346,13 @@ def _load_adapters(base_model: nn.Module, module_names: list[str], adapters: lis
         for name in module_names:
             module = base_model.get_submodule(name)
             assert isinstance(module, MultiLoRALinear)
+            # A_k = B_k = 0 where adapter k has no LoRA: the module unchanged for hypothesis k, and
+            # both gradients 0, so training does not grow an adapter PEFT's adapter k does not have
+            module.lora_A.zero_()
             module.lora_B.zero_()
             for k, adapter in enumerate(adapters):
                 if name not in adapter.modules:
-                    continue  # B_k = 0: hypothesis k leaves this module unchanged
+                    continue
                 A, B = adapter.modules[name]
                 if A.shape[1] != module.in_features or B.shape[0] != module.out_features:
                     raise ValueError(
@@ -316,7 +360,6 @@ def _load_adapters(base_model: nn.Module, module_names: list[str], adapters: lis
                         f"but the base layer maps {module.in_features} -> {module.out_features}"
                     )
                 fold = adapter.scaling / module.scaling
-                module.lora_A[k].zero_()
                 module.lora_A[k, : adapter.r].copy_(A)
                 # the fold in fp32 at least (fp64 adapters keep fp64)
                 module.lora_B[k, :, : adapter.r].copy_(B.to(torch.promote_types(B.dtype, torch.float32)) * fold

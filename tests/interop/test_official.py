@@ -65,8 +65,8 @@ class GroupLinear(nn.Module, LoraLayer):
             A = conv_A.weight[k * r : (k + 1) * r, :, 0]
             B = conv_B.weight[k * d_out : (k + 1) * d_out, :, 0]
             return result + self.scaling[name] * F.linear(F.linear(drop(x), A), B)
-        N, T, _ = x.shape  # multi-hypothesis path: rows batch-major, no alpha / r
-        h = drop(x).reshape(N // Kn, Kn, T, d_in).permute(0, 1, 3, 2).reshape(N // Kn, Kn * d_in, T)
+        N, T, _ = x.shape  # multi-hypothesis path: rows batch-major, no alpha / r; dropout on the conv's input
+        h = drop(x.permute(0, 2, 1).reshape(N // Kn, Kn * d_in, T))
         h = conv_B(conv_A(h)).reshape(N // Kn, Kn, d_out, T).permute(0, 1, 3, 2).reshape(N, T, d_out)
         return result + h
 
@@ -134,18 +134,22 @@ def test_patch_group_linear_matches_grouped_conv(patched_class, dropout):
 
 
 class HashDropout(nn.Module):
-    """Dropout with the op's own masks (one seed draw per call, dropout_keep_mask over x's rows)."""
+    """Dropout with the op's own masks (one seed draw per call, dropout_keep_mask over x's (N*T, d_in)
+    rows), applied where the official multi-hypothesis path drops: on the grouped convolution's
+    input (N / K, K * d_in, T)."""
 
     def __init__(self, p):
         super().__init__()
         self.p = p
 
-    def forward(self, x):
+    def forward(self, h):
         if not self.training:
-            return x
+            return h
+        groups, kd, T = h.shape
+        x = h.reshape(groups * K, kd // K, T).permute(0, 2, 1)  # (N, T, d_in)
         seed = mll._dropout_seed(x.device)
         keep = mll.dropout_keep_mask(seed, x.numel() // x.shape[-1], x.shape[-1], self.p).view(x.shape)
-        return torch.where(keep, x / (1 - self.p), 0.0)
+        return torch.where(keep, x / (1 - self.p), 0.0).permute(0, 2, 1).reshape(h.shape)
 
 
 def test_patch_group_linear_fused_dropout():
@@ -354,3 +358,28 @@ def test_official_loss_hook(patched_class, case):
     assert torch.equal(out.winners, winners)
     for n, m in group_layers(model).items():
         assert_close_to_scale(got[n], m.lora_B["lora0"].weight.grad)
+
+
+def test_patch_group_linear_returns_the_official_dtype_under_autocast():
+    """Under autocast the official layer returns its base layer's output dtype (autocast's): so does
+    the patched layer's fused call; close to the unpatched layer's values."""
+    torch.manual_seed(0)
+    layer = GroupLinear(nn.Linear(32, 24), K, R, ALPHA).eval()
+    with torch.no_grad():
+        layer.lora_B["lora0"].weight.normal_(0, 0.2)
+    layer.set_adapter([f"lora{k}" for k in range(K)])
+    x = torch.randn(2 * K, 5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = layer(x)
+        patch_group_linear(GroupLinear)
+        try:
+            got = layer(x)
+        finally:
+            unpatch_group_linear(GroupLinear)
+    assert want.dtype == got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    patch_group_linear(GroupLinear)
+    try:
+        assert layer(x).dtype == torch.float32  # no autocast: x's dtype
+    finally:
+        unpatch_group_linear(GroupLinear)

@@ -220,3 +220,81 @@ def test_from_peft_keeps_fp32_adapters_of_a_16bit_base():
         assert torch.equal(module.lora_A[1].float(), peft_A.to(expected).float())  # fp32: not rounded
         got = _hypothesis_logits(model, 1, ids).float()
         torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+
+
+def test_a_merged_peft_model_is_refused():
+    """After merge_adapter() the PeftModel's base weights hold W + s B A: loading its adapter onto
+    that base would apply the delta twice."""
+    peft_model = _peft_with_adapters([LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])])
+    ids = _ids()
+    expected = peft_model(input_ids=ids).logits
+    peft_model.merge_adapter()
+    with pytest.raises(ValueError, match="merged into its base weights"):
+        from_peft(peft_model)
+    peft_model.unmerge_adapter()
+    torch.testing.assert_close(_hypothesis_logits(from_peft(peft_model), 0, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_adapters_whose_init_rewrote_the_base_weight(tmp_path, init):
+    """PiSSA / OLoRA replace W by a residual W - s B0 A0: from a directory onto a fresh base the
+    outputs would be wrong, so it is refused; a single one from its PeftModel keeps the residual."""
+    peft_model = get_peft_model(TINY_MODELS["llama"](), LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"],
+                                                                   init_lora_weights=init))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.1)
+    peft_model.eval()
+    ids = _ids()
+    expected = peft_model(input_ids=ids).logits
+    peft_model.save_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError, match="replaced the base weight by a residual"):
+        from_peft([tmp_path / "a"], TINY_MODELS["llama"]())
+    with pytest.raises(ValueError, match="replaced the base weight by a residual"):
+        from_peft([peft_model, peft_model])
+    torch.testing.assert_close(_hypothesis_logits(from_peft(peft_model), 0, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_modules_an_adapter_does_not_target_stay_without_lora_in_training():
+    """Adapters with different targets: at a module adapter k leaves alone, A_k = B_k = 0, so its
+    gradients are 0 and training does not grow LoRA there (PEFT's adapter k has none)."""
+    configs = [LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]),
+               LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"])]
+    model = from_peft(_peft_with_adapters(configs))
+    model.train()
+    model(input_ids=_ids().repeat_interleave(2, 0)).logits.square().sum().backward()
+    for name, m in multi_lora_modules(model):
+        absent = 1 if name.endswith("q_proj") else 0
+        assert (m.lora_A[absent] == 0).all() and (m.lora_B[absent] == 0).all()
+        assert (m.lora_A.grad[absent] == 0).all() and (m.lora_B.grad[absent] == 0).all()
+        assert m.lora_A.grad[1 - absent].abs().max() > 0 and m.lora_B.grad[1 - absent].abs().max() > 0
+
+
+def test_an_adapted_lm_head_loads_and_its_saved_base_weight_is_checked(tmp_path):
+    """PEFT saves an adapted (untied) lm_head's base weight beside its LoRA: it must equal the base
+    model's, and is not loaded."""
+    def base():
+        model = TINY_MODELS["llama"]()
+        assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+        return model
+
+    peft_model = get_peft_model(base(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.3)
+    peft_model.eval()
+    ids = _ids()
+    expected = peft_model(input_ids=ids).logits
+    peft_model.save_pretrained(tmp_path / "a")
+    from safetensors.torch import load_file
+
+    assert any(k.endswith("lm_head.base_layer.weight") for k in load_file(tmp_path / "a" / "adapter_model.safetensors"))
+    model = from_peft([tmp_path / "a"], base())
+    torch.testing.assert_close(_hypothesis_logits(model, 0, ids), expected, rtol=1e-5, atol=1e-5)
+    other = base()
+    with torch.no_grad():
+        other.lm_head.weight.add_(1.0)
+    with pytest.raises(ValueError, match="copy of lm_head's base weight .* differs"):
+        from_peft([tmp_path / "a"], other)

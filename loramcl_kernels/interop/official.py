@@ -199,7 +199,9 @@ def _group_linear_forward(self, x: torch.Tensor, *args, _adapter_name: str = GRO
     if k is not None:
         if not 0 <= k < K:
             raise ValueError(f"single-adapter hypothesis {k} out of range [0, {K})")
-        lora_A, lora_B, scaling, num = lora_A[k : k + 1], lora_B[k : k + 1], float(self.scaling[name]), 1
+        # the official single-adapter path scales by the active adapter's own alpha / r
+        scaling = float(self.scaling.get(f"lora{k}", self.scaling[name]))
+        lora_A, lora_B, num = lora_A[k : k + 1], lora_B[k : k + 1], 1
     else:
         scaling, num = 1.0, K  # the official multi-hypothesis path applies no alpha/r
     kw = dict(num_hypotheses=num, layout="batch_major", inner=getattr(self, "inner", 1))

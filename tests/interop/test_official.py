@@ -64,7 +64,9 @@ class GroupLinear(nn.Module, LoraLayer):
             k = int(re.fullmatch(r"lora(\d+)", self.active_adapters[0])[1])
             A = conv_A.weight[k * r : (k + 1) * r, :, 0]
             B = conv_B.weight[k * d_out : (k + 1) * d_out, :, 0]
-            return result + self.scaling[name] * F.linear(F.linear(drop(x), A), B)
+            # the official layer reads the active adapter's own scaling (update_layer sets one per "lora{k}")
+            scaling = self.scaling.get(self.active_adapters[0], self.scaling[name])
+            return result + scaling * F.linear(F.linear(drop(x), A), B)
         N, T, _ = x.shape  # multi-hypothesis path: rows batch-major, no alpha / r; dropout on the conv's input
         h = drop(x.permute(0, 2, 1).reshape(N // Kn, Kn * d_in, T))
         h = conv_B(conv_A(h)).reshape(N // Kn, Kn, d_out, T).permute(0, 1, 3, 2).reshape(N, T, d_out)
@@ -212,6 +214,7 @@ def test_patch_group_linear_follows_the_official_adapter_selection(patched_class
     ids = _ids()
     multi = model(input_ids=ids.repeat_interleave(K, 0)).logits
     for layer in group_layers(model).values():
+        layer.scaling["lora2"] = 0.7  # hypothesis 2's own alpha / r, not lora0's
         if active == "attribute":
             layer.active_hypothesis = 2
         else:

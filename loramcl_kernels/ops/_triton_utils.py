@@ -250,9 +250,13 @@ _PROBES: dict = {}
 
 
 def _probe_once(name: str, device: torch.device, run) -> bool:
-    """One cached try per (name, device) of run(device) -> bool; CUDA only, an error means no."""
+    """One cached try per (name, device) of run(device) -> bool; CUDA only, an error means no.
+    During CUDA-graph capture it answers no without trying or caching: the try reads its result on
+    the host, which would invalidate the capture; a later eager call probes."""
     key = (name, str(device))
     if key not in _PROBES:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
         ok = False
         if device.type == "cuda":
             try:

@@ -719,9 +719,13 @@ def _gemm_configs():
     ]
 
 
+# The autotuner's key: the sizes, and every variant flag, for the variants need different amounts of
+# shared memory (at large r a 128 x 256 tile fits shared input's but not the distinct rows' TMA-store
+# variant), and Triton launches a key's tuned config without checking that it fits.
+_GEMM_TUNING_KEY = ["M_BUCKET", "N", "KD", "R", "NUM_HYP", "HAS_BASE", "W_KN", "HAS_INIT", "SHARED_OUT", "EXPAND_TMA",
+                    "HAS_SCALE", "HAS_BIAS", "E_ROWS_OF_R", "DROPOUT", "FLATTEN", "TMA_STORE", "E_KN"]
 if triton is not None:
-    _gemm_kernel = triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "KD", "R", "NUM_HYP"])(
-        _gemm_expand_kernel)
+    _gemm_kernel = triton.autotune(configs=_gemm_configs(), key=_GEMM_TUNING_KEY)(_gemm_expand_kernel)
 
 
 def _dropout_args(dropout, fallback: Tensor) -> tuple:
@@ -998,7 +1002,7 @@ def _decode_applies(x: Tensor, weight: Optional[Tensor], lora_A: Tensor) -> bool
             and expand_operand_bytes <= _shared_memory_budget(x.device))
 
 
-def _decode_config(m: int, d: int, columns: int, element_size: int, on_cpu: bool) -> tuple[int, int, int, int]:
+def _decode_config(m: int, d: int, columns: int, element_size: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BM rows, BN columns, BK, D_SPLIT) of the decode kernels for m rows, d = d_in and
     columns = d_out + K*r partial-product columns.
 
@@ -1011,11 +1015,11 @@ def _decode_config(m: int, d: int, columns: int, element_size: int, on_cpu: bool
     CPU (the interpreter, tests): small tiles and splits of 2 BK, so that tests cover several.
     """
     block_m = max(16, min(DECODE_GPU_MAX_BM, _next_pow2(m)))
-    if on_cpu:
+    if device.type == "cpu":
         return block_m, 16, 32, 64
     block_n, block_k = DECODE_GPU_BN, 256 // element_size
     programs = cdiv(m, block_m) * cdiv(columns, block_n)
-    splits = max(1, min(cdiv(d, 2 * block_k), round(2 * _device_facts(torch.device("cuda"))[0] / programs)))
+    splits = max(1, min(cdiv(d, 2 * block_k), round(2 * _device_facts(device)[0] / programs)))
     return block_m, block_n, block_k, cdiv(cdiv(d, splits), block_k) * block_k
 
 
@@ -1036,7 +1040,7 @@ def _launch_decode(x, weight, bias, lora_A, lora_B, scaling, hypothesis_ids, row
     has_base = weight is not None
     on_cpu = x.device.type == "cpu"  # the interpreter
     block_m, block_n, block_k, d_split = _decode_config(m, d, (n if has_base else 0) + num_hyp * r,
-                                                        x.element_size(), on_cpu)
+                                                        x.element_size(), x.device)
     w_tiles = cdiv(n, block_n) if has_base else 0
     columns = (w_tiles + cdiv(num_hyp * r, block_n)) * block_n  # [W tiles | A_all tiles]
     splits = cdiv(d, d_split)
@@ -1429,8 +1433,10 @@ def _scaling_vector(scaling, num_hyp: int, x: Tensor) -> Tensor:
     # Eagerly a float scaling becomes a cached (K,) tensor: no fill kernel per call. The cached
     # tensors are never written to; they are made outside inference mode so that autograd may save them,
     # and outside CUDA-graph capture (a tensor made there belongs to the graph's memory pool) and
-    # tracing (a tracer's fake tensor would then serve later eager calls).
-    key = (float(scaling), num_hyp, x.device, dtype)
+    # tracing (a tracer's fake tensor would then serve later eager calls). One per CUDA stream: the
+    # fill runs on the stream that made the vector, and a call on another would not wait for it.
+    stream = torch.cuda.current_stream(x.device).cuda_stream if x.device.type == "cuda" else None
+    key = (float(scaling), num_hyp, x.device, dtype, stream)
     vector = _SCALING_VECTORS.get(key)
     if vector is None:
         if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():

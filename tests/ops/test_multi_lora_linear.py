@@ -387,7 +387,7 @@ def test_decode_path_over_splits_row_blocks_and_column_tiles(monkeypatch, dtype,
     check_case(n=70, tokens=(), d_in=200, d_out=40, r=5, num_hyp=3, dtype=dtype, backend="triton",
                ids=ids, delta_only=delta_only, atol=1e-5 if dtype == torch.float32 else 2e-3, device=TRITON_DEVICE)
     assert launches[:2] == ["_decode_partial_kernel", "_decode_finish_kernel"]
-    assert mll._decode_config(70, 200, 40 + 15, 4, on_cpu=True)[3] == 64  # 4 splits over d_in = 200
+    assert mll._decode_config(70, 200, 40 + 15, 4, torch.device("cpu"))[3] == 64  # 4 splits over d_in = 200
 
 
 @pytest.mark.parametrize("path", ["decode", "cublas", "fused"])
@@ -440,9 +440,11 @@ def test_decode_gpu_config_takes_the_splits_nearest_two_programs_per_sm(monkeypa
     """On a GPU the decode split-K takes the number of d_in splits nearest to two programs per SM
     (the H200 sweep's best): 65 or 68 column tiles of 64 at d = 4096 on 132 SMs -> 4 splits of 1024
     (5, rounded up, measured slower); a single column tile -> d_in in steps of two K-steps."""
-    monkeypatch.setattr(mll, "_device_facts", lambda device: (132, 9))
+    asked = []
+    monkeypatch.setattr(mll, "_device_facts", lambda device: asked.append(device) or (132, 9))
     for columns, splits in [(4096 + 40, 4), (4096 + 64, 4), (4096 + 256, 4), (2 * 4096, 2), (64, 16)]:
-        bm, bn, bk, d_split = mll._decode_config(40, 4096, columns, 2, on_cpu=False)
+        bm, bn, bk, d_split = mll._decode_config(40, 4096, columns, 2, torch.device("cuda", 1))
+        assert asked[-1] == torch.device("cuda", 1)  # the inputs' GPU, not the current one
         assert (bm, bn, bk) == (64, mll.DECODE_GPU_BN, 128)
         assert mll.cdiv(4096, d_split) == splits and d_split % bk == 0, columns
 
@@ -1405,3 +1407,17 @@ def test_gpu_deterministic_and_free_of_host_syncs(routing):
     for f, g in zip(first, second):
         assert torch.equal(f, g)
 
+
+
+@requires_cuda
+def test_gpu_float_scaling_vectors_are_kept_per_stream():
+    """The cached (K,) vector of a float scaling is filled on the stream that made it; a call on
+    another stream gets its own, so it never reads one whose fill it did not wait for."""
+    x = torch.zeros(4, 8, device="cuda", dtype=torch.bfloat16)
+    first = mll._scaling_vector(0.123, 3, x)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        other = mll._scaling_vector(0.123, 3, x)
+    side.synchronize()
+    assert other is not first and first is mll._scaling_vector(0.123, 3, x)
+    assert torch.equal(first, other) and torch.equal(first, torch.full_like(first, 0.123))

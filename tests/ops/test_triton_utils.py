@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import triton
 
 from loramcl_kernels.ops import _triton_utils
 
@@ -98,3 +99,38 @@ def test_gpu_ops_on_a_second_gpu_while_the_first_is_current():
     expected = mcl_loss(x, w, labels, num_hypotheses=3, backend="reference").nll
     got = mcl_loss(x.to(dev), w.to(dev), labels.to(dev), num_hypotheses=3, backend="triton").nll
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_probes_answer_no_during_cuda_graph_capture_without_caching(monkeypatch):
+    """A probe reads its result on the host, which would invalidate a CUDA-graph capture: during
+    capture the answer is no, not cached, and the first eager call probes for real."""
+    tries = []
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(_triton_utils, "_PROBES", {})
+    device = torch.device("cuda", 0)
+    assert _triton_utils._probe_once("test", device, lambda d: tries.append(d) or True) is False
+    assert tries == [] and _triton_utils._PROBES == {}
+    capturing[0] = False
+    assert _triton_utils._probe_once("test", device, lambda d: tries.append(d) or True) is True
+    assert _triton_utils._probe_once("test", device, lambda d: tries.append(d) or False) is True  # cached
+    assert tries == [device]
+
+
+def test_the_fused_gemms_tuning_key_holds_every_variant_flag():
+    """Triton launches a tuning key's best config without checking that it fits: every constexpr
+    that changes the kernel (its shared memory) is in the key, only the tuned tile sizes are not."""
+    from loramcl_kernels.ops import multi_lora_linear as mll
+
+    import inspect
+
+    fn = mll._gemm_kernel.fn
+    while not inspect.isfunction(fn):  # through the JIT (or the interpreter's) wrapper
+        fn = fn.fn
+    constexprs = {name for name, p in inspect.signature(fn).parameters.items()
+                  if p.annotation in ("tl.constexpr", triton.language.constexpr)}
+    assert {"BM", "SHARED_OUT", "TMA_STORE", "E_KN"} <= constexprs
+    tuned = {"BM", "BN", "BK", "GM"}
+    derived = {"R_PAD", "DOT_PRECISION"}  # a function of R; a module constant
+    assert constexprs - tuned - derived <= set(mll._gemm_kernel.keys)
+    assert not (set(mll._gemm_kernel.keys) & tuned)

@@ -184,8 +184,9 @@ class MultiLoRALinear(nn.Module):
     def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
         """True (PEFT's and the official default): A_k Kaiming-uniform (a = sqrt(5), fan_in = d_in:
         bound 1/sqrt(d_in)), B_k zeros; "gaussian" (PEFT's): A_k ~ N(0, 1/r^2), B_k zeros; False: A_k and
-        B_k Kaiming-uniform, a non-zero delta (for tests). PEFT's data-driven inits (pissa, olora, loftq,
-        eva, ...) are not offered: they also change the base weight, which the K hypotheses share."""
+        B_k Kaiming-uniform, a non-zero delta (for tests). PEFT's other inits are not offered: pissa,
+        olora, corda, loftq and lora_ga also rewrite the base weight, which the K hypotheses share;
+        eva, orthogonal and the like need data or a layout this module does not take."""
         check_init_lora_weights(init_lora_weights)
         K, r, d_in = self.lora_A.shape
         if init_lora_weights == "gaussian":

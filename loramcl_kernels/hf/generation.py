@@ -11,7 +11,8 @@ encoder's layers are routed with inner = 1 for the call.
 
 Result: a LongTensor (B, K, L) of generated ids (decoder-only models: the prompt is stripped),
 or (B, K, num_return_sequences, L) when num_return_sequences > 1. Rows that finish early are
-padded by `generate` itself (the pad token; beam search pads with the eos token), exactly as K
+padded by `generate` itself (the pad token; beam search takes the eos token where pad_token_id is 0
+or unset), exactly as K
 separate calls would pad them up to the longest row of the joint call. With
 return_dict_in_generate=True, HF's output object with `sequences` so reshaped; its other fields
 (scores, ...) keep HF's rows, row (b*K + k)*E + j for prompt b, hypothesis k, beam or sample j.
@@ -28,7 +29,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from loramcl_kernels.hf.mcl_model import NON_BATCH_KEYS, _batch_size, repeat_batch_inputs
+from loramcl_kernels.hf.mcl_model import _batch_size, is_batch_input, repeat_batch_inputs
 from loramcl_kernels.hf.patching import get_config, lora_attributes, multi_lora_modules
 
 
@@ -80,9 +81,7 @@ def generate_hypotheses(model: nn.Module, inputs, num_hypotheses: int | None = N
     # inputs too: repeated with the rest (token-id settings such as eos_token_id are not inputs)
     settings = _generation_config_keys()
     for key in list(generate_kwargs):
-        value = generate_kwargs[key]
-        if (key not in settings and key not in NON_BATCH_KEYS and isinstance(value, torch.Tensor)
-                and value.dim() >= 1 and value.shape[0] == batch_size):
+        if key not in settings and is_batch_input(key, generate_kwargs[key], batch_size):
             inputs[key] = generate_kwargs.pop(key)
     num_beams = _generation_setting("num_beams", generate_kwargs, model)
     num_return = _generation_setting("num_return_sequences", generate_kwargs, model)

@@ -36,19 +36,16 @@ from loramcl_kernels.ops.mcl_loss import _check_config
 NON_BATCH_KEYS = frozenset({"cache_position", "logits_to_keep", "num_logits_to_keep", "past_key_values"})
 
 
+def is_batch_input(key: str, value, batch_size: int) -> bool:
+    """A model input with one row per sequence: a tensor whose first dimension is the batch size."""
+    return (key not in NON_BATCH_KEYS and isinstance(value, torch.Tensor) and value.dim() >= 1
+            and value.shape[0] == batch_size)
+
+
 def repeat_batch_inputs(inputs: dict, batch_size: int, num_hypotheses: int, layout: str) -> dict:
     """Every tensor in `inputs` whose first dimension is batch_size repeated K times in the layout."""
-    out = {}
-    for key, value in inputs.items():
-        if (
-            key not in NON_BATCH_KEYS
-            and isinstance(value, torch.Tensor)
-            and value.dim() >= 1
-            and value.shape[0] == batch_size
-        ):
-            value = repeat_rows(value, num_hypotheses, layout)
-        out[key] = value
-    return out
+    return {key: repeat_rows(value, num_hypotheses, layout) if is_batch_input(key, value, batch_size) else value
+            for key, value in inputs.items()}
 
 
 def _batch_size(inputs: dict) -> int:
@@ -329,7 +326,7 @@ class MCLModel(nn.Module):
             **inputs,
         )
 
-    def generate_hypotheses(self, inputs, **generate_kwargs) -> torch.Tensor:
+    def generate_hypotheses(self, inputs, **generate_kwargs):
         from loramcl_kernels.hf.generation import generate_hypotheses
 
         return generate_hypotheses(self.model, inputs, self.num_hypotheses, **generate_kwargs)

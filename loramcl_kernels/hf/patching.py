@@ -229,9 +229,11 @@ def _batch_shape_owners(model: nn.Module) -> list[nn.Module]:
 
 
 class _InnerBatchShape:
-    """The pre-hook on a model's decoder (or encoder): records (N, T) as the model's does, so that a
-    direct call (model.model(...)) routes by its own batch, except inside a compiled graph (the
-    decoder called by a compiled model), where the compiled model's hook, run eagerly, has recorded it."""
+    """The pre-hook on a model's decoder (or encoder): records (N, T) as the model's does, so that an
+    eager direct call (model.model(...)) routes by its own batch. Inside a compiled graph it records
+    nothing (a host-side hook there would break the graph): a compiled model's own hook, run eagerly
+    before its graph, has recorded the batch; a compiled function that calls the decoder directly
+    routes by the last top-level forward's shape, so compile the model itself."""
 
     def __init__(self, batch_shape: BatchShape):
         self.batch_shape = batch_shape

@@ -194,6 +194,15 @@ def _changes_the_base(config: dict) -> bool:
     return (isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS)) or bool(config.get("loftq_config"))
 
 
+def _same_weight(weight: torch.Tensor, saved: torch.Tensor) -> bool:
+    """Equal at the narrower of the two precisions: an adapter trained on a bf16 load of a checkpoint
+    carries a bf16 copy, which the fp32 load of the same checkpoint rounds to exactly."""
+    saved = saved.to(weight.device)
+    if saved.dtype.itemsize < weight.dtype.itemsize:
+        return torch.equal(weight.to(saved.dtype), saved)
+    return torch.equal(weight, saved.to(weight.dtype))
+
+
 def _read_adapter_dir(path: str | os.PathLike) -> _Adapter:
     path = os.fspath(path)
     config_file = os.path.join(path, ADAPTER_CONFIG)
@@ -307,7 +316,7 @@ def from_peft(
         for name, saved in adapter.base_weights.items():
             weight = getattr(available.get(name), "weight", None)
             if not (isinstance(weight, torch.Tensor) and weight.shape == saved.shape
-                    and torch.equal(weight.detach().cpu(), saved.to(weight.dtype).cpu())):
+                    and _same_weight(weight.detach(), saved)):
                 raise ValueError(
                     f"{adapter.origin}: it carries a copy of {name}'s base weight (PEFT saves one for an adapted "
                     f"lm_head or a resized vocabulary) that differs from the base model's: load it onto the model "

@@ -1435,7 +1435,7 @@ def _scaling_vector(scaling, num_hyp: int, x: Tensor) -> Tensor:
     # and outside CUDA-graph capture (a tensor made there belongs to the graph's memory pool) and
     # tracing (a tracer's fake tensor would then serve later eager calls). One per CUDA stream: the
     # fill runs on the stream that made the vector, and a call on another would not wait for it.
-    stream = torch.cuda.current_stream(x.device).cuda_stream if x.device.type == "cuda" else None
+    stream = torch._C._cuda_getCurrentRawStream(x.device.index) if x.device.type == "cuda" else None
     key = (float(scaling), num_hyp, x.device, dtype, stream)
     vector = _SCALING_VECTORS.get(key)
     if vector is None:

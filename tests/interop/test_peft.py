@@ -298,3 +298,7 @@ def test_an_adapted_lm_head_loads_and_its_saved_base_weight_is_checked(tmp_path)
         other.lm_head.weight.add_(1.0)
     with pytest.raises(ValueError, match="copy of lm_head's base weight .* differs"):
         from_peft([tmp_path / "a"], other)
+    # trained on a bf16 load of the checkpoint, loaded onto its fp32 load: equal at bf16 precision
+    peft_bf16 = get_peft_model(base().to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"]))
+    peft_bf16.save_pretrained(tmp_path / "b")
+    assert multi_lora_modules(from_peft([tmp_path / "b"], base()))

@@ -60,8 +60,8 @@ def test_round_trip_dirs(tmp_path):
                                model(input_ids=ids.repeat_interleave(K, 0)).logits)
 
 
-def _peft_with_adapters(configs):
-    base = TINY_MODELS["llama"]()
+def _peft_with_adapters(configs, base=None):
+    base = TINY_MODELS["llama"]() if base is None else base
     peft_model = get_peft_model(base, configs[0], adapter_name="a0")
     for i, cfg in enumerate(configs[1:], 1):
         peft_model.add_adapter(f"a{i}", cfg)
@@ -279,25 +279,21 @@ def test_an_adapted_lm_head_loads_and_its_saved_base_weight_is_checked(tmp_path)
         assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
         return model
 
-    peft_model = get_peft_model(base(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.3)
-    peft_model.eval()
+    peft_model = _peft_with_adapters([LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])], base())
     ids = _ids()
     expected = peft_model(input_ids=ids).logits
-    peft_model.save_pretrained(tmp_path / "a")
+    peft_model.save_pretrained(tmp_path)  # adapter "a0": in tmp_path / "a0"
     from safetensors.torch import load_file
 
-    assert any(k.endswith("lm_head.base_layer.weight") for k in load_file(tmp_path / "a" / "adapter_model.safetensors"))
-    model = from_peft([tmp_path / "a"], base())
+    saved = load_file(tmp_path / "a0" / "adapter_model.safetensors")
+    assert any(k.endswith("lm_head.base_layer.weight") for k in saved)
+    model = from_peft([tmp_path / "a0"], base())
     torch.testing.assert_close(_hypothesis_logits(model, 0, ids), expected, rtol=1e-5, atol=1e-5)
     other = base()
     with torch.no_grad():
         other.lm_head.weight.add_(1.0)
     with pytest.raises(ValueError, match="copy of lm_head's base weight .* differs"):
-        from_peft([tmp_path / "a"], other)
+        from_peft([tmp_path / "a0"], other)
     # trained on a bf16 load of the checkpoint, loaded onto its fp32 load: equal at bf16 precision
     peft_bf16 = get_peft_model(base().to(torch.bfloat16), LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"]))
     peft_bf16.save_pretrained(tmp_path / "b")

@@ -12,8 +12,7 @@ encoder's layers are routed with inner = 1 for the call.
 Result: a LongTensor (B, K, L) of generated ids (decoder-only models: the prompt is stripped),
 or (B, K, num_return_sequences, L) when num_return_sequences > 1. Rows that finish early are
 padded by `generate` itself (the pad token; beam search takes the eos token where pad_token_id is 0
-or unset), exactly as K
-separate calls would pad them up to the longest row of the joint call. With
+or unset), exactly as K separate calls would pad them up to the longest row of the joint call. With
 return_dict_in_generate=True, HF's output object with `sequences` so reshaped; its other fields
 (scores, ...) keep HF's rows, row (b*K + k)*E + j for prompt b, hypothesis k, beam or sample j.
 
@@ -25,6 +24,7 @@ stopping criteria and prefix_allowed_tokens_fn see the B*K*E rows (batch_id b*K 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn as nn
@@ -51,7 +51,9 @@ def _generation_setting(name: str, generate_kwargs: dict, model: nn.Module, defa
     return default
 
 
+@functools.lru_cache(maxsize=1)
 def _generation_config_keys() -> frozenset:
+    """generate's settings (GenerationConfig's fields), never model inputs; built once."""
     from transformers import GenerationConfig
 
     return frozenset(GenerationConfig().to_dict())

@@ -118,6 +118,13 @@ def _check_plain_logits(model: nn.Module) -> None:
                 "MCL loss does not: compute the logits (K-repeated batch) and use mcl_loss_from_logits")
 
 
+def mode_from_settings(epsilon, temperature, schedule) -> str:
+    """mode=None: from what was given, a temperature or a schedule anneals, an epsilon relaxes, else WTA."""
+    if schedule is not None or temperature is not None:
+        return "annealed"
+    return "relaxed" if epsilon else "wta"
+
+
 def _check_training_routing(model: nn.Module, layout: str) -> None:
     """The K-repeated rows reach every MultiLoRALinear routed by the layout alone: a routing left
     set (an active_hypothesis from evaluating one adapter, generation's inner) would give rows the
@@ -299,11 +306,8 @@ class MCLModel(nn.Module):
         if labels is None:
             batch_size = _batch_size(inputs)
             return self.model(**repeat_batch_inputs(inputs, batch_size, self.num_hypotheses, self.layout))
-        if mode is None:  # from what was given: a temperature or schedule, an epsilon, else WTA
-            if self.schedule is not None or temperature is not None:
-                mode = "annealed"
-            else:
-                mode = "relaxed" if epsilon else "wta"
+        if mode is None:
+            mode = mode_from_settings(epsilon, temperature, self.schedule)
         if mode == "annealed" and temperature is None:
             if self.schedule is None:
                 raise ValueError("mode='annealed' needs temperature= or an AnnealingSchedule (schedule=)")

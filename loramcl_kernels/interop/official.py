@@ -318,11 +318,12 @@ def official_loss_hook(
     compute_loss when the model's forward takes **kwargs (HF models do), and then does not divide
     the loss by gradient_accumulation_steps: with accumulation, set
     `trainer.model_accepts_loss_kwargs = False` (a warning says so once)."""
+    from loramcl_kernels.hf.mcl_model import mode_from_settings
     from loramcl_kernels.ops.mcl_loss import _check_config, _check_ignore_index
 
     num_hypotheses = _check_positive_int("num_hypotheses", num_hypotheses)
     if mode is None:
-        mode = "annealed" if (temperature is not None or schedule is not None) else ("relaxed" if epsilon else "wta")
+        mode = mode_from_settings(epsilon, temperature, schedule)
     if mode == "annealed" and temperature is None:  # the schedule gives the temperature
         if schedule is None:
             raise ValueError("mode='annealed' needs temperature= or an AnnealingSchedule (schedule=)")
